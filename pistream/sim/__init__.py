@@ -1,0 +1,1 @@
+"""A PI Web API simulator: REST and channels on one loopback port, with deterministic values."""
