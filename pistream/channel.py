@@ -1,0 +1,201 @@
+"""A PI Web API ``streamsets/channel`` reader: the only module that imports trio_websocket.
+
+It connects with the auth headers computed up front (WebSocket clients cannot answer a 401 challenge),
+decodes each frame with msgspec and hands ``(received_us, message)`` downstream through a bounded channel,
+so a slow sink slows the reader. Any close, error or silence past the watchdog reconnects with backoff.
+"""
+
+from __future__ import annotations
+
+import random
+import ssl
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+import msgspec
+import structlog
+import trio
+from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
+
+from .errors import AuthError, ChannelError
+from .messages import StreamSetMessage, channel_decoder
+
+log = structlog.get_logger(__name__)
+
+MAX_MESSAGE_SIZE = 512 * 1024 * 1024  # first frames with includeInitialValues can be megabytes
+RECEIVE_BUFFER_SIZE = 1024 * 1024  # 4 KiB (the default) halves throughput, see DESIGN.md
+CONNECT_TIMEOUT = 30.0
+
+
+@dataclass
+class ChannelStats:
+    messages: int = 0
+    heartbeats: int = 0
+    malformed: int = 0
+    connects: int = 0
+
+
+def websocket_base(base_url: str) -> str:
+    """``https://host/piwebapi`` -> ``wss://host/piwebapi`` (and http -> ws)."""
+    parts = urlsplit(base_url.rstrip("/"))
+    scheme = {"https": "wss", "http": "ws"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, parts.path, "", ""))
+
+
+def channel_url(base_url: str, webids: Sequence[str], *, include_initial_values: bool,
+                heartbeat_rate: int) -> str:
+    params: list[tuple[str, str]] = [("webId", w) for w in webids]
+    params.append(("includeInitialValues", "true" if include_initial_values else "false"))
+    if heartbeat_rate > 0:
+        params.append(("heartbeatRate", str(heartbeat_rate)))
+    return f"{websocket_base(base_url)}/streamsets/channel?{urlencode(params)}"
+
+
+def shard_webids(base_url: str, webids: Sequence[str], max_url_length: int) -> list[list[str]]:
+    """Split webIds so that each channel URL stays under ``max_url_length`` (HTTP.sys limits)."""
+    overhead = len(channel_url(base_url, [], include_initial_values=True, heartbeat_rate=999))
+    shards: list[list[str]] = []
+    current: list[str] = []
+    size = overhead
+    for w in webids:
+        cost = len("webId=&") + len(w)
+        if current and size + cost > max_url_length:
+            shards.append(current)
+            current, size = [], overhead
+        current.append(w)
+        size += cost
+    if current:
+        shards.append(current)
+    return shards
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter, capped; reset after a connection that worked."""
+
+    initial: float = 0.5
+    maximum: float = 30.0
+    attempt: int = 0
+    rng: random.Random = field(default_factory=random.Random)
+
+    def next_delay(self) -> float:
+        ceiling = min(self.maximum, self.initial * (2 ** self.attempt))
+        self.attempt += 1
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class ChannelReader:
+    """Reads one streamset channel until cancelled, reconnecting whenever it breaks."""
+
+    def __init__(
+        self,
+        name: str,
+        base_url: str,
+        webids: Sequence[str],
+        send_channel: trio.MemorySendChannel[tuple[int, StreamSetMessage]],
+        *,
+        headers: Mapping[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        heartbeat_rate: int = 5,
+        poll_period: float = 1.0,
+        include_initial_values: bool = True,
+    ):
+        self.name = name
+        self.url = channel_url(base_url, webids, include_initial_values=include_initial_values,
+                               heartbeat_rate=heartbeat_rate)
+        self.webids = list(webids)
+        self.send_channel = send_channel
+        self.headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        self.ssl_context = ssl_context
+        # Silence longer than a few heartbeat periods means a dead socket, not a quiet plant.
+        self.read_timeout = max(10.0, 3 * heartbeat_rate * poll_period) if heartbeat_rate > 0 else None
+        self.stats = ChannelStats()
+        self.backoff = Backoff()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Read and reconnect until cancelled; only refusals that retrying cannot heal end it."""
+        task_status.started()
+        async with self.send_channel:
+            while True:
+                try:
+                    await self._connect_and_read()
+                except ConnectionRejected as exc:
+                    self._raise_if_final(exc)
+                    reason = f"rejected with HTTP {exc.status_code}"
+                except (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceError,
+                        trio.TooSlowError) as exc:
+                    reason = _reason(exc)
+                delay = self.backoff.next_delay()
+                log.warning("channel_disconnected", channel=self.name, reason=reason, retry_in=round(delay, 2))
+                await trio.sleep(delay)
+
+    def _raise_if_final(self, exc: ConnectionRejected) -> None:
+        """Refused credentials or a server without channels will not heal by retrying."""
+        if exc.status_code in (401, 403):
+            raise AuthError(
+                f"PI Web API refused the channel's credentials ({exc.status_code}): "
+                "check --username and the PISTREAM_PASSWORD variable"
+            ) from exc
+        if exc.status_code in (400, 414):
+            raise ChannelError(
+                f"PI Web API refused the channel request ({exc.status_code}): the URL may be too long for the "
+                "server; lower --max-url-length"
+            ) from exc
+        if exc.status_code in (404, 405, 501):
+            raise ChannelError(
+                f"PI Web API refused the channel ({exc.status_code}): channels may be disabled on this server "
+                "(EnableChannels in the PI Web API configuration)"
+            ) from exc
+
+    async def _connect_and_read(self) -> None:
+        async with open_websocket_url(
+            self.url,
+            ssl_context=self.ssl_context,
+            extra_headers=self.headers,
+            max_message_size=MAX_MESSAGE_SIZE,
+            receive_buffer_size=RECEIVE_BUFFER_SIZE,
+            connect_timeout=CONNECT_TIMEOUT,
+            disconnect_timeout=5,
+        ) as ws:
+            self.stats.connects += 1
+            log.info("channel_connected", channel=self.name, streams=len(self.webids))
+            while True:
+                if self.read_timeout is not None:
+                    with trio.fail_after(self.read_timeout):
+                        frame = await ws.get_message()
+                else:
+                    frame = await ws.get_message()
+                received_us = time.time_ns() // 1000
+                self.backoff.reset()
+                message = self._decode(frame)
+                if message is not None:
+                    await self.send_channel.send((received_us, message))
+
+    def _decode(self, frame: str | bytes) -> StreamSetMessage | None:
+        """The frame's values, or None for a heartbeat or a malformed frame (logged and counted)."""
+        try:
+            message = channel_decoder.decode(frame)
+        except msgspec.DecodeError as exc:
+            self.stats.malformed += 1
+            log.error("frame_malformed", channel=self.name, error=str(exc), size=len(frame))
+            return None
+        if message.web_exception is not None:
+            log.warning("frame_cut_short", channel=self.name, web_exception=str(message.web_exception))
+        if not message.items:
+            self.stats.heartbeats += 1
+            return None
+        self.stats.messages += 1
+        return message
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "no message or heartbeat within the read timeout"
+    if isinstance(exc, ConnectionClosed):
+        return f"closed ({exc.reason})"
+    return str(exc) or type(exc).__name__

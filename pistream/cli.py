@@ -1,0 +1,132 @@
+"""The command line: ``pistream --tags tags.txt ...`` runs the main job; ``pistream simulate`` serves the
+built-in PI Web API simulator. Every option can also come from ``--config FILE`` or a PISTREAM_* variable.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+import structlog
+import trio
+
+from . import __version__
+from .config import build_settings, load_config_file
+from .errors import ConfigError, PistreamError
+from .logsetup import LEVELS, configure_logging
+
+log = structlog.get_logger(__name__)
+
+
+def _first_pistream_error(exc: BaseException) -> PistreamError | None:
+    """Trio wraps task errors in exception groups; the user needs the one that explains the stop."""
+    if isinstance(exc, PistreamError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_pistream_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
+def _is_interrupt(exc: BaseException) -> bool:
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_is_interrupt(e) for e in exc.exceptions)
+    return False
+
+
+def entry() -> None:
+    """The console script: run the CLI, then leave without interpreter teardown.
+
+    Native thread pools (Arrow, delta-rs) can abort the process during teardown ("terminate called
+    without an active exception", exit 134) after all work is done; the exit code must not lie.
+    """
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if isinstance(exc.code, str):
+            click.echo(exc.code, err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@click.group(invoke_without_command=True, context_settings={"auto_envvar_prefix": "PISTREAM",
+                                                              "help_option_names": ["-h", "--help"]})
+@click.option("--tags", type=click.Path(dir_okay=False), help="Tags file: one PI point path per line.")
+@click.option("--url", help="PI Web API base URL, e.g. https://pisrv01/piwebapi.")
+@click.option("--table", help="Delta table: a local folder or s3:// abfss:// gs:// URI.  "
+                              "[default: pistream-data/pi_events]")
+@click.option("--server", help="Default PI Data Archive for bare tag names in the tags file.")
+@click.option("--simulate", is_flag=True, default=None,
+              help="Start the built-in PI Web API simulator on a loopback port for the listed tags and "
+                   "stream from it.")
+@click.option("--sim-rate", type=float, help="Simulator events per second per tag.  [default: 1]")
+@click.option("--username", help="Basic auth user; the password comes from PISTREAM_PASSWORD or the "
+                                 "config file, never the command line.")
+@click.option("--flush-rows", type=int, help="Commit when this many values are buffered.  [default: 100000]")
+@click.option("--flush-seconds", type=float, help="Commit when the oldest buffered value is this old.  "
+                                                  "[default: 5]")
+@click.option("--duration", type=float, help="Stop after this many seconds (flushing everything).")
+@click.option("--app-id", help="Delta transaction app id of this writer.  [default: pistream-HOSTNAME]")
+@click.option("--heartbeat-rate", type=int, help="Channel heartbeat, in server polls; 0 disables.  "
+                                                 "[default: 5]")
+@click.option("--max-url-length", type=int, help="Longest request URL; more tags open more channels.  "
+                                                 "[default: 6000]")
+@click.option("--skip-unknown", is_flag=True, default=None, help="Go on without tags the server does not know.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="TOML file with any of these settings (names with underscores).")
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]),
+              help="Log format; auto is console on a terminal, JSON otherwise.")
+@click.option("--log-level", type=click.Choice(LEVELS))
+@click.version_option(__version__, prog_name="pistream")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
+    """Stream PI System tag values from PI Web API channels into a Delta Lake table until stopped.
+
+    Quick start, against the built-in simulator, into a local table:
+
+        pistream --tags examples/tags.txt --simulate --duration 30
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    password = os.environ.get("PISTREAM_PASSWORD")
+    try:
+        file_values = load_config_file(config_path) if config_path else {}
+        if password is not None:
+            options["password"] = password
+        settings = build_settings(file_values, options, source=config_path or "config")
+    except ConfigError as exc:
+        configure_logging(options.get("log_format") or "auto", "error")
+        click.echo(f"pistream: error: {exc}", err=True)
+        ctx.exit(exc.exit_code)
+    configure_logging(settings.log_format, settings.log_level)
+    from .pipeline import run_pipeline
+
+    try:
+        trio.run(run_pipeline, settings)
+    except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
+        error = _first_pistream_error(exc)
+        if error is not None:
+            log.error("pistream_failed", error=str(error), error_type=type(error).__name__)
+            click.echo(f"pistream: error: {error}", err=True)
+            ctx.exit(error.exit_code)
+        if _is_interrupt(exc):
+            ctx.exit(130)
+        raise
+
+
+def _register_simulate() -> None:
+    from .sim.command import simulate
+
+    main.add_command(simulate, name="simulate")
+
+
+_register_simulate()

@@ -1,0 +1,64 @@
+"""The one exception tree of pistream; each class carries the process exit code it maps to.
+
+    PistreamError                  exit 1  runtime failure
+    ├── ConfigError                exit 2  bad option, config file or environment value
+    │   └── TagsFileError          exit 2  missing, empty or unreadable tags file
+    ├── ConnectError               exit 2  PI Web API unreachable, wrong URL, TLS failure
+    ├── AuthError                  exit 2  credentials refused (401/403)
+    ├── UnknownTagsError           exit 2  tags the server does not know
+    ├── ServerError                exit 1  PI Web API answered with an error at run time
+    ├── ChannelError               exit 1  a channel closed or failed
+    └── SinkError                  exit 1  the Delta table could not be opened or written
+        └── TableConflictError     exit 2  the table does not fit (schema, another writer's app id)
+
+Foreign exceptions are translated once, where they enter (piwebapi, channel, sink), with ``raise ... from``.
+The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``: messages name the cause and the fix.
+"""
+
+from __future__ import annotations
+
+
+class PistreamError(Exception):
+    """Base of every error pistream reports to its user."""
+
+    exit_code = 1
+
+
+class ConfigError(PistreamError):
+    exit_code = 2
+
+
+class TagsFileError(ConfigError):
+    pass
+
+
+class ConnectError(PistreamError):
+    exit_code = 2
+
+
+class AuthError(PistreamError):
+    exit_code = 2
+
+
+class UnknownTagsError(PistreamError):
+    exit_code = 2
+
+    def __init__(self, message: str, unknown: list[str]):
+        super().__init__(message)
+        self.unknown = unknown
+
+
+class ServerError(PistreamError):
+    exit_code = 1
+
+
+class ChannelError(PistreamError):
+    exit_code = 1
+
+
+class SinkError(PistreamError):
+    exit_code = 1
+
+
+class TableConflictError(SinkError):
+    exit_code = 2

@@ -1,0 +1,108 @@
+"""PI Web API wire types (msgspec) and how a PI value maps onto the table's value columns.
+
+Parsing is lenient, as real servers demand: unknown fields are ignored, quality flags may come as strings,
+a stream may carry one ``Value`` object instead of an ``Items`` array, a value may be a number, string,
+bool, timestamp, array, enumeration/system state or ``{"Errors": [...]}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+MAX_EXACT_INT = 2**53
+
+
+class TimedValue(msgspec.Struct, rename="pascal"):
+    timestamp: str | None = None
+    value: Any = None
+    units_abbreviation: str | None = None
+    good: bool | str | None = None
+    questionable: bool | str | None = None
+    substituted: bool | str | None = None
+    annotated: bool | str | None = None
+    errors: list[Any] | None = None
+
+
+class StreamValues(msgspec.Struct, rename="pascal"):
+    web_id: str | None = None
+    name: str | None = None
+    path: str | None = None
+    units_abbreviation: str | None = None
+    items: list[TimedValue] | None = None
+    value: TimedValue | None = None
+
+    def timed_values(self) -> list[TimedValue]:
+        """The stream's values, whichever of ``Items`` or ``Value`` the server used."""
+        if self.items is not None:
+            return self.items
+        return [self.value] if self.value is not None else []
+
+
+class StreamSetMessage(msgspec.Struct, rename="pascal"):
+    """A channel message or a ``streamsets/recorded`` answer; empty ``Items`` is a heartbeat."""
+
+    items: list[StreamValues] | None = None
+    web_exception: Any = None
+
+
+class StreamMessage(msgspec.Struct, rename="pascal"):
+    """A ``streams/{webId}/recorded`` answer."""
+
+    items: list[TimedValue] | None = None
+    units_abbreviation: str | None = None
+    web_exception: Any = None
+
+
+channel_decoder = msgspec.json.Decoder(StreamSetMessage)
+stream_decoder = msgspec.json.Decoder(StreamMessage)
+_json_encoder = msgspec.json.Encoder()
+
+
+def flag(raw: bool | str | None, default: bool) -> bool:
+    """A PI quality flag sent as a bool or, by some servers, as the string ``"true"``/``"false"``."""
+    if raw is None:
+        return default
+    if isinstance(raw, bool):
+        return raw
+    text = raw.strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    return default
+
+
+def _error_text(errors: Any) -> str:
+    if isinstance(errors, list):
+        return "; ".join(str(e) for e in errors)
+    return str(errors)
+
+
+def classify_value(raw: Any) -> tuple[float | None, str | None, int | None, bool, bool]:
+    """Map a PI value to ``(value, value_text, state_code, system_state, is_error)``.
+
+    State codes never go into the numeric column: a digital or system state keeps its name and code in
+    their own columns. Anything without a number is kept as text, so nothing is lost.
+    """
+    if isinstance(raw, bool):
+        return (1.0 if raw else 0.0), ("true" if raw else "false"), None, False, False
+    if isinstance(raw, int):
+        return float(raw), (str(raw) if abs(raw) > MAX_EXACT_INT else None), None, False, False
+    if isinstance(raw, float):
+        return raw, None, None, False, False
+    if isinstance(raw, str):
+        return None, raw, None, False, False
+    if raw is None:
+        return None, None, None, False, False
+    if isinstance(raw, dict):
+        if "Errors" in raw:
+            return None, _error_text(raw["Errors"]), None, False, True
+        if "Name" in raw and "Value" in raw:
+            code = raw.get("Value")
+            state_code = code if isinstance(code, int) and not isinstance(code, bool) else None
+            return None, str(raw["Name"]), state_code, flag(raw.get("IsSystem"), False), False
+    return None, _json_encoder.encode(raw).decode("utf-8"), None, False, False
+
+

@@ -1,0 +1,200 @@
+"""The PI Web API REST client (httpx): root check, bulk tag resolution, recorded values.
+
+Every call has a timeout; every failure leaves this module as one PistreamError that names the cause and
+the option that fixes it. Credentials ride in headers built by ``auth`` and never appear in messages.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
+
+import httpx
+import msgspec
+import structlog
+
+from .errors import AuthError, ConnectError, ServerError, UnknownTagsError
+from .webid import path_webid
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_TIMEOUT = 30.0
+REQUESTED_WITH = {"X-Requested-With": "pistream"}
+
+
+class PIPoint(msgspec.Struct, rename="pascal"):
+    web_id: str | None = None
+    name: str | None = None
+    path: str | None = None
+    point_type: str | None = None
+    engineering_units: str | None = None
+    digital_set_name: str | None = None
+
+
+class _Errors(msgspec.Struct, rename="pascal"):
+    errors: list[str] | None = None
+
+
+class _PointItem(msgspec.Struct, rename="pascal"):
+    identifier: str | None = None
+    object: PIPoint | None = None
+    exception: _Errors | None = None
+
+
+class _PointsMultiple(msgspec.Struct, rename="pascal"):
+    items: list[_PointItem] | None = None
+
+
+_points_decoder = msgspec.json.Decoder(_PointsMultiple)
+_errors_decoder = msgspec.json.Decoder(_Errors)
+
+
+@dataclass(frozen=True)
+class ResolvedTag:
+    """A tag confirmed by the server: the WebID pistream subscribes with, and its metadata."""
+
+    path: str
+    webid: str
+    uom: str | None
+    point_type: str | None
+    digital_set: str | None
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        errors = _errors_decoder.decode(response.content).errors
+    except msgspec.DecodeError:
+        errors = None
+    return "; ".join(errors) if errors else f"HTTP {response.status_code}"
+
+
+def _origin(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+
+
+def translate_transport_error(exc: Exception, base_url: str) -> ConnectError:
+    """One clear message for a failure to reach the server at all (DNS, refused, TLS, timeout)."""
+    where = _origin(base_url)
+    if isinstance(exc, httpx.ConnectError) and isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+        return ConnectError(f"TLS certificate of {where} is not trusted ({exc.__cause__.verify_message}): "
+                            "pass --ca-bundle PATH with the issuing CA's certificate")
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, httpx.TimeoutException):
+        return ConnectError(f"PI Web API at {where} did not answer in time ({text}): check --url and the network")
+    if "Name or service not known" in text or "nodename nor servname" in text or "getaddrinfo" in text:
+        return ConnectError(f"cannot resolve the host of {where}: check the host name in --url")
+    if "refused" in text.lower():
+        return ConnectError(f"connection to {where} refused: is PI Web API running there? check --url")
+    return ConnectError(f"cannot reach PI Web API at {where} ({text}): check --url and the network")
+
+
+class PiWebApi:
+    """A PI Web API session; use as ``async with PiWebApi(url, headers=...) as api``."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        verify: ssl.SSLContext | bool = True,
+        timeout: float = DEFAULT_TIMEOUT,
+        max_url_length: int = 6000,
+    ):
+        self.base_url = base_url.rstrip("/")
+        self.max_url_length = max_url_length
+        self._client = httpx.AsyncClient(
+            base_url=self.base_url + "/",
+            headers=dict(headers or {}),
+            verify=verify,
+            timeout=timeout,
+            follow_redirects=False,
+        )
+
+    async def __aenter__(self) -> PiWebApi:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._client.aclose()
+
+    async def _get(self, path: str, params: list[tuple[str, str]] | None = None) -> httpx.Response:
+        try:
+            response = await self._client.get(path, params=params)
+        except httpx.TransportError as exc:
+            raise translate_transport_error(exc, self.base_url) from exc
+        if response.status_code in (401, 403):
+            raise AuthError(
+                f"PI Web API refused the credentials ({response.status_code}: {_error_text(response)}): "
+                "check --username and the PISTREAM_PASSWORD variable (or the auth settings)"
+            )
+        return response
+
+    async def check_root(self) -> None:
+        """Fail early, with a clear message, when the URL is not a reachable PI Web API."""
+        response = await self._get("")
+        if response.status_code == 404:
+            raise ConnectError(
+                f"{self.base_url} is not a PI Web API root (404): --url must end in /piwebapi"
+            )
+        if response.status_code >= 400:
+            raise ServerError(f"PI Web API at {self.base_url} answered {response.status_code}: "
+                              f"{_error_text(response)}")
+
+    def _chunks(self, paths: list[str]) -> Iterable[list[str]]:
+        """Split lookups so that no request URL exceeds the configured length."""
+        base = len(self.base_url) + len("/points/multiple?webIdType=PathOnly&selectedFields=")
+        chunk: list[str] = []
+        size = base
+        for p in paths:
+            cost = len("&path=") + len(quote(p, safe=""))
+            if chunk and size + cost > self.max_url_length:
+                yield chunk
+                chunk, size = [], base
+            chunk.append(p)
+            size += cost
+        if chunk:
+            yield chunk
+
+    async def resolve_points(self, paths: list[str]) -> tuple[list[ResolvedTag], list[str]]:
+        """Confirm client-computed path-only WebIDs in bulk; returns (resolved, unknown paths)."""
+        resolved: list[ResolvedTag] = []
+        unknown: list[str] = []
+        for chunk in self._chunks(paths):
+            params = [("webIdType", "PathOnly")] + [("path", p) for p in chunk]
+            response = await self._get("points/multiple", params)
+            if response.status_code not in (200, 207):
+                raise ServerError(f"tag lookup failed ({response.status_code}: {_error_text(response)})")
+            try:
+                items = _points_decoder.decode(response.content).items or []
+            except msgspec.DecodeError as exc:
+                raise ServerError(f"tag lookup answer is not PI Web API JSON: {exc}") from exc
+            by_identifier = {(item.identifier or "").casefold(): item for item in items}
+            for path in chunk:
+                item = by_identifier.get(path.casefold())
+                if item is None or item.object is None:
+                    unknown.append(path)
+                    continue
+                point = item.object
+                webid = path_webid(path)
+                if point.web_id and point.web_id != webid:
+                    log.debug("webid_differs", tag=path, computed=webid, server=point.web_id)
+                resolved.append(ResolvedTag(
+                    path=path,
+                    webid=webid,
+                    uom=point.engineering_units or None,
+                    point_type=point.point_type,
+                    digital_set=point.digital_set_name or None,
+                ))
+        return resolved, unknown
+
+
+def unknown_tags_error(unknown: list[str], total: int) -> UnknownTagsError:
+    """All unknown tags in one message: the first few named, the count, and the fix."""
+    shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    return UnknownTagsError(
+        f"{len(unknown)} of {total} tags are not known to PI Web API: {shown}; "
+        "fix or remove them in the tags file (or pass --skip-unknown to go on without them)",
+        unknown,
+    )

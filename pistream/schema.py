@@ -1,0 +1,34 @@
+"""The bronze table: one row per PI event (see DESIGN.md). Timestamps are always tz-aware UTC."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from .timeutil import TIMESTAMP_US
+
+PARTITION_COLUMN = "partition_date"
+
+TABLE_SCHEMA = pa.schema(
+    [
+        pa.field("tag", pa.string(), nullable=False),
+        pa.field("tag_webid", pa.string(), nullable=False),
+        pa.field("timestamp", TIMESTAMP_US, nullable=False),
+        pa.field("value", pa.float64()),
+        pa.field("value_text", pa.string()),
+        pa.field("state_code", pa.int32()),
+        pa.field("system_state", pa.bool_(), nullable=False),
+        pa.field("uom", pa.string()),
+        pa.field("good", pa.bool_(), nullable=False),
+        pa.field("questionable", pa.bool_(), nullable=False),
+        pa.field("substituted", pa.bool_(), nullable=False),
+        pa.field("annotated", pa.bool_(), nullable=False),
+        pa.field("received_timestamp", TIMESTAMP_US, nullable=False),
+        pa.field(PARTITION_COLUMN, pa.date32(), nullable=False),
+    ]
+)
+
+# The columns that identify one PI event: a repeat of all of them is the same event sent again.
+EVENT_KEY = (
+    "tag_webid", "timestamp", "value", "value_text", "state_code",
+    "good", "questionable", "substituted", "annotated",
+)

@@ -1,0 +1,101 @@
+r"""The tags file: one PI point path (``\\SERVER\TAG``), AF attribute path or bare tag name per line.
+
+Windows editors leave a UTF-8 BOM and CRLF line ends; people leave comments, blank lines, stray spaces and
+duplicates. All of that is accepted; duplicates are reported once. A bare name needs a default server.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import TagsFileError
+
+EXAMPLE_LINE = r"\\PISRV01\SINUSOID"
+
+
+@dataclass(frozen=True)
+class TagSpec:
+    r"""One requested tag: its full path (``\\SERVER\TAG`` or ``\\AF\DB\Element|Attribute``) and source line."""
+
+    path: str
+    line: int
+
+    @property
+    def is_attribute(self) -> bool:
+        return "|" in self.path
+
+
+@dataclass
+class TagList:
+    tags: list[TagSpec]
+    duplicates: list[TagSpec] = field(default_factory=list)
+
+
+def _full_path(text: str, default_server: str | None, line_no: int, source: str) -> str:
+    if text.startswith("\\\\"):
+        server, sep, rest = text[2:].partition("\\")
+        if not server or not sep or not rest.strip("\\"):
+            raise TagsFileError(
+                f"{source}:{line_no}: {text!r} is not a PI point path: write it as \\\\SERVER\\TAG, "
+                f"e.g. {EXAMPLE_LINE}"
+            )
+        return text
+    if text.startswith("\\"):
+        raise TagsFileError(
+            f"{source}:{line_no}: {text!r} starts with a single backslash: a PI path starts with two, "
+            f"e.g. {EXAMPLE_LINE}"
+        )
+    if not default_server:
+        raise TagsFileError(
+            f"{source}:{line_no}: bare tag name {text!r} needs a server: pass --server NAME "
+            f"(or write the full path, e.g. {EXAMPLE_LINE})"
+        )
+    return f"\\\\{default_server.strip(chr(92))}\\{text}"
+
+
+def parse_tags(text: str, default_server: str | None = None, source: str = "<tags>") -> TagList:
+    """Parse the text of a tags file; paths compare case-insensitively, as PI does."""
+    text = text.removeprefix("\ufeff")
+    tags: list[TagSpec] = []
+    duplicates: list[TagSpec] = []
+    seen: set[str] = set()
+    for line_no, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        spec = TagSpec(_full_path(line, default_server, line_no, source), line_no)
+        key = spec.path.casefold()
+        if key in seen:
+            duplicates.append(spec)
+            continue
+        seen.add(key)
+        tags.append(spec)
+    if not tags:
+        raise TagsFileError(
+            f"{source} lists no tags (only blank lines or comments): add one PI point path per line, "
+            f"e.g. {EXAMPLE_LINE}"
+        )
+    return TagList(tags, duplicates)
+
+
+def read_tags_file(path: str | Path, default_server: str | None = None) -> TagList:
+    """Read and parse a tags file, turning every file problem into one TagsFileError."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TagsFileError(
+            f"tags file {str(path)!r} not found: pass --tags PATH to a file with one PI point path per line"
+        ) from None
+    except IsADirectoryError:
+        raise TagsFileError(f"tags file {str(path)!r} is a folder: pass --tags PATH to a text file") from None
+    except OSError as exc:
+        raise TagsFileError(f"cannot read tags file {str(path)!r}: {exc.strerror}") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TagsFileError(
+            f"tags file {str(path)!r} is not UTF-8 (byte {exc.start}): save it as UTF-8"
+        ) from exc
+    return parse_tags(text, default_server, source=str(path))

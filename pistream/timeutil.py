@@ -1,0 +1,69 @@
+"""ISO 8601 UTC timestamps as PI Web API writes them, to and from integer microseconds since the epoch.
+
+PI sends 0 to 7 fractional digits (.NET ticks are 100 ns) and ``Z`` or ``+00:00``; Delta stores
+microseconds, and PI Data Archive resolution is about 15 us, so the 7th digit is truncated.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_ISO = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?\s*(Z|[+-]\d{2}:?\d{2})?$",
+    re.IGNORECASE,
+)
+TIMESTAMP_US = pa.timestamp("us", tz="UTC")
+_TIMESTAMP_NS = pa.timestamp("ns", tz="UTC")
+
+
+def parse_iso_us(text: str) -> int:
+    """Microseconds since the epoch for one ISO 8601 timestamp; a missing zone means UTC. ValueError if bad."""
+    m = _ISO.match(text.strip())
+    if not m:
+        raise ValueError(f"not an ISO 8601 timestamp: {text!r}")
+    year, month, day, hour, minute, second, fraction, zone = m.groups()
+    dt = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), tzinfo=UTC)
+    micros = int((fraction or "").ljust(6, "0")[:6])
+    offset = timedelta(0)
+    if zone and zone.upper() != "Z":
+        sign = -1 if zone[0] == "-" else 1
+        digits = zone[1:].replace(":", "")
+        offset = sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+    delta = dt - offset - EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + micros
+
+
+def format_iso(us: int) -> str:
+    """ISO 8601 UTC with ``Z`` and as many fractional digits as needed (0 to 6)."""
+    dt = EPOCH + timedelta(microseconds=us)
+    base = dt.strftime("%Y-%m-%dT%H:%M:%S")
+    if dt.microsecond:
+        base += "." + f"{dt.microsecond:06d}".rstrip("0")
+    return base + "Z"
+
+
+def parse_iso_array(texts: list[str]) -> tuple[pa.Array, list[int]]:
+    """Parse many timestamps at once into ``timestamp[us, UTC]``; returns the array and the bad indexes.
+
+    Arrow's vectorised cast handles the common case; anything it refuses (7 digits past year 2262, a
+    missing zone, odd spacing) falls back to ``parse_iso_us`` one by one. Bad entries come back null.
+    """
+    strings = pa.array(texts, type=pa.string())
+    try:
+        return pc.cast(pc.cast(strings, _TIMESTAMP_NS), TIMESTAMP_US, safe=False), []
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    values: list[int | None] = []
+    bad: list[int] = []
+    for i, text in enumerate(texts):
+        try:
+            values.append(parse_iso_us(text))
+        except (ValueError, TypeError, OverflowError):
+            values.append(None)
+            bad.append(i)
+    return pa.array(values, type=pa.int64()).cast(TIMESTAMP_US), bad

@@ -1,0 +1,70 @@
+"""The commit writer: takes batches from the flusher and commits them to the sink in a worker thread,
+one Delta transaction version per batch, retrying a failed commit with backoff until it lands.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import structlog
+import trio
+
+from .buffer import Flush
+from .channel import Backoff
+from .errors import SinkError, TableConflictError
+from .sink import DeltaSink
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class WriteStats:
+    values_written: int = 0
+    commits: int = 0
+    failed_attempts: int = 0
+
+
+class CommitWriter:
+    """Commits in order; while a commit is in flight or retrying, the flusher waits (backpressure)."""
+
+    def __init__(self, sink: DeltaSink, receive_channel: trio.MemoryReceiveChannel[Flush]):
+        self.sink = sink
+        self.receive_channel = receive_channel
+        self.stats = WriteStats()
+        self.backoff = Backoff(initial=1.0, maximum=30.0)
+        self.txn_version = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.txn_version = await trio.to_thread.run_sync(self.sink.last_txn_version)
+        task_status.started()
+        async with self.receive_channel:
+            async for flush in self.receive_channel:
+                await self._commit(flush)
+
+    async def _commit(self, flush: Flush) -> None:
+        version = self.txn_version + 1
+        while True:
+            started = time.perf_counter()
+            try:
+                result = await trio.to_thread.run_sync(self.sink.commit, flush.batch, version)
+            except TableConflictError:
+                raise
+            except SinkError as exc:
+                self.stats.failed_attempts += 1
+                delay = self.backoff.next_delay()
+                log.warning("commit_failed", error=str(exc), txn_version=version, retry_in=round(delay, 2))
+                await trio.sleep(delay)
+                continue
+            break
+        self.backoff.reset()
+        self.txn_version = version
+        self.stats.commits += 1
+        self.stats.values_written += result.rows
+        log.info(
+            "batch_committed",
+            rows=result.rows,
+            table_version=result.table_version,
+            txn_version=version,
+            seconds=round(time.perf_counter() - started, 3),
+        )

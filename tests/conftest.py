@@ -1,0 +1,57 @@
+"""Shared test helpers: an independent Delta reader (DuckDB's delta extension, loaded from its pip
+package, no download) and a clean process exit after the session.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import duckdb
+import duckdb_extension_delta
+import pytest
+
+_exit_status = 0
+
+
+def duckdb_delta_connection() -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the delta extension loaded from the installed package's file."""
+    package_dir = Path(duckdb_extension_delta.__file__).parent
+    candidates = sorted(package_dir.glob(f"extensions/v{duckdb.__version__}/delta.duckdb_extension"))
+    if not candidates:
+        raise RuntimeError(f"no delta extension for duckdb {duckdb.__version__} in {package_dir}: "
+                           "install duckdb-extension-delta of the same version")
+    con = duckdb.connect(config={"allow_unsigned_extensions": "true"})
+    con.execute(f"LOAD '{candidates[0]}'")
+    return con
+
+
+def duckdb_rows(table_path: str | Path, columns: str = "*", where: str = "") -> list[tuple]:
+    """Rows of a Delta table read by delta-kernel through DuckDB, not by delta-rs."""
+    con = duckdb_delta_connection()
+    try:
+        query = f"SELECT {columns} FROM delta_scan('{table_path}') {where}"
+        return con.execute(query).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def duckdb_reader():
+    return duckdb_rows
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    global _exit_status
+    _exit_status = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave without interpreter teardown: Arrow's and delta-rs's native thread pools can abort the
+    process there ("terminate called without an active exception") after every test has passed."""
+    if os.environ.get("PISTREAM_TEST_HARD_EXIT", "1") == "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(_exit_status)

@@ -1,0 +1,133 @@
+"""Every value kind a PI Web API channel sends, decoded into the table's columns."""
+
+from datetime import UTC, date, datetime
+
+import pytest
+
+from pistream.buffer import ColumnBuffer, StreamInfo
+from pistream.messages import channel_decoder, classify_value
+from pistream.schema import TABLE_SCHEMA
+from pistream.timeutil import format_iso, parse_iso_us
+
+WEBID = "P1DPU0lNU1JWXFRBRw"
+
+
+def decode_rows(items_json: str, stream_extra: str = "") -> list[dict]:
+    frame = ('{"Links":{},"Items":[{"WebId":"%s","Name":"TAG","Path":"\\\\\\\\SRV\\\\TAG",'
+             '"UnitsAbbreviation":"degC"%s,"Items":[%s]}]}' % (WEBID, stream_extra, items_json))
+    buffer = ColumnBuffer({WEBID: StreamInfo("\\\\SRV\\TAG", WEBID, "degC")})
+    for stream in channel_decoder.decode(frame).items:
+        buffer.add_stream(stream, received_us=1_700_000_000_000_000)
+    flush = buffer.take()
+    assert flush is not None
+    assert flush.batch.schema == TABLE_SCHEMA
+    return flush.batch.to_pylist()
+
+
+def test_float_value_fills_every_column():
+    [row] = decode_rows('{"Timestamp":"2024-03-01T12:00:00.5Z","Value":12.25,"UnitsAbbreviation":"degC",'
+                        '"Good":true,"Questionable":false,"Substituted":false,"Annotated":false}')
+    assert row == {
+        "tag": "\\\\SRV\\TAG", "tag_webid": WEBID,
+        "timestamp": datetime(2024, 3, 1, 12, 0, 0, 500000, tzinfo=UTC),
+        "value": 12.25, "value_text": None, "state_code": None, "system_state": False, "uom": "degC",
+        "good": True, "questionable": False, "substituted": False, "annotated": False,
+        "received_timestamp": datetime(2023, 11, 14, 22, 13, 20, tzinfo=UTC),
+        "partition_date": date(2024, 3, 1),
+    }
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("42", (42.0, None, None, False)),
+        ("true", (1.0, "true", None, False)),
+        ('"batch-7"', (None, "batch-7", None, False)),
+        ('"2024-01-01T00:00:00Z"', (None, "2024-01-01T00:00:00Z", None, False)),
+        ("[1,2,3]", (None, "[1,2,3]", None, False)),
+        ('{"Name":"On","Value":1,"IsSystem":false}', (None, "On", 1, False)),
+        ('{"Name":"I/O Timeout","Value":246,"IsSystem":true}', (None, "I/O Timeout", 246, True)),
+        ("9007199254740993", (9007199254740992.0, "9007199254740993", None, False)),
+    ],
+)
+def test_value_kinds_land_in_their_own_columns(raw, expected):
+    [row] = decode_rows('{"Timestamp":"2024-03-01T00:00:00Z","Value":%s,"Good":true}' % raw)
+    assert (row["value"], row["value_text"], row["state_code"], row["system_state"]) == expected
+
+
+def test_system_state_without_good_flag_is_not_good_and_code_stays_out_of_value():
+    [row] = decode_rows('{"Timestamp":"2024-03-01T00:00:00Z","Value":{"Name":"Shutdown","Value":254,'
+                        '"IsSystem":true}}')
+    assert row["value"] is None and row["state_code"] == 254 and row["good"] is False
+
+
+def test_error_value_is_kept_as_text_and_marked_bad():
+    [row] = decode_rows('{"Timestamp":"2024-03-01T00:00:00Z","Value":{"Errors":["Point not found"]}}')
+    assert (row["value"], row["value_text"], row["good"]) == (None, "Point not found", False)
+
+
+def test_flags_sent_as_strings_and_unknown_fields_are_accepted():
+    [row] = decode_rows('{"Timestamp":"2024-03-01T00:00:00Z","Value":1.5,"Good":"false",'
+                        '"Questionable":"True","Substituted":"false","Annotated":"true","Extra":{"x":1}}')
+    assert (row["good"], row["questionable"], row["substituted"], row["annotated"]) == (False, True, False, True)
+
+
+def test_per_stream_value_object_instead_of_items():
+    frame = ('{"Items":[{"WebId":"%s","Value":{"Timestamp":"2024-03-01T00:00:00Z","Value":3.0}}]}' % WEBID)
+    buffer = ColumnBuffer({WEBID: StreamInfo("\\\\SRV\\TAG", WEBID)})
+    for stream in channel_decoder.decode(frame).items:
+        buffer.add_stream(stream, 0)
+    assert buffer.take().batch.column("value").to_pylist() == [3.0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2024-03-01T00:00:00Z", "2024-03-01T00:00:00Z"),
+        ("2024-03-01T00:00:00.1Z", "2024-03-01T00:00:00.1Z"),
+        ("2024-03-01T00:00:00.123Z", "2024-03-01T00:00:00.123Z"),
+        ("2024-03-01T00:00:00.123456Z", "2024-03-01T00:00:00.123456Z"),
+        ("2024-03-01T00:00:00.1234567Z", "2024-03-01T00:00:00.123456Z"),
+        ("2024-03-01T00:00:00.1234567+00:00", "2024-03-01T00:00:00.123456Z"),
+        ("2024-03-01T02:00:00+02:00", "2024-03-01T00:00:00Z"),
+    ],
+)
+def test_timestamps_with_0_to_7_fraction_digits(text, expected):
+    [row] = decode_rows('{"Timestamp":"%s","Value":1}' % text)
+    assert format_iso(int(row["timestamp"].timestamp() * 1_000_000 + 0.5)) == expected
+    assert format_iso(parse_iso_us(text)) == expected
+
+
+def test_mixed_timestamp_forms_in_one_batch_fall_back_without_loss():
+    rows = decode_rows('{"Timestamp":"2024-03-01T00:00:00Z","Value":1},'
+                       '{"Timestamp":"9999-12-31T23:59:59.1234567Z","Value":2},'
+                       '{"Timestamp":"2024-03-01T00:00:01","Value":3}')
+    assert [r["timestamp"].year for r in rows] == [2024, 9999, 2024]
+    assert rows[1]["partition_date"] == date(9999, 12, 31)
+
+
+def test_unparseable_timestamp_is_rejected_and_counted_not_written():
+    frame = ('{"Items":[{"WebId":"%s","Items":[{"Timestamp":"yesterday","Value":1},'
+             '{"Timestamp":"2024-03-01T00:00:00Z","Value":2}]}]}' % WEBID)
+    buffer = ColumnBuffer({})
+    for stream in channel_decoder.decode(frame).items:
+        buffer.add_stream(stream, 0)
+    flush = buffer.take()
+    assert flush.rejected == 1
+    assert flush.batch.column("value").to_pylist() == [2.0]
+
+
+def test_exact_repeats_are_dropped_but_substituted_edits_are_new_rows():
+    rows = decode_rows('{"Timestamp":"2024-03-01T00:00:00Z","Value":1.0},'
+                       '{"Timestamp":"2024-03-01T00:00:00Z","Value":1.0},'
+                       '{"Timestamp":"2024-03-01T00:00:00Z","Value":1.5,"Substituted":true}')
+    assert [(r["value"], r["substituted"]) for r in rows] == [(1.0, False), (1.5, True)]
+
+
+def test_heartbeat_messages_have_no_items():
+    assert not channel_decoder.decode(b'{"Links":{},"Items":[]}').items
+    assert not channel_decoder.decode(b'{"Links":{}}').items
+
+
+def test_classify_keeps_unknown_objects_as_json_text():
+    assert classify_value({"Foo": 1}) == (None, '{"Foo":1}', None, False, False)

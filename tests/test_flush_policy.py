@@ -1,0 +1,71 @@
+"""The flush policy under a virtual clock: size, age and shutdown each trigger exactly one batch."""
+
+import pytest
+import trio
+import trio.testing
+
+from pistream.buffer import ColumnBuffer
+from pistream.flusher import Flusher
+from pistream.messages import StreamSetMessage, StreamValues, TimedValue
+
+
+def message(n: int, start: int = 0) -> StreamSetMessage:
+    values = [TimedValue(timestamp=f"2024-01-01T00:00:{(start + i) % 60:02d}.{start + i:06d}Z", value=float(i))
+              for i in range(n)]
+    return StreamSetMessage(items=[StreamValues(web_id="W", path="\\\\S\\T", items=values)])
+
+
+@pytest.fixture
+def autojump_clock():
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def run_flusher(script, *, max_rows: int, max_age: float):
+    """Feed messages per ``script`` and return (virtual time, rows) of each batch the writer got."""
+    msg_send, msg_recv = trio.open_memory_channel(10)
+    flush_send, flush_recv = trio.open_memory_channel(1)
+    flusher = Flusher(ColumnBuffer({}), msg_recv, flush_send, max_rows=max_rows, max_age=max_age)
+    got = []
+
+    async def writer():
+        async with flush_recv:
+            async for flush in flush_recv:
+                got.append((round(trio.current_time(), 3), flush.batch.num_rows))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer)
+        await nursery.start(flusher.run)
+        async with msg_send:
+            await script(msg_send)
+    return got, flusher.stats
+
+
+async def test_flush_on_age_counts_from_the_oldest_buffered_value(autojump_clock):
+    async def script(send):
+        await trio.sleep(1)
+        await send.send((0, message(3)))
+        await trio.sleep(2)
+        await send.send((0, message(2, start=10)))
+        await trio.sleep(10)
+
+    got, stats = await run_flusher(script, max_rows=1000, max_age=5)
+    assert got == [(6.0, 5)]
+    assert stats.values_received == 5 and stats.flushes == 1
+
+
+async def test_flush_on_size_then_remainder_at_shutdown(autojump_clock):
+    async def script(send):
+        for i in range(5):
+            await send.send((0, message(4, start=i * 4)))
+
+    got, _ = await run_flusher(script, max_rows=8, max_age=60)
+    assert [rows for _, rows in got] == [8, 8, 4]
+    assert all(t == 0 for t, _ in got)
+
+
+async def test_no_batch_when_nothing_arrives(autojump_clock):
+    async def script(send):
+        await trio.sleep(100)
+
+    got, _ = await run_flusher(script, max_rows=10, max_age=1)
+    assert got == []
