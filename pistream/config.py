@@ -102,4 +102,4 @@ def _settings_repr(self: Settings) -> str:
     return f"Settings({', '.join(fields)})"
 
 
-Settings.__repr__ = _settings_repr  # type: ignore[method-assign]
+Settings.__repr__ = _settings_repr  # type: ignore[method-assign,assignment]

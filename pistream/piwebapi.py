@@ -121,7 +121,7 @@ class PiWebApi:
 
     async def _get(self, path: str, params: list[tuple[str, str]] | None = None) -> httpx.Response:
         try:
-            response = await self._client.get(path, params=params)
+            response = await self._client.get(path, params=tuple(params or ()))
         except httpx.TransportError as exc:
             raise translate_transport_error(exc, self.base_url) from exc
         if response.status_code in (401, 403):

@@ -1,0 +1,75 @@
+"""Compare a Delta table with the simulator's ground truth: the events it emitted, exactly once."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from conftest import duckdb_rows
+
+from pistream.sim.model import SimEvent, SimModel
+
+
+@dataclass
+class Comparison:
+    expected: int = 0
+    found: int = 0
+    missing: list[tuple[str, int]] = field(default_factory=list)
+    duplicates: list[tuple[str, int]] = field(default_factory=list)
+    unexpected: list[tuple[str, tuple]] = field(default_factory=list)
+    tags_with_rows: int = 0
+
+    def summary(self) -> str:
+        return (f"expected={self.expected} found={self.found} missing={len(self.missing)} "
+                f"duplicates={len(self.duplicates)} unexpected={len(self.unexpected)} "
+                f"tags_with_rows={self.tags_with_rows}")
+
+
+def expected_row(event: SimEvent) -> tuple:
+    """The table columns a simulator event must produce, mapped independently of pistream's decoder."""
+    v = event.value
+    if isinstance(v, dict):
+        value, text, code, system = None, v["Name"], v["Value"], bool(v["IsSystem"])
+    elif isinstance(v, str):
+        value, text, code, system = None, v, None, False
+    else:
+        value, text, code, system = float(v), None, None, False
+    return (event.timestamp_us, value, text, code, system, event.good, event.questionable,
+            event.substituted, event.annotated)
+
+
+COLUMNS = ("tag_webid, epoch_us(timestamp), value, value_text, state_code, system_state, good, questionable, "
+           "substituted, annotated")
+
+
+def compare_table(table_path: str, model: SimModel, windows: dict[str, tuple[int, int]]) -> Comparison:
+    """``windows``: per webid, the [first, last] timestamps (us) that must be present exactly once.
+
+    Read with DuckDB's delta extension (delta-kernel), independent of the delta-rs writer.
+    """
+    rows = duckdb_rows(table_path, COLUMNS)
+    by_webid: dict[str, Counter] = {}
+    for webid, *rest in rows:
+        by_webid.setdefault(webid, Counter())[tuple(rest)] += 1
+    result = Comparison(found=len(rows), tags_with_rows=len(by_webid))
+    for webid, (first_us, last_us) in windows.items():
+        tag = model.lookup(webid)
+        assert tag is not None, webid
+        seen = by_webid.get(webid, Counter())
+        for event in model.events(tag, first_us, last_us):
+            result.expected += 1
+            n = seen.get(expected_row(event), 0)
+            if n == 0:
+                result.missing.append((tag.path, event.timestamp_us))
+            elif n > 1:
+                result.duplicates.append((tag.path, event.timestamp_us))
+    for webid, seen in by_webid.items():
+        tag = model.lookup(webid)
+        all_events = {expected_row(e) for e in model.events(tag, min(r[0] for r in seen), max(r[0] for r in seen))} \
+            if tag else set()
+        for row, n in seen.items():
+            if row not in all_events:
+                result.unexpected.append((webid, row))
+            elif n > 1 and webid not in windows:
+                result.duplicates.append((webid, row[0]))
+    return result
