@@ -37,9 +37,15 @@ def duckdb_rows(table_path: str | Path, columns: str = "*", where: str = "") -> 
         con.close()
 
 
-@pytest.fixture
-def duckdb_reader():
-    return duckdb_rows
+GROUND_TRUTH_SQL = ("tag_webid, epoch_us(timestamp), value, value_text, state_code, system_state, good, "
+                    "questionable, substituted, annotated")
+
+
+def compare_with_model(table_path, model, windows):
+    """The simulator's ground truth against the table as DuckDB (delta-kernel) reads it."""
+    from pistream.sim.groundtruth import compare_rows
+
+    return compare_rows(duckdb_rows(table_path, GROUND_TRUTH_SQL), model, windows)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

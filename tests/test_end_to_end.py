@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pyarrow.compute as pc
 import trio
+from conftest import compare_with_model
 from deltalake import DeltaTable
-from groundtruth import compare_table
 
 from pistream.config import build_settings
 from pistream.pipeline import run_pipeline
@@ -38,7 +38,7 @@ async def test_every_emitted_event_lands_exactly_once(tmp_path):
     with trio.fail_after(60):
         table, summary, simulator, windows = await run_against_simulator(
             tmp_path, model, duration=3, flush_seconds=0.5)
-    result = compare_table(table, model, windows)
+    result = compare_with_model(table, model, windows)
     print(result.summary())
     assert len(windows) == len(PATHS)
     assert result.expected >= len(PATHS) * 20 * 2

@@ -1,13 +1,15 @@
-"""Compare a Delta table with the simulator's ground truth: the events it emitted, exactly once."""
+"""Compare a table's rows with the simulator's ground truth: every event in a window, exactly once.
+
+Used by the tests (rows read by DuckDB) and the acceptance benchmarks (rows read by delta-rs).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from conftest import duckdb_rows
-
-from pistream.sim.model import SimEvent, SimModel
+from .model import SimEvent, SimModel
 
 
 @dataclass
@@ -38,16 +40,16 @@ def expected_row(event: SimEvent) -> tuple:
             event.substituted, event.annotated)
 
 
-COLUMNS = ("tag_webid, epoch_us(timestamp), value, value_text, state_code, system_state, good, questionable, "
-           "substituted, annotated")
+# The columns compared, in the order ``compare_rows`` expects them (timestamp as epoch microseconds).
+COLUMNS = ("tag_webid", "timestamp_us", "value", "value_text", "state_code", "system_state", "good",
+           "questionable", "substituted", "annotated")
 
 
-def compare_table(table_path: str, model: SimModel, windows: dict[str, tuple[int, int]]) -> Comparison:
-    """``windows``: per webid, the [first, last] timestamps (us) that must be present exactly once.
-
-    Read with DuckDB's delta extension (delta-kernel), independent of the delta-rs writer.
+def compare_rows(rows: Iterable[tuple], model: SimModel, windows: dict[str, tuple[int, int]]) -> Comparison:
+    """``windows``: per webid, the [first, last] timestamps (us) that must be present exactly once;
+    ``rows``: tuples of ``COLUMNS``. Also reports rows the model never produced, and repeats anywhere.
     """
-    rows = duckdb_rows(table_path, COLUMNS)
+    rows = list(rows)
     by_webid: dict[str, Counter] = {}
     for webid, *rest in rows:
         by_webid.setdefault(webid, Counter())[tuple(rest)] += 1
