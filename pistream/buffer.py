@@ -1,5 +1,5 @@
-"""The columnar buffer: decoded channel values appended to plain column lists, turned into one Arrow
-RecordBatch per flush (timestamps parsed and dates derived vectorised, exact repeats dropped).
+"""The columnar buffer: decoded values appended to plain column lists, handed over as one Arrow
+RecordBatch per flush. Every value passes the exactly-once filter (``dedup``) on the way in.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from .messages import StreamValues, classify_value, flag
+from .dedup import EventFilter, EventKey, GapRequest, event_key
+from .messages import StreamValues, TimedValue, classify_value, flag
 from .schema import TABLE_SCHEMA
-from .timeutil import TIMESTAMP_US, parse_iso_array
+from .timeutil import TIMESTAMP_US, to_us
 
 log = structlog.get_logger(__name__)
 
-# Built nullable so that rows with an unparseable timestamp can be filtered out before the final cast.
-_BUILD_SCHEMA = pa.schema([f.with_nullable(True) for f in TABLE_SCHEMA])
+_DATE = pa.date32()
 
 
 @dataclass(frozen=True)
@@ -38,17 +38,25 @@ class Flush:
     rejected: int
 
 
+@dataclass
+class _Row:
+    key: EventKey
+    uom: str | None
+    system: bool
+
+
 class ColumnBuffer:
     """Accumulates rows column by column; ``take()`` hands them over as a RecordBatch and starts afresh."""
 
-    def __init__(self, streams: dict[str, StreamInfo]):
+    def __init__(self, streams: dict[str, StreamInfo], event_filter: EventFilter | None = None):
         self.streams = streams
+        self.filter = event_filter if event_filter is not None else EventFilter()
         self._reset()
 
     def _reset(self) -> None:
         self.tag: list[str] = []
         self.tag_webid: list[str] = []
-        self.timestamp: list[str] = []
+        self.timestamp: list[int] = []
         self.value: list[float | None] = []
         self.value_text: list[str | None] = []
         self.state_code: list[int | None] = []
@@ -59,83 +67,101 @@ class ColumnBuffer:
         self.substituted: list[bool] = []
         self.annotated: list[bool] = []
         self.received_us: list[int] = []
-        self._keys: set[tuple] = set()
-        self._repeats = 0
+        self._repeats_at_reset = self.filter.stats.repeats_dropped
         self._rejected = 0
 
     def __len__(self) -> int:
         return len(self.tag)
 
-    def add_stream(self, stream: StreamValues, received_us: int) -> int:
-        """Append one stream's values from a channel message or REST answer; returns rows added."""
+    def _rows(self, path: str, stream: StreamValues) -> list[_Row]:
+        """Decode a stream's values into keys; a value without a usable timestamp is logged and counted."""
+        rows = []
+        for tv in stream.timed_values():
+            row = self._row(path, tv, stream.units_abbreviation)
+            if row is not None:
+                rows.append(row)
+        return rows
+
+    def _row(self, path: str, tv: TimedValue, stream_uom: str | None) -> _Row | None:
+        try:
+            ts = to_us(tv.timestamp) if tv.timestamp else None
+        except (ValueError, OverflowError):
+            ts = None
+        if ts is None:
+            self._rejected += 1
+            log.error("value_rejected", tag=path, value_timestamp=tv.timestamp, reason="no usable timestamp")
+            return None
+        value, text, code, system, is_error = classify_value(tv.value)
+        if tv.errors:
+            text = "; ".join(str(e) for e in tv.errors) if text is None else text
+            is_error = True
+        key = event_key(ts, value, text, code, flag(tv.good, default=not (system or is_error)),
+                        flag(tv.questionable, False), flag(tv.substituted, False), flag(tv.annotated, False))
+        return _Row(key, tv.units_abbreviation or stream_uom, system)
+
+    def add_live(self, stream: StreamValues, received_us: int) -> GapRequest | None:
+        """Append a channel's values; the first ones after a reconnect may open a gap to read back."""
         webid = stream.web_id or ""
+        path, uom = self._describe(webid, stream)
+        rows = self._rows(path, stream)
+        gap = self.filter.first_live(webid, [r.key for r in rows]) if self.filter.awaiting(webid) else None
+        for row in rows:
+            if self.filter.accept_live(webid, row.key):
+                self._append(webid, path, row, uom, received_us)
+        return gap
+
+    def add_gap(self, stream: StreamValues, received_us: int) -> None:
+        """Append recorded values read back for a gap; only those inside the gap's window count."""
+        webid = stream.web_id or ""
+        path, uom = self._describe(webid, stream)
+        for row in self._rows(path, stream):
+            if self.filter.accept_gap(webid, row.key):
+                self._append(webid, path, row, uom, received_us)
+
+    def _describe(self, webid: str, stream: StreamValues) -> tuple[str, str | None]:
         info = self.streams.get(webid)
         path = info.path if info else (stream.path or webid)
-        stream_uom = stream.units_abbreviation or (info.uom if info else None)
-        added = 0
-        for tv in stream.timed_values():
-            if not tv.timestamp:
-                self._rejected += 1
-                log.error("value_rejected", tag=path, reason="no timestamp")
-                continue
-            value, text, code, system, is_error = classify_value(tv.value)
-            if tv.errors:
-                text = "; ".join(str(e) for e in tv.errors) if text is None else text
-                is_error = True
-            good = flag(tv.good, default=not (system or is_error))
-            questionable = flag(tv.questionable, False)
-            substituted = flag(tv.substituted, False)
-            annotated = flag(tv.annotated, False)
-            key = (webid, tv.timestamp, value, text, code, good, questionable, substituted, annotated)
-            if key in self._keys:
-                self._repeats += 1
-                continue
-            self._keys.add(key)
-            self.tag.append(path)
-            self.tag_webid.append(webid)
-            self.timestamp.append(tv.timestamp)
-            self.value.append(value)
-            self.value_text.append(text)
-            self.state_code.append(code)
-            self.system_state.append(system)
-            self.uom.append(tv.units_abbreviation or stream_uom)
-            self.good.append(good)
-            self.questionable.append(questionable)
-            self.substituted.append(substituted)
-            self.annotated.append(annotated)
-            self.received_us.append(received_us)
-            added += 1
-        return added
+        return path, stream.units_abbreviation or (info.uom if info else None)
+
+    def _append(self, webid: str, path: str, row: _Row, uom: str | None, received_us: int) -> None:
+        self.filter.advance(webid, row.key)
+        ts, value, text, code, good, questionable, substituted, annotated = row.key
+        self.tag.append(path)
+        self.tag_webid.append(webid)
+        self.timestamp.append(ts)
+        self.value.append(float("nan") if value == "NaN" else value)
+        self.value_text.append(text)
+        self.state_code.append(code)
+        self.system_state.append(row.system)
+        self.uom.append(row.uom or uom)
+        self.good.append(good)
+        self.questionable.append(questionable)
+        self.substituted.append(substituted)
+        self.annotated.append(annotated)
+        self.received_us.append(received_us)
 
     def take(self) -> Flush | None:
         """The buffered rows as a RecordBatch in the table schema, or None when empty."""
         if not self.tag:
             return None
-        timestamps, bad = parse_iso_array(self.timestamp)
-        columns = {
-            "tag": pa.array(self.tag, pa.string()),
-            "tag_webid": pa.array(self.tag_webid, pa.string()),
-            "timestamp": timestamps,
-            "value": pa.array(self.value, pa.float64()),
-            "value_text": pa.array(self.value_text, pa.string()),
-            "state_code": pa.array(self.state_code, pa.int32()),
-            "system_state": pa.array(self.system_state, pa.bool_()),
-            "uom": pa.array(self.uom, pa.string()),
-            "good": pa.array(self.good, pa.bool_()),
-            "questionable": pa.array(self.questionable, pa.bool_()),
-            "substituted": pa.array(self.substituted, pa.bool_()),
-            "annotated": pa.array(self.annotated, pa.bool_()),
-            "received_timestamp": pa.array(self.received_us, pa.int64()).cast(TIMESTAMP_US),
-            "partition_date": pc.cast(timestamps, pa.date32()),
-        }
-        batch = pa.RecordBatch.from_pydict(columns, schema=_BUILD_SCHEMA)
-        rejected = self._rejected + len(bad)
-        if bad:
-            for i in bad[:5]:
-                log.error("value_rejected", tag=self.tag[i], value_timestamp=self.timestamp[i],
-                          reason="unparseable timestamp")
-            batch = batch.filter(pc.is_valid(batch.column("timestamp")))
-        batch = batch.cast(TABLE_SCHEMA)
-        flush = Flush(batch, self._repeats, rejected)
+        timestamps = pa.array(self.timestamp, pa.int64()).cast(TIMESTAMP_US)
+        columns = [
+            pa.array(self.tag, pa.string()),
+            pa.array(self.tag_webid, pa.string()),
+            timestamps,
+            pa.array(self.value, pa.float64()),
+            pa.array(self.value_text, pa.string()),
+            pa.array(self.state_code, pa.int32()),
+            pa.array(self.system_state, pa.bool_()),
+            pa.array(self.uom, pa.string()),
+            pa.array(self.good, pa.bool_()),
+            pa.array(self.questionable, pa.bool_()),
+            pa.array(self.substituted, pa.bool_()),
+            pa.array(self.annotated, pa.bool_()),
+            pa.array(self.received_us, pa.int64()).cast(TIMESTAMP_US),
+            pc.cast(timestamps, _DATE),  # UTC date; floors correctly before 1970
+        ]
+        batch = pa.RecordBatch.from_arrays(columns, schema=TABLE_SCHEMA)
+        flush = Flush(batch, self.filter.stats.repeats_dropped - self._repeats_at_reset, self._rejected)
         self._reset()
         return flush

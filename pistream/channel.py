@@ -20,6 +20,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
 
 from .errors import AuthError, ChannelError
+from .flow import Connected, Incoming, Live
 from .messages import StreamSetMessage, channel_decoder
 
 log = structlog.get_logger(__name__)
@@ -97,17 +98,16 @@ class ChannelReader:
         name: str,
         base_url: str,
         webids: Sequence[str],
-        send_channel: trio.MemorySendChannel[tuple[int, StreamSetMessage]],
+        send_channel: trio.MemorySendChannel[Incoming],
         *,
         headers: Mapping[str, str] | None = None,
         ssl_context: ssl.SSLContext | None = None,
         heartbeat_rate: int = 5,
         poll_period: float = 1.0,
-        include_initial_values: bool = True,
     ):
         self.name = name
-        self.url = channel_url(base_url, webids, include_initial_values=include_initial_values,
-                               heartbeat_rate=heartbeat_rate)
+        # Initial values are not optional: each stream's current value marks where its gap fill ends.
+        self.url = channel_url(base_url, webids, include_initial_values=True, heartbeat_rate=heartbeat_rate)
         self.webids = list(webids)
         self.send_channel = send_channel
         self.headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
@@ -164,6 +164,7 @@ class ChannelReader:
         ) as ws:
             self.stats.connects += 1
             log.info("channel_connected", channel=self.name, streams=len(self.webids))
+            await self.send_channel.send(Connected(tuple(self.webids)))
             while True:
                 if self.read_timeout is not None:
                     with trio.fail_after(self.read_timeout):
@@ -174,7 +175,7 @@ class ChannelReader:
                 self.backoff.reset()
                 message = self._decode(frame)
                 if message is not None:
-                    await self.send_channel.send((received_us, message))
+                    await self.send_channel.send(Live(received_us, message))
 
     def _decode(self, frame: str | bytes) -> StreamSetMessage | None:
         """The frame's values, or None for a heartbeat or a malformed frame (logged and counted)."""

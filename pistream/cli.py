@@ -80,6 +80,8 @@ def entry() -> None:
                                                  "[default: 5]")
 @click.option("--max-url-length", type=int, help="Longest request URL; more tags open more channels.  "
                                                  "[default: 6000]")
+@click.option("--state-dir", help="Folder for the per-tag floors that make restarts exactly once.  "
+                                  "[default: pistream-data/state]")
 @click.option("--skip-unknown", is_flag=True, default=None, help="Go on without tags the server does not know.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML file with any of these settings (names with underscores).")

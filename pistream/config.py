@@ -13,6 +13,7 @@ import msgspec
 from .errors import ConfigError
 
 DEFAULT_TABLE = "pistream-data/pi_events"
+DEFAULT_STATE_DIR = "pistream-data/state"
 
 Positive = Annotated[float, msgspec.Meta(gt=0)]
 
@@ -33,7 +34,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     duration: Positive | None = None
     app_id: str | None = None
     heartbeat_rate: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 5
-    include_initial_values: bool = True
+    state_dir: str = DEFAULT_STATE_DIR
     max_url_length: Annotated[int, msgspec.Meta(ge=512, le=65_536)] = 6000
     skip_unknown: bool = False
     storage_options: dict[str, str] = {}

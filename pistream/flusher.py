@@ -11,7 +11,8 @@ import structlog
 import trio
 
 from .buffer import ColumnBuffer, Flush
-from .messages import StreamSetMessage
+from .flow import Connected, GapDone, GapValues, Incoming, Live
+from .gapfill import GapQueue
 
 log = structlog.get_logger(__name__)
 
@@ -30,17 +31,19 @@ class Flusher:
     def __init__(
         self,
         buffer: ColumnBuffer,
-        receive_channel: trio.MemoryReceiveChannel[tuple[int, StreamSetMessage]],
+        receive_channel: trio.MemoryReceiveChannel[Incoming],
         send_channel: trio.MemorySendChannel[Flush],
         *,
         max_rows: int,
         max_age: float,
+        gap_queue: GapQueue | None = None,
     ):
         self.buffer = buffer
         self.receive_channel = receive_channel
         self.send_channel = send_channel
         self.max_rows = max_rows
         self.max_age = max_age
+        self.gap_queue = gap_queue
         self.stats = FlushStats()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -51,13 +54,11 @@ class Flusher:
             while True:
                 with trio.move_on_at(deadline):
                     try:
-                        received_us, message = await self.receive_channel.receive()
+                        item = await self.receive_channel.receive()
                     except trio.EndOfChannel:
                         break
                     was_empty = len(self.buffer) == 0
-                    for stream in message.items or ():
-                        self.stats.values_received += len(stream.timed_values())
-                        self.buffer.add_stream(stream, received_us)
+                    self._take_in(item)
                     if was_empty and len(self.buffer):
                         deadline = trio.current_time() + self.max_age
                     if len(self.buffer) < self.max_rows:
@@ -65,6 +66,24 @@ class Flusher:
                 await self._flush()
                 deadline = math.inf
             await self._flush()
+
+    def _take_in(self, item: Incoming) -> None:
+        if isinstance(item, Live):
+            for stream in item.message.items or ():
+                self.stats.values_received += len(stream.timed_values())
+                gap = self.buffer.add_live(stream, item.received_us)
+                if gap is not None and self.gap_queue is not None:
+                    self.gap_queue.put(gap)
+        elif isinstance(item, GapValues):
+            for stream in item.streams:
+                self.stats.values_received += len(stream.timed_values())
+                self.buffer.add_gap(stream, item.received_us)
+        elif isinstance(item, Connected):
+            if self.gap_queue is not None:
+                self.buffer.filter.connected(list(item.webids))
+        elif isinstance(item, GapDone):
+            for request in item.requests:
+                self.buffer.filter.gap_done(request)
 
     async def _flush(self) -> None:
         flush = self.buffer.take()

@@ -8,6 +8,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import structlog
 import trio
@@ -16,12 +17,16 @@ from .auth import basic_header
 from .buffer import ColumnBuffer, Flush, StreamInfo
 from .channel import ChannelReader, shard_webids
 from .config import Settings
+from .dedup import EventFilter, advance_from_rows
 from .errors import ConfigError
+from .flow import Incoming
 from .flusher import Flusher
-from .messages import StreamSetMessage
+from .gapfill import GapFiller, GapQueue
 from .piwebapi import PiWebApi, ResolvedTag, unknown_tags_error
 from .sink import DeltaSink
+from .state import StateStore, state_path
 from .tags import read_tags_file
+from .timeutil import EPOCH
 from .writer import CommitWriter
 
 log = structlog.get_logger(__name__)
@@ -38,6 +43,9 @@ class RunSummary:
     repeats_dropped: int
     rejected: int
     commits: int
+    gaps_filled: int
+    gap_values: int
+    gaps_lost: int
     elapsed: float
 
 
@@ -55,6 +63,35 @@ async def resolve_tags(api: PiWebApi, paths: list[str], skip_unknown: bool) -> l
             raise error
         log.warning("tags_skipped", count=len(unknown), first=unknown[:5])
     return resolved
+
+
+def recover_floors(sink: DeltaSink, store: StateStore) -> tuple[EventFilter, int]:
+    """Where each tag stopped in the table, and this writer's last transaction version.
+
+    From the state file when it matches the table; otherwise from the table itself (only the partitions
+    since the oldest saved floor, when a stale file says where to start).
+    """
+    started = time.monotonic()
+    txn_version = sink.last_txn_version()
+    loaded = store.load()
+    if loaded is not None and loaded[1] == txn_version:
+        log.info("floors_loaded", source="state", tags=len(loaded[0].floors), txn_version=txn_version)
+        return loaded[0], txn_version
+    base = EventFilter()
+    since = None
+    if loaded is not None and loaded[1] < txn_version and loaded[0].floors:
+        base = loaded[0]
+        since = (EPOCH + timedelta(microseconds=min(base.floors.values()))).date()
+    if txn_version == 0 and sink.table.version() == 0:
+        return base, txn_version  # a new table: nothing to read
+    advance_from_rows(base, sink.read_event_keys(since))
+    log.info("floors_loaded", source="table", since=str(since) if since else "all", tags=len(base.floors),
+             txn_version=txn_version, seconds=round(time.monotonic() - started, 3))
+    return base, txn_version
+
+
+def _copy(floors: EventFilter) -> EventFilter:
+    return EventFilter(dict(floors.floors), {w: set(k) for w, k in floors.floor_keys.items()})
 
 
 async def watch_signals(stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -90,7 +127,9 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                               "(or password in the config file)")
         headers.update(basic_header(settings.username, settings.password))
 
-    sink = DeltaSink(settings.table, settings.app_id or default_app_id(), settings.storage_options)
+    app_id = settings.app_id or default_app_id()
+    sink = DeltaSink(settings.table, app_id, settings.storage_options)
+    store = StateStore(state_path(settings.state_dir, settings.table, app_id), sink.display_uri, app_id)
     async with trio.open_nursery() as root:
         if handle_signals:
             await root.start(watch_signals, stop)
@@ -99,29 +138,32 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
             url = await _start_simulator(root, paths, settings)
         assert url is not None
         await trio.to_thread.run_sync(sink.open)
-        async with PiWebApi(url, headers=headers, max_url_length=settings.max_url_length) as api:
+        committed, txn_version = await trio.to_thread.run_sync(recover_floors, sink, store)
+        api = PiWebApi(url, headers=headers, max_url_length=settings.max_url_length)
+        async with api:
             resolved = await resolve_tags(api, paths, settings.skip_unknown)
-        streams = {t.webid: StreamInfo(t.path, t.webid, t.uom) for t in resolved}
-        shards = shard_webids(url, list(streams), settings.max_url_length)
-        log.info("tags_resolved", tags=len(resolved), channels=len(shards), table=sink.display_uri,
-                 seconds=round(time.monotonic() - started, 3))
+            streams = {t.webid: StreamInfo(t.path, t.webid, t.uom) for t in resolved}
+            shards = shard_webids(url, list(streams), settings.max_url_length)
+            log.info("tags_resolved", tags=len(resolved), channels=len(shards), table=sink.display_uri,
+                     seconds=round(time.monotonic() - started, 3))
 
-        message_send, message_recv = trio.open_memory_channel[tuple[int, StreamSetMessage]](READER_QUEUE)
-        flush_send, flush_recv = trio.open_memory_channel[Flush](1)
-        flusher = Flusher(ColumnBuffer(streams), message_recv, flush_send,
-                          max_rows=settings.flush_rows, max_age=settings.flush_seconds)
-        writer = CommitWriter(sink, flush_recv)
-        readers = [
-            ChannelReader(f"channel-{i}", url, shard, message_send.clone(), headers=headers,
-                          heartbeat_rate=settings.heartbeat_rate,
-                          include_initial_values=settings.include_initial_values)
-            for i, shard in enumerate(shards)
-        ]
-        message_send.close()  # each reader owns a clone; the flusher ends when the last one closes
-        async with trio.open_nursery() as flow:
-            await flow.start(writer.run)
-            await flow.start(flusher.run)
-            flow.start_soon(_run_readers, readers, stop, settings.duration)
+            message_send, message_recv = trio.open_memory_channel[Incoming](READER_QUEUE)
+            flush_send, flush_recv = trio.open_memory_channel[Flush](1)
+            gap_queue = GapQueue()
+            flusher = Flusher(ColumnBuffer(streams, _copy(committed)), message_recv, flush_send,
+                              max_rows=settings.flush_rows, max_age=settings.flush_seconds, gap_queue=gap_queue)
+            writer = CommitWriter(sink, flush_recv, txn_version=txn_version, committed=committed, state=store)
+            gap_filler = GapFiller(api, gap_queue, message_send.clone())
+            readers = [
+                ChannelReader(f"channel-{i}", url, shard, message_send.clone(), headers=headers,
+                              heartbeat_rate=settings.heartbeat_rate)
+                for i, shard in enumerate(shards)
+            ]
+            message_send.close()  # each producer owns a clone; the flusher ends when the last one closes
+            async with trio.open_nursery() as flow:
+                await flow.start(writer.run)
+                await flow.start(flusher.run)
+                flow.start_soon(_run_producers, readers, gap_filler, stop, settings.duration)
         root.cancel_scope.cancel()  # the simulator and the signal watcher
 
     summary = RunSummary(
@@ -132,15 +174,21 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
         repeats_dropped=flusher.stats.repeats_dropped,
         rejected=flusher.stats.rejected,
         commits=writer.stats.commits,
+        gaps_filled=gap_filler.stats.gaps,
+        gap_values=gap_filler.stats.values_read,
+        gaps_lost=gap_filler.stats.lost_gaps,
         elapsed=round(time.monotonic() - started, 3),
     )
     log.info("pistream_stopped", **summary.__dict__)
     return summary
 
 
-async def _run_readers(readers: list[ChannelReader], stop: trio.Event, duration: float | None) -> None:
-    """Run every reader until stop or duration; closing their channel ends lets the flusher finish."""
+async def _run_producers(readers: list[ChannelReader], gap_filler: GapFiller, stop: trio.Event,
+                         duration: float | None) -> None:
+    """Run the readers and the gap filler until stop or duration; when they close their channel ends,
+    the flusher flushes what is left. Gaps still open then are read back on the next start."""
     async with trio.open_nursery() as nursery:
+        await nursery.start(gap_filler.run)
         for reader in readers:
             await nursery.start(reader.run)
         if duration is not None:

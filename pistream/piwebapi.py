@@ -16,6 +16,8 @@ import msgspec
 import structlog
 
 from .errors import AuthError, ConnectError, ServerError, UnknownTagsError
+from .messages import StreamSetMessage, channel_decoder
+from .timeutil import format_iso
 from .webid import path_webid
 
 log = structlog.get_logger(__name__)
@@ -142,6 +144,27 @@ class PiWebApi:
             raise ServerError(f"PI Web API at {self.base_url} answered {response.status_code}: "
                               f"{_error_text(response)}")
 
+    async def recorded(self, webids: list[str], start_us: int, end_time: str, max_count: int
+                       ) -> StreamSetMessage:
+        """One ``streamsets/recorded`` call (no paging: the caller re-asks for streams cut at max_count)."""
+        params = [("webId", w) for w in webids] + [
+            ("startTime", format_iso(start_us)), ("endTime", end_time), ("boundaryType", "Inside"),
+            ("maxCount", str(max_count)),
+        ]
+        response = await self._get("streamsets/recorded", params)
+        if response.status_code == 429 or response.status_code >= 500:
+            raise RetryableError(f"recorded values: HTTP {response.status_code} ({_error_text(response)})",
+                                 _retry_after(response))
+        if response.status_code != 200:
+            raise ServerError(f"recorded values refused ({response.status_code}: {_error_text(response)})")
+        try:
+            message = channel_decoder.decode(response.content)
+        except msgspec.DecodeError as exc:
+            raise RetryableError(f"recorded values answer is not PI Web API JSON: {exc}", None) from exc
+        if message.web_exception is not None:
+            raise RetryableError(f"recorded values answer cut short: {message.web_exception}", None)
+        return message
+
     def _chunks(self, paths: list[str]) -> Iterable[list[str]]:
         """Split lookups so that no request URL exceeds the configured length."""
         base = len(self.base_url) + len("/points/multiple?webIdType=PathOnly&selectedFields=")
@@ -188,6 +211,21 @@ class PiWebApi:
                     digital_set=point.digital_set_name or None,
                 ))
         return resolved, unknown
+
+
+class RetryableError(ServerError):
+    """429 or 5xx: the server may answer later; ``retry_after`` is its hint in seconds, if any."""
+
+    def __init__(self, message: str, retry_after: float | None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "")))
+    except ValueError:
+        return None
 
 
 def unknown_tags_error(unknown: list[str], total: int) -> UnknownTagsError:

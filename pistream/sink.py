@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
 
 import pyarrow as pa
 import structlog
@@ -16,7 +17,7 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from .errors import SinkError, TableConflictError
-from .schema import PARTITION_COLUMN, TABLE_SCHEMA
+from .schema import EVENT_KEY, PARTITION_COLUMN, TABLE_SCHEMA
 
 log = structlog.get_logger(__name__)
 
@@ -116,6 +117,16 @@ class DeltaSink:
         """The newest transaction version this writer committed, 0 if none (re-read from the log)."""
         self.table.update_incremental()
         return self.table.transaction_version(self.app_id) or 0
+
+    def read_event_keys(self, since: date | None = None) -> pa.Table:
+        """The event-key columns of the table (from ``since`` on, by partition), to rebuild floors."""
+        table = self.table
+        table.update_incremental()
+        filters = [(PARTITION_COLUMN, ">=", since.isoformat())] if since else None
+        try:
+            return table.to_pyarrow_table(columns=list(EVENT_KEY), partitions=filters)
+        except (DeltaError, OSError) as exc:
+            raise SinkError(f"cannot read Delta table {self.display_uri}: {exc}") from exc
 
     def commit(self, batch: pa.RecordBatch | pa.Table, txn_version: int) -> CommitResult:
         """Append ``batch`` as transaction ``txn_version``, unless the table already holds that version."""

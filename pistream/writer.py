@@ -12,8 +12,10 @@ import trio
 
 from .buffer import Flush
 from .channel import Backoff
+from .dedup import EventFilter, advance_from_rows
 from .errors import SinkError, TableConflictError
 from .sink import DeltaSink
+from .state import StateStore
 
 log = structlog.get_logger(__name__)
 
@@ -28,15 +30,17 @@ class WriteStats:
 class CommitWriter:
     """Commits in order; while a commit is in flight or retrying, the flusher waits (backpressure)."""
 
-    def __init__(self, sink: DeltaSink, receive_channel: trio.MemoryReceiveChannel[Flush]):
+    def __init__(self, sink: DeltaSink, receive_channel: trio.MemoryReceiveChannel[Flush], *,
+                 txn_version: int, committed: EventFilter, state: StateStore | None = None):
         self.sink = sink
         self.receive_channel = receive_channel
         self.stats = WriteStats()
         self.backoff = Backoff(initial=1.0, maximum=30.0)
-        self.txn_version = 0
+        self.txn_version = txn_version
+        self.committed = committed  # floors of what is in the table, saved after each commit
+        self.state = state
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self.txn_version = await trio.to_thread.run_sync(self.sink.last_txn_version)
         task_status.started()
         async with self.receive_channel:
             async for flush in self.receive_channel:
@@ -47,7 +51,7 @@ class CommitWriter:
         while True:
             started = time.perf_counter()
             try:
-                result = await trio.to_thread.run_sync(self.sink.commit, flush.batch, version)
+                result = await trio.to_thread.run_sync(self._commit_and_save, flush, version)
             except TableConflictError:
                 raise
             except SinkError as exc:
@@ -63,8 +67,21 @@ class CommitWriter:
         self.stats.values_written += result.rows
         log.info(
             "batch_committed",
+            skipped=result.skipped,
             rows=result.rows,
             table_version=result.table_version,
             txn_version=version,
             seconds=round(time.perf_counter() - started, 3),
         )
+
+    def _commit_and_save(self, flush: Flush, version: int):
+        """In the worker thread: commit, then record the new floors (a crash in between is detected on
+        start by the version mismatch, and the floors are rebuilt from the table)."""
+        result = self.sink.commit(flush.batch, version)
+        advance_from_rows(self.committed, flush.batch)
+        if self.state is not None:
+            try:
+                self.state.save(self.committed, version)
+            except OSError as exc:
+                log.warning("state_not_saved", path=str(self.state.path), error=str(exc))
+        return result

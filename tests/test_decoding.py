@@ -17,7 +17,7 @@ def decode_rows(items_json: str, stream_extra: str = "") -> list[dict]:
              '"UnitsAbbreviation":"degC"%s,"Items":[%s]}]}' % (WEBID, stream_extra, items_json))
     buffer = ColumnBuffer({WEBID: StreamInfo("\\\\SRV\\TAG", WEBID, "degC")})
     for stream in channel_decoder.decode(frame).items:
-        buffer.add_stream(stream, received_us=1_700_000_000_000_000)
+        buffer.add_live(stream, received_us=1_700_000_000_000_000)
     flush = buffer.take()
     assert flush is not None
     assert flush.batch.schema == TABLE_SCHEMA
@@ -76,7 +76,7 @@ def test_per_stream_value_object_instead_of_items():
     frame = ('{"Items":[{"WebId":"%s","Value":{"Timestamp":"2024-03-01T00:00:00Z","Value":3.0}}]}' % WEBID)
     buffer = ColumnBuffer({WEBID: StreamInfo("\\\\SRV\\TAG", WEBID)})
     for stream in channel_decoder.decode(frame).items:
-        buffer.add_stream(stream, 0)
+        buffer.add_live(stream, 0)
     assert buffer.take().batch.column("value").to_pylist() == [3.0]
 
 
@@ -111,7 +111,7 @@ def test_unparseable_timestamp_is_rejected_and_counted_not_written():
              '{"Timestamp":"2024-03-01T00:00:00Z","Value":2}]}]}' % WEBID)
     buffer = ColumnBuffer({})
     for stream in channel_decoder.decode(frame).items:
-        buffer.add_stream(stream, 0)
+        buffer.add_live(stream, 0)
     flush = buffer.take()
     assert flush.rejected == 1
     assert flush.batch.column("value").to_pylist() == [2.0]

@@ -5,6 +5,7 @@ import trio
 import trio.testing
 
 from pistream.buffer import ColumnBuffer
+from pistream.flow import Live
 from pistream.flusher import Flusher
 from pistream.messages import StreamSetMessage, StreamValues, TimedValue
 
@@ -43,9 +44,9 @@ async def run_flusher(script, *, max_rows: int, max_age: float):
 async def test_flush_on_age_counts_from_the_oldest_buffered_value(autojump_clock):
     async def script(send):
         await trio.sleep(1)
-        await send.send((0, message(3)))
+        await send.send(Live(0, message(3)))
         await trio.sleep(2)
-        await send.send((0, message(2, start=10)))
+        await send.send(Live(0, message(2, start=10)))
         await trio.sleep(10)
 
     got, stats = await run_flusher(script, max_rows=1000, max_age=5)
@@ -56,7 +57,7 @@ async def test_flush_on_age_counts_from_the_oldest_buffered_value(autojump_clock
 async def test_flush_on_size_then_remainder_at_shutdown(autojump_clock):
     async def script(send):
         for i in range(5):
-            await send.send((0, message(4, start=i * 4)))
+            await send.send(Live(0, message(4, start=i * 4)))
 
     got, _ = await run_flusher(script, max_rows=8, max_age=60)
     assert [rows for _, rows in got] == [8, 8, 4]

@@ -1,0 +1,41 @@
+"""What travels from the readers and the gap filler to the flusher, in order, over one bounded channel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .dedup import GapRequest
+from .messages import StreamSetMessage, StreamValues
+
+
+@dataclass(frozen=True, slots=True)
+class Live:
+    """A channel message, stamped with when it was received (us since the epoch)."""
+
+    received_us: int
+    message: StreamSetMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """A channel (re)connected for these streams: what it missed must be read back."""
+
+    webids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class GapValues:
+    """Recorded values read back over REST for a gap."""
+
+    received_us: int
+    streams: list[StreamValues]
+
+
+@dataclass(frozen=True, slots=True)
+class GapDone:
+    """Every recorded value of these gaps has been sent (or reported lost): their windows close."""
+
+    requests: tuple[GapRequest, ...]
+
+
+Incoming = Live | Connected | GapValues | GapDone

@@ -1,0 +1,179 @@
+"""The gap filler: reads back, over REST, what the channels missed (a disconnect, a restart), paged
+and with bounded retries, and sends it to the flusher. What cannot be read back is logged as data loss
+with its tags and time range, and counted — never silent.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import structlog
+import trio
+
+from .channel import Backoff
+from .dedup import GapRequest
+from .errors import ConnectError, ServerError
+from .flow import GapDone, GapValues, Incoming
+from .messages import StreamValues, TimedValue
+from .piwebapi import PiWebApi, RetryableError
+from .timeutil import format_iso, to_us
+
+log = structlog.get_logger(__name__)
+
+MAX_ITEMS_PER_CALL = 150_000  # PI Web API's MaxReturnedItemsPerCall default; more is a 400
+GROUP_SPAN_US = 60_000_000  # gaps starting within a minute of each other are read in one call
+MAX_ATTEMPTS = 8
+MAX_PAGES = 100_000
+
+
+@dataclass
+class GapStats:
+    gaps: int = 0
+    values_read: int = 0
+    calls: int = 0
+    lost_gaps: int = 0
+
+
+class GapQueue:
+    """Pending gap requests; at most one per open window, so it is bounded by the number of tags."""
+
+    def __init__(self) -> None:
+        self._pending: list[GapRequest] = []
+        self._wakeup = trio.Event()
+
+    def put(self, request: GapRequest) -> None:
+        self._pending.append(request)
+        self._wakeup.set()
+
+    async def take_all(self) -> list[GapRequest]:
+        while not self._pending:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+        taken, self._pending = self._pending, []
+        return taken
+
+
+def group_requests(requests: list[GapRequest], max_streams: int, max_url_length: int,
+                   base_url_length: int) -> list[list[GapRequest]]:
+    """Batch gaps with nearby start times into calls whose URLs stay under the length limit."""
+    groups: list[list[GapRequest]] = []
+    current: list[GapRequest] = []
+    size = base_url_length + 200
+    for request in sorted(requests, key=lambda r: r.start_us):
+        cost = len("&webId=") + len(quote(request.webid))
+        if current and (len(current) >= max_streams or size + cost > max_url_length
+                        or request.start_us - current[0].start_us > GROUP_SPAN_US):
+            groups.append(current)
+            current, size = [], base_url_length + 200
+        current.append(request)
+        size += cost
+    if current:
+        groups.append(current)
+    return groups
+
+
+class GapFiller:
+    """Consumes gap requests, sends the recorded values and then ``GapDone`` for each batch of gaps."""
+
+    def __init__(self, api: PiWebApi, queue: GapQueue, send_channel: trio.MemorySendChannel[Incoming],
+                 *, max_count: int = 10_000, max_streams_per_call: int = 500):
+        self.api = api
+        self.queue = queue
+        self.send_channel = send_channel
+        self.max_count = max_count
+        self.max_streams = max_streams_per_call
+        self.stats = GapStats()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async with self.send_channel:
+            while True:
+                requests = await self.queue.take_all()
+                for group in group_requests(requests, self.max_streams, self.api.max_url_length,
+                                            len(self.api.base_url) + len("/streamsets/recorded?")):
+                    await self.fill(group)
+
+    async def fill(self, group: list[GapRequest]) -> None:
+        """Read one group of gaps to the end, page by page, then close their windows."""
+        started = time.monotonic()
+        self.stats.gaps += len(group)
+        first_us = min(r.start_us for r in group)
+        end_us = max(r.end_us for r in group)
+        # Per stream: where its next page starts, and how many events at exactly that time it already has
+        # (a stream cut at max_count is asked again from its last timestamp, whose events come again).
+        cursors = {r.webid: (first_us, 0) for r in group}
+        read = pages = 0
+        try:
+            while cursors and pages < MAX_PAGES:
+                pages += 1
+                page_start = min(start for start, _ in cursors.values())
+                per_stream = max(1, min(self.max_count, MAX_ITEMS_PER_CALL // len(cursors)))
+                message = await self._call(list(cursors), page_start, format_iso(end_us), per_stream)
+                streams: list[StreamValues] = []
+                next_cursors: dict[str, tuple[int, int]] = {}
+                for stream in message.items or ():
+                    webid = stream.web_id or ""
+                    if webid not in cursors:
+                        continue
+                    items = stream.timed_values()
+                    fresh, cursor = _after_cursor(items, *cursors[webid])
+                    read += len(fresh)
+                    streams.append(StreamValues(web_id=webid, name=stream.name, path=stream.path,
+                                                units_abbreviation=stream.units_abbreviation, items=fresh))
+                    if len(items) >= per_stream and cursor is not None:
+                        next_cursors[webid] = cursor
+                await self.send_channel.send(GapValues(time.time_ns() // 1000, streams))
+                cursors = next_cursors
+        except (ServerError, ConnectError) as exc:
+            self.stats.lost_gaps += len(group)
+            log.error("data_lost", reason=str(exc), tags=len(group), first=[r.webid for r in group[:5]],
+                      start=format_iso(first_us), end=format_iso(end_us))
+        self.stats.values_read += read
+        await self.send_channel.send(GapDone(tuple(group)))
+        log.info("gap_filled", tags=len(group), values=read, pages=pages, start=format_iso(first_us),
+                 end=format_iso(end_us), seconds=round(time.monotonic() - started, 3))
+
+    async def _call(self, webids: list[str], start_us: int, end_time: str, max_count: int):
+        backoff = Backoff(initial=0.5, maximum=30.0)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            self.stats.calls += 1
+            try:
+                return await self.api.recorded(webids, start_us, end_time, max_count)
+            except (RetryableError, ConnectError) as exc:
+                if attempt == MAX_ATTEMPTS:
+                    raise
+                hint = exc.retry_after if isinstance(exc, RetryableError) else None
+                delay = hint if hint is not None else backoff.next_delay()
+                log.warning("gap_read_retried", error=str(exc), attempt=attempt, retry_in=round(delay, 2))
+                await trio.sleep(delay)
+        raise AssertionError("unreachable")
+
+
+def _after_cursor(items: list[TimedValue], start_us: int, seen_at_start: int
+                  ) -> tuple[list[TimedValue], tuple[int, int] | None]:
+    """The items past a stream's cursor, and the cursor after them (last time, events seen at it)."""
+    fresh: list[TimedValue] = []
+    skipped = 0
+    last_us: int | None = None
+    at_last = 0
+    for tv in items:
+        try:
+            ts = to_us(tv.timestamp) if tv.timestamp else None
+        except ValueError:
+            ts = None
+        if ts is not None:
+            if ts < start_us:
+                continue
+            if ts == start_us and skipped < seen_at_start:
+                skipped += 1
+                continue
+            at_last = at_last + 1 if ts == last_us else 1
+            last_us = ts
+        fresh.append(tv)  # a value without a usable timestamp goes on, to be rejected and counted
+    if last_us is None:
+        return fresh, None
+    if last_us == start_us:
+        at_last += seen_at_start
+    return fresh, (last_us, at_last)
