@@ -17,7 +17,13 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import msgspec
 import structlog
 import trio
-from trio_websocket import ConnectionClosed, ConnectionRejected, HandshakeError, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    wrap_client_stream,
+)
 
 from .errors import AuthError, ChannelError
 from .flow import Connected, Incoming, Live
@@ -153,29 +159,59 @@ class ChannelReader:
             ) from exc
 
     async def _connect_and_read(self) -> None:
-        async with open_websocket_url(
-            self.url,
-            ssl_context=self.ssl_context,
-            extra_headers=self.headers,
-            max_message_size=MAX_MESSAGE_SIZE,
-            receive_buffer_size=RECEIVE_BUFFER_SIZE,
-            connect_timeout=CONNECT_TIMEOUT,
-            disconnect_timeout=5,
-        ) as ws:
-            self.stats.connects += 1
-            log.info("channel_connected", channel=self.name, streams=len(self.webids))
-            await self.send_channel.send(Connected(tuple(self.webids)))
-            while True:
-                if self.read_timeout is not None:
-                    with trio.fail_after(self.read_timeout):
-                        frame = await ws.get_message()
+        """One connection's life. pistream owns the TCP/TLS stream and always closes it: trio-websocket
+        0.12 leaks it after a close the server started or a refused handshake."""
+        parts = urlsplit(self.url)
+        secure = parts.scheme == "wss"
+        host = parts.hostname or "localhost"
+        port = parts.port or (443 if secure else 80)
+        resource = parts.path + (f"?{parts.query}" if parts.query else "")
+        host_header = host if port in (80, 443) else f"{host}:{port}"
+        try:
+            await self._connect_and_read_on(host, port, secure, host_header, resource)
+        except BaseExceptionGroup as group:
+            # The nursery wraps what ended the connection; the retry logic wants the one cause.
+            leaves = _leaves(group)
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
+
+    async def _connect_and_read_on(self, host: str, port: int, secure: bool, host_header: str,
+                                   resource: str) -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(CONNECT_TIMEOUT):
+                if secure:
+                    stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
+                        host, port, ssl_context=self.ssl_context or ssl.create_default_context(),
+                        https_compatible=True)
                 else:
+                    stream = await trio.open_tcp_stream(host, port)
+            try:
+                with trio.fail_after(CONNECT_TIMEOUT):
+                    ws = await wrap_client_stream(
+                        nursery, stream, host_header, resource, extra_headers=self.headers,  # type: ignore[arg-type]
+                        max_message_size=MAX_MESSAGE_SIZE, receive_buffer_size=RECEIVE_BUFFER_SIZE)
+                await self._read(ws)
+            finally:
+                # No close handshake: on a stop or a failure the socket just goes; the server copes.
+                await trio.aclose_forcefully(stream)
+                nursery.cancel_scope.cancel()
+
+    async def _read(self, ws: WebSocketConnection) -> None:
+        self.stats.connects += 1
+        log.info("channel_connected", channel=self.name, streams=len(self.webids))
+        await self.send_channel.send(Connected(tuple(self.webids)))
+        while True:
+            if self.read_timeout is not None:
+                with trio.fail_after(self.read_timeout):
                     frame = await ws.get_message()
-                received_us = time.time_ns() // 1000
-                self.backoff.reset()
-                message = self._decode(frame)
-                if message is not None:
-                    await self.send_channel.send(Live(received_us, message))
+            else:
+                frame = await ws.get_message()
+            received_us = time.time_ns() // 1000
+            self.backoff.reset()
+            message = self._decode(frame)
+            if message is not None:
+                await self.send_channel.send(Live(received_us, message))
 
     def _decode(self, frame: str | bytes) -> StreamSetMessage | None:
         """The frame's values, or None for a heartbeat or a malformed frame (logged and counted)."""
@@ -192,6 +228,13 @@ class ChannelReader:
             return None
         self.stats.messages += 1
         return message
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return leaves
 
 
 def _reason(exc: BaseException) -> str:
