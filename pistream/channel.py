@@ -42,6 +42,16 @@ class ChannelStats:
     heartbeats: int = 0
     malformed: int = 0
     connects: int = 0
+    pauses: int = 0
+
+
+class PipelineStalled(Exception):
+    """The flusher took nothing for ``stall_timeout`` seconds: the channel closes instead of letting the
+    server (or the socket) hold an ever-growing backlog. Reconnecting later reads the pause back."""
+
+    def __init__(self, item: Live):
+        super().__init__("pipeline stalled")
+        self.item = item
 
 
 def websocket_base(base_url: str) -> str:
@@ -110,6 +120,7 @@ class ChannelReader:
         ssl_context: ssl.SSLContext | None = None,
         heartbeat_rate: int = 5,
         poll_period: float = 1.0,
+        stall_timeout: float = 30.0,
     ):
         self.name = name
         # Initial values are not optional: each stream's current value marks where its gap fill ends.
@@ -120,6 +131,7 @@ class ChannelReader:
         self.ssl_context = ssl_context
         # Silence longer than a few heartbeat periods means a dead socket, not a quiet plant.
         self.read_timeout = max(10.0, 3 * heartbeat_rate * poll_period) if heartbeat_rate > 0 else None
+        self.stall_timeout = stall_timeout
         self.stats = ChannelStats()
         self.backoff = Backoff()
 
@@ -133,6 +145,15 @@ class ChannelReader:
                 except ConnectionRejected as exc:
                     self._raise_if_final(exc)
                     reason = f"rejected with HTTP {exc.status_code}"
+                except PipelineStalled as stalled:
+                    # The socket is closed already, so the server is not left to queue up values;
+                    # the message in hand goes on once there is room, the rest comes from the archive.
+                    self.stats.pauses += 1
+                    log.warning("channel_paused", channel=self.name, reason="pipeline stalled",
+                                stalled_seconds=self.stall_timeout)
+                    await self.send_channel.send(stalled.item)
+                    log.info("channel_resuming", channel=self.name)
+                    continue
                 except (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceError,
                         trio.TooSlowError) as exc:
                     reason = _reason(exc)
@@ -211,7 +232,19 @@ class ChannelReader:
             self.backoff.reset()
             message = self._decode(frame)
             if message is not None:
-                await self.send_channel.send(Live(received_us, message))
+                await self._send_or_pause(Live(received_us, message))
+
+    async def _send_or_pause(self, item: Live) -> None:
+        """Hand a message on; if the pipeline stays full (storage down), stop reading this channel."""
+        try:
+            self.send_channel.send_nowait(item)
+            return
+        except trio.WouldBlock:
+            pass
+        with trio.move_on_after(self.stall_timeout):
+            await self.send_channel.send(item)
+            return
+        raise PipelineStalled(item)
 
     def _decode(self, frame: str | bytes) -> StreamSetMessage | None:
         """The frame's values, or None for a heartbeat or a malformed frame (logged and counted)."""

@@ -78,6 +78,9 @@ def entry() -> None:
 @click.option("--app-id", help="Delta transaction app id of this writer.  [default: pistream-HOSTNAME]")
 @click.option("--heartbeat-rate", type=int, help="Channel heartbeat, in server polls; 0 disables.  "
                                                  "[default: 5]")
+@click.option("--stall-seconds", type=float, help="Close a channel whose values the pipeline could not take "
+                                                 "for this long (storage down); reconnect and read the pause "
+                                                 "back later.  [default: 30]")
 @click.option("--max-url-length", type=int, help="Longest request URL; more tags open more channels.  "
                                                  "[default: 6000]")
 @click.option("--state-dir", help="Folder for the per-tag floors that make restarts exactly once.  "

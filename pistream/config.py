@@ -34,6 +34,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     duration: Positive | None = None
     app_id: str | None = None
     heartbeat_rate: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 5
+    stall_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     state_dir: str = DEFAULT_STATE_DIR
     max_url_length: Annotated[int, msgspec.Meta(ge=512, le=65_536)] = 6000
     skip_unknown: bool = False

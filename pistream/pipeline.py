@@ -31,7 +31,7 @@ from .writer import CommitWriter
 
 log = structlog.get_logger(__name__)
 
-READER_QUEUE = 64  # decoded messages in flight between the readers and the flusher
+READER_QUEUE = 8  # decoded messages in flight between the producers and the flusher (bounds memory)
 
 
 @dataclass
@@ -43,6 +43,8 @@ class RunSummary:
     repeats_dropped: int
     rejected: int
     commits: int
+    failed_commits: int
+    channel_pauses: int
     gaps_filled: int
     gap_values: int
     gaps_lost: int
@@ -110,8 +112,11 @@ async def watch_signals(stop: trio.Event, *, task_status: trio.TaskStatus[None] 
 
 
 async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
-                       *, handle_signals: bool = True) -> RunSummary:
-    """Run until ``stop`` is set, a signal arrives or ``settings.duration`` elapses."""
+                       *, handle_signals: bool = True, sink: DeltaSink | None = None) -> RunSummary:
+    """Run until ``stop`` is set, a signal arrives or ``settings.duration`` elapses.
+
+    ``sink`` replaces the Delta sink the settings describe (tests inject storage faults with it).
+    """
     started = time.monotonic()
     stop = stop or trio.Event()
     assert settings.tags is not None
@@ -128,7 +133,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
         headers.update(basic_header(settings.username, settings.password))
 
     app_id = settings.app_id or default_app_id()
-    sink = DeltaSink(settings.table, app_id, settings.storage_options)
+    sink = sink or DeltaSink(settings.table, app_id, settings.storage_options)
     store = StateStore(state_path(settings.state_dir, settings.table, app_id), sink.display_uri, app_id)
     async with trio.open_nursery() as root:
         if handle_signals:
@@ -156,7 +161,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
             gap_filler = GapFiller(api, gap_queue, message_send.clone())
             readers = [
                 ChannelReader(f"channel-{i}", url, shard, message_send.clone(), headers=headers,
-                              heartbeat_rate=settings.heartbeat_rate)
+                              heartbeat_rate=settings.heartbeat_rate, stall_timeout=settings.stall_seconds)
                 for i, shard in enumerate(shards)
             ]
             message_send.close()  # each producer owns a clone; the flusher ends when the last one closes
@@ -174,6 +179,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
         repeats_dropped=flusher.stats.repeats_dropped,
         rejected=flusher.stats.rejected,
         commits=writer.stats.commits,
+        failed_commits=writer.stats.failed_attempts,
+        channel_pauses=sum(r.stats.pauses for r in readers),
         gaps_filled=gap_filler.stats.gaps,
         gap_values=gap_filler.stats.values_read,
         gaps_lost=gap_filler.stats.lost_gaps,

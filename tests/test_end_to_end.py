@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import pyarrow.compute as pc
 import trio
 from conftest import compare_with_model
 from deltalake import DeltaTable
 
 from pistream.config import build_settings
+from pistream.errors import SinkError
 from pistream.pipeline import run_pipeline
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
+from pistream.sink import DeltaSink
 
 PATHS = [
     "\\\\SIMSRV\\SINUSOID", "\\\\SIMSRV\\CDT158", "\\\\SIMSRV\\PUMP01.MODE", "\\\\SIMSRV\\BATCH.ID",
@@ -149,3 +153,43 @@ async def test_dropped_channels_reconnect_and_the_gap_is_read_back(tmp_path):
     assert summary.channels >= 2  # the short URL limit split the tags over several channels
     assert result.missing == [] and result.duplicates == [] and result.unexpected == []
     assert summary.gaps_filled >= 2 * len(model.tags) and summary.gaps_lost == 0
+
+
+class OutageSink(DeltaSink):
+    """A real Delta sink whose storage is 'down' (commits fail) between two moments: fault injection."""
+
+    def __init__(self, *args, down_from: float, down_until: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.down_from, self.down_until = down_from, down_until
+        self.refused = 0
+
+    def commit(self, batch, txn_version):
+        if self.down_from <= time.monotonic() < self.down_until:
+            self.refused += 1
+            raise SinkError("storage unavailable (injected)")
+        return super().commit(batch, txn_version)
+
+
+async def test_storage_outage_pauses_channels_and_loses_nothing(tmp_path):
+    model = SimModel.from_paths(PATHS, rate=50)
+    tags = tmp_path / "tags.txt"
+    tags.write_text("\n".join(t.path for t in model.tags) + "\n", encoding="utf-8")
+    table = str(tmp_path / "table")
+    simulator = Simulator(model, poll_interval=0.1)
+    now = time.monotonic()
+    sink = OutageSink(table, "outage-test", down_from=now + 1, down_until=now + 5)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(simulator.run)
+            settings = build_settings({}, {"tags": str(tags), "url": simulator.url, "table": table,
+                                           "state_dir": str(tmp_path / "state"), "duration": 9,
+                                           "flush_seconds": 0.2, "flush_rows": 100, "stall_seconds": 1})
+            summary = await run_pipeline(settings, handle_signals=False, sink=sink)
+            nursery.cancel_scope.cancel()
+    windows = {w: (r.first_us, r.last_us - TAIL_US) for w, r in simulator.emitted.items()}
+    result = compare_with_model(table, model, windows)
+    print(result.summary(), summary)
+    assert sink.refused >= 2 and summary.failed_commits == sink.refused
+    assert summary.channel_pauses >= 1  # the readers stopped instead of piling values up
+    assert summary.gaps_filled >= len(PATHS) and summary.gaps_lost == 0
+    assert result.missing == [] and result.duplicates == [] and result.unexpected == []
