@@ -1,0 +1,77 @@
+"""Chaos: pistream as a real process against the simulator, its channels dropped every few seconds, the
+process killed with SIGKILL and restarted several times, then stopped with SIGINT. At the end every event
+the simulator emitted is in the table exactly once."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+
+import trio
+from conftest import compare_with_model
+
+from pistream.sim.model import SimModel
+from pistream.sim.server import Simulator
+
+TAIL_US = 1_000_000
+
+
+async def run_chaos(tmp_path, table: str, storage_env: dict[str, str] | None = None, *, kills: int = 3,
+                    storage_fault=None) -> None:
+    model = SimModel.generated(200, rate=5)  # 1,000 events/s
+    tags = tmp_path / "tags.txt"
+    tags.write_text("\n".join(t.path for t in model.tags) + "\n", encoding="utf-8")
+    simulator = Simulator(model, poll_interval=0.2)
+    rng = random.Random(7)
+    log_path = tmp_path / "pistream.log"
+    with trio.fail_after(120), open(log_path, "ab") as log_file:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(simulator.run)
+
+            async def drop_channels():
+                while True:
+                    await trio.sleep(rng.uniform(2, 4))
+                    await simulator.drop_channels()
+
+            nursery.start_soon(drop_channels)
+            if storage_fault is not None:
+                nursery.start_soon(storage_fault)
+            command = [sys.executable, "-m", "pistream", "--tags", str(tags), "--url", simulator.url,
+                       "--table", table, "--state-dir", str(tmp_path / "state"), "--flush-seconds", "1",
+                       "--stall-seconds", "2", "--log-format", "json", "--app-id", "chaos"]
+            env = {**storage_env} if storage_env else None
+            for round_no in range(kills + 1):
+                process = await trio.lowlevel.open_process(
+                    command, stdout=subprocess.DEVNULL, stderr=log_file,
+                    env=None if env is None else {**__import__("os").environ, **env})
+                try:
+                    await trio.sleep(rng.uniform(4, 7))
+                    if round_no < kills:
+                        process.kill()  # SIGKILL: no flush, no state save
+                        await process.wait()
+                        await trio.sleep(rng.uniform(0.5, 2))  # downtime
+                    else:
+                        process.send_signal(signal.SIGINT)
+                        with trio.fail_after(60):
+                            code = await process.wait()
+                        assert code == 0, log_path.read_text()[-3000:]
+                finally:
+                    if process.returncode is None:
+                        process.kill()
+                        await process.wait()
+            nursery.cancel_scope.cancel()
+    windows = {w: (r.first_us, r.last_us - TAIL_US) for w, r in simulator.emitted.items()}
+    return model, windows, log_path
+
+
+async def test_chaos_on_local_disk(tmp_path):
+    table = str(tmp_path / "table")
+    model, windows, log_path = await run_chaos(tmp_path, table)
+    result = compare_with_model(table, model, windows)
+    print("chaos local:", result.summary())
+    log_text = log_path.read_text()
+    assert log_text.count('"event": "gap_filled"') >= 3
+    assert result.tags_with_rows == 200
+    assert result.missing == [] and result.duplicates == [] and result.unexpected == [], result.summary()
