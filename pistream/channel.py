@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 import ssl
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -25,6 +25,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from .auth import AuthProvider, NoAuth
 from .errors import AuthError, ChannelError
 from .flow import Connected, Incoming, Live
 from .messages import StreamSetMessage, channel_decoder
@@ -116,8 +117,9 @@ class ChannelReader:
         webids: Sequence[str],
         send_channel: trio.MemorySendChannel[Incoming],
         *,
-        headers: Mapping[str, str] | None = None,
+        auth: AuthProvider | None = None,
         ssl_context: ssl.SSLContext | None = None,
+        auth_hint: str = "check --username and the PISTREAM_PASSWORD variable",
         heartbeat_rate: int = 5,
         poll_period: float = 1.0,
         stall_timeout: float = 30.0,
@@ -127,7 +129,8 @@ class ChannelReader:
         self.url = channel_url(base_url, webids, include_initial_values=True, heartbeat_rate=heartbeat_rate)
         self.webids = list(webids)
         self.send_channel = send_channel
-        self.headers = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        self.auth = auth or NoAuth()
+        self.auth_hint = auth_hint
         self.ssl_context = ssl_context
         # Silence longer than a few heartbeat periods means a dead socket, not a quiet plant.
         self.read_timeout = max(10.0, 3 * heartbeat_rate * poll_period) if heartbeat_rate > 0 else None
@@ -165,8 +168,7 @@ class ChannelReader:
         """Refused credentials or a server without channels will not heal by retrying."""
         if exc.status_code in (401, 403):
             raise AuthError(
-                f"PI Web API refused the channel's credentials ({exc.status_code}): "
-                "check --username and the PISTREAM_PASSWORD variable"
+                f"PI Web API refused the channel's credentials ({exc.status_code}): {self.auth_hint}"
             ) from exc
         if exc.status_code in (400, 414):
             raise ChannelError(
@@ -208,9 +210,11 @@ class ChannelReader:
                 else:
                     stream = await trio.open_tcp_stream(host, port)
             try:
+                # Computed afresh for each connection: Negotiate tokens are single-use, OIDC ones expire.
+                headers = [(k.encode(), v.encode()) for k, v in (await self.auth.headers(self.url)).items()]
                 with trio.fail_after(CONNECT_TIMEOUT):
                     ws = await wrap_client_stream(
-                        nursery, stream, host_header, resource, extra_headers=self.headers,  # type: ignore[arg-type]
+                        nursery, stream, host_header, resource, extra_headers=headers,  # type: ignore[arg-type]
                         max_message_size=MAX_MESSAGE_SIZE, receive_buffer_size=RECEIVE_BUFFER_SIZE)
                 await self._read(ws)
             finally:

@@ -13,7 +13,7 @@ import structlog
 import trio
 
 from . import __version__
-from .config import build_settings, load_config_file
+from .config import SECRET_SETTINGS, build_settings, load_config_file
 from .errors import ConfigError, PistreamError
 from .logsetup import LEVELS, configure_logging
 
@@ -69,8 +69,17 @@ def entry() -> None:
               help="Start the built-in PI Web API simulator on a loopback port for the listed tags and "
                    "stream from it.")
 @click.option("--sim-rate", type=float, help="Simulator events per second per tag.  [default: 1]")
-@click.option("--username", help="Basic auth user; the password comes from PISTREAM_PASSWORD or the "
-                                 "config file, never the command line.")
+@click.option("--auth", type=click.Choice(["auto", "none", "basic", "bearer", "oidc", "kerberos"]),
+              help="How to log on to PI Web API; auto picks from the credentials given.  [default: auto]")
+@click.option("--username", help="Basic auth user; the password comes from PISTREAM_PASSWORD, the config "
+                                 "file or a prompt, never the command line.")
+@click.option("--oidc-issuer", help="OIDC issuer URL for --auth oidc.  [default: the PI Web API origin]")
+@click.option("--oidc-client-id", help="OIDC client id; the secret comes from PISTREAM_OIDC_CLIENT_SECRET.")
+@click.option("--oidc-scope", help="OIDC scope to request, if the issuer needs one.")
+@click.option("--ca-bundle", type=click.Path(dir_okay=False),
+              help="PEM file of CA certificates to trust besides the operating system's store.")
+@click.option("--insecure", is_flag=True, default=None,
+              help="Do not verify TLS certificates (logged loudly; prefer --ca-bundle).")
 @click.option("--flush-rows", type=int, help="Commit when this many values are buffered.  [default: 100000]")
 @click.option("--flush-seconds", type=float, help="Commit when the oldest buffered value is this old.  "
                                                   "[default: 5]")
@@ -102,11 +111,12 @@ def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    password = os.environ.get("PISTREAM_PASSWORD")
     try:
         file_values = load_config_file(config_path) if config_path else {}
-        if password is not None:
-            options["password"] = password
+        for name in SECRET_SETTINGS:  # secrets: environment or config file only
+            secret = os.environ.get(f"PISTREAM_{name.upper()}")
+            if secret is not None:
+                options[name] = secret
         settings = build_settings(file_values, options, source=config_path or "config")
     except ConfigError as exc:
         configure_logging(options.get("log_format") or "auto", "error")

@@ -27,8 +27,16 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     server: str | None = None
     simulate: bool = False
     sim_rate: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0
+    auth: Literal["auto", "none", "basic", "bearer", "oidc", "kerberos"] = "auto"
     username: str | None = None
     password: str | None = None
+    token: str | None = None
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None
+    oidc_scope: str | None = None
+    ca_bundle: str | None = None
+    insecure: bool = False
     flush_rows: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 100_000
     flush_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     duration: Positive | None = None
@@ -43,7 +51,22 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+def auth_kind(settings: Settings) -> str:
+    """``auth = auto`` picks what the given credentials imply."""
+    if settings.auth != "auto":
+        return settings.auth
+    if settings.oidc_client_id:
+        return "oidc"
+    if settings.token:
+        return "bearer"
+    if settings.username:
+        return "basic"
+    return "none"
+
+
 FIELDS = set(Settings.__struct_fields__)
+# Settings that are secrets: read from PISTREAM_<NAME> or the config file, never from the command line.
+SECRET_SETTINGS = ("password", "token", "oidc_client_secret")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -78,6 +101,12 @@ def build_settings(file_values: dict[str, Any], cli_values: dict[str, Any], sour
                           "pistream against its built-in simulator)")
     if not settings.tags:
         raise ConfigError("no tags file given: pass --tags PATH (one PI point path per line)")
+    if auth_kind(settings) == "oidc" and not (settings.oidc_client_id and settings.oidc_client_secret):
+        raise ConfigError("OIDC needs a client: pass --oidc-client-id and set PISTREAM_OIDC_CLIENT_SECRET")
+    if auth_kind(settings) == "bearer" and not settings.token:
+        raise ConfigError("--auth bearer needs a token: set PISTREAM_TOKEN (or token in the config file)")
+    if auth_kind(settings) == "basic" and not settings.username:
+        raise ConfigError("--auth basic needs --username (the password comes from PISTREAM_PASSWORD)")
     return settings
 
 
@@ -96,7 +125,7 @@ def _settings_repr(self: Settings) -> str:
     fields = []
     for name in Settings.__struct_fields__:
         value = getattr(self, name)
-        if name == "password" and value:
+        if name in SECRET_SETTINGS and value:
             value = "***"
         elif name == "storage_options" and value:
             value = {k: "***" for k in value}

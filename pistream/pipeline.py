@@ -4,19 +4,22 @@ nursery until stopped, and shut down in order (readers first, then flush, then t
 
 from __future__ import annotations
 
+import getpass
 import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import structlog
 import trio
 
-from .auth import basic_header
+from .auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, OidcClientCredentials
 from .buffer import ColumnBuffer, Flush, StreamInfo
 from .channel import ChannelReader, shard_webids
-from .config import Settings
+from .config import Settings, auth_kind
 from .dedup import EventFilter, advance_from_rows
 from .errors import ConfigError
 from .flow import Incoming
@@ -27,6 +30,7 @@ from .sink import DeltaSink
 from .state import StateStore, state_path
 from .tags import read_tags_file
 from .timeutil import EPOCH
+from .tls import client_context
 from .writer import CommitWriter
 
 log = structlog.get_logger(__name__)
@@ -65,6 +69,45 @@ async def resolve_tags(api: PiWebApi, paths: list[str], skip_unknown: bool) -> l
             raise error
         log.warning("tags_skipped", count=len(unknown), first=unknown[:5])
     return resolved
+
+
+AUTH_HINTS = {
+    "none": "the server wants credentials: pass --username (Basic), --auth kerberos, or set PISTREAM_TOKEN",
+    "basic": "check --username and the PISTREAM_PASSWORD variable",
+    "bearer": "the token in PISTREAM_TOKEN was refused (expired?): get a new one, or use --auth oidc",
+    "oidc": "the OIDC token was refused: check that --oidc-client-id may use PI Web API",
+    "kerberos": "Kerberos was refused: check the SPN HTTP/<host> and that the account may use PI Web API",
+}
+
+
+def make_auth(settings: Settings, url: str, tls: object) -> AuthProvider:
+    """The credentials provider the settings ask for (secrets come from the environment or the file)."""
+    kind = auth_kind(settings)
+    if kind == "basic":
+        password = settings.password
+        if password is None:
+            if not sys.stdin.isatty():
+                raise ConfigError("--username given without a password: set PISTREAM_PASSWORD "
+                                  "(or password in the config file)")
+            password = getpass.getpass(f"PI Web API password for {settings.username}: ")
+        assert settings.username is not None
+        return BasicAuth(settings.username, password)
+    if kind == "bearer":
+        assert settings.token is not None
+        return BearerToken(settings.token)
+    if kind == "oidc":
+        assert settings.oidc_client_id and settings.oidc_client_secret
+        issuer = settings.oidc_issuer or _origin(url)
+        return OidcClientCredentials(issuer, settings.oidc_client_id, settings.oidc_client_secret,
+                                     scope=settings.oidc_scope, verify=tls or True)
+    if kind == "kerberos":
+        return NegotiateAuth()
+    return NoAuth()
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
 
 
 def recover_floors(sink: DeltaSink, store: StateStore) -> tuple[EventFilter, int]:
@@ -125,12 +168,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
         log.warning("tags_duplicated", count=len(tag_list.duplicates),
                     first=[f"line {d.line}: {d.path}" for d in tag_list.duplicates[:5]])
     paths = [t.path for t in tag_list.tags]
-    headers: dict[str, str] = {}
-    if settings.username:
-        if settings.password is None:
-            raise ConfigError("--username given without a password: set PISTREAM_PASSWORD "
-                              "(or password in the config file)")
-        headers.update(basic_header(settings.username, settings.password))
+    kind = auth_kind(settings)
 
     app_id = settings.app_id or default_app_id()
     sink = sink or DeltaSink(settings.table, app_id, settings.storage_options)
@@ -142,9 +180,13 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
         if settings.simulate:
             url = await _start_simulator(root, paths, settings)
         assert url is not None
+        tls = client_context(settings.ca_bundle, settings.insecure) if url.startswith("https") else None
+        auth = make_auth(settings, url, tls)
+        hint = AUTH_HINTS[kind]
         await trio.to_thread.run_sync(sink.open)
         committed, txn_version = await trio.to_thread.run_sync(recover_floors, sink, store)
-        api = PiWebApi(url, headers=headers, max_url_length=settings.max_url_length)
+        api = PiWebApi(url, auth=auth, verify=tls or True, max_url_length=settings.max_url_length,
+                       auth_hint=hint)
         async with api:
             resolved = await resolve_tags(api, paths, settings.skip_unknown)
             streams = {t.webid: StreamInfo(t.path, t.webid, t.uom) for t in resolved}
@@ -160,7 +202,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
             writer = CommitWriter(sink, flush_recv, txn_version=txn_version, committed=committed, state=store)
             gap_filler = GapFiller(api, gap_queue, message_send.clone())
             readers = [
-                ChannelReader(f"channel-{i}", url, shard, message_send.clone(), headers=headers,
+                ChannelReader(f"channel-{i}", url, shard, message_send.clone(), auth=auth, ssl_context=tls,
+                              auth_hint=hint,
                               heartbeat_rate=settings.heartbeat_rate, stall_timeout=settings.stall_seconds)
                 for i, shard in enumerate(shards)
             ]

@@ -7,7 +7,7 @@ the option that fixes it. Credentials ride in headers built by ``auth`` and neve
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import quote, urlsplit
 
@@ -15,9 +15,11 @@ import httpx
 import msgspec
 import structlog
 
+from .auth import AuthProvider, HttpxAuth, NoAuth
 from .errors import AuthError, ConnectError, ServerError, UnknownTagsError
 from .messages import StreamSetMessage, channel_decoder
 from .timeutil import format_iso
+from .tls import certificate_issuer
 from .webid import path_webid
 
 log = structlog.get_logger(__name__)
@@ -80,10 +82,10 @@ def _origin(base_url: str) -> str:
 def translate_transport_error(exc: Exception, base_url: str) -> ConnectError:
     """One clear message for a failure to reach the server at all (DNS, refused, TLS, timeout)."""
     where = _origin(base_url)
-    if isinstance(exc, httpx.ConnectError) and isinstance(exc.__cause__, ssl.SSLCertVerificationError):
-        return ConnectError(f"TLS certificate of {where} is not trusted ({exc.__cause__.verify_message}): "
-                            "pass --ca-bundle PATH with the issuing CA's certificate")
     text = str(exc) or type(exc).__name__
+    if "CERTIFICATE_VERIFY_FAILED" in text or isinstance(exc.__cause__, ssl.SSLCertVerificationError) or \
+            isinstance(exc.__context__, ssl.SSLCertVerificationError):
+        return untrusted_certificate_error(base_url, text)
     if isinstance(exc, httpx.TimeoutException):
         return ConnectError(f"PI Web API at {where} did not answer in time ({text}): check --url and the network")
     if "Name or service not known" in text or "nodename nor servname" in text or "getaddrinfo" in text:
@@ -93,6 +95,18 @@ def translate_transport_error(exc: Exception, base_url: str) -> ConnectError:
     return ConnectError(f"cannot reach PI Web API at {where} ({text}): check --url and the network")
 
 
+def untrusted_certificate_error(base_url: str, detail: str) -> ConnectError:
+    """Name who issued the certificate, and the option that makes pistream trust it."""
+    parts = urlsplit(base_url)
+    issuer = certificate_issuer(parts.hostname or "", parts.port or 443)
+    reason = detail.split("certificate verify failed:")[-1].strip(" )'\"") if "verify failed" in detail else detail
+    who = f"issued by {issuer}" if issuer else "issuer unknown"
+    return ConnectError(
+        f"TLS certificate of {_origin(base_url)} is not trusted ({who}; {reason}): pass --ca-bundle PATH with "
+        "that CA's certificate (PEM), or add the CA to the operating system's trust store"
+    )
+
+
 class PiWebApi:
     """A PI Web API session; use as ``async with PiWebApi(url, headers=...) as api``."""
 
@@ -100,16 +114,18 @@ class PiWebApi:
         self,
         base_url: str,
         *,
-        headers: Mapping[str, str] | None = None,
+        auth: AuthProvider | None = None,
         verify: ssl.SSLContext | bool = True,
         timeout: float = DEFAULT_TIMEOUT,
         max_url_length: int = 6000,
+        auth_hint: str = "check --username and the PISTREAM_PASSWORD variable",
     ):
         self.base_url = base_url.rstrip("/")
         self.max_url_length = max_url_length
+        self.auth_hint = auth_hint
         self._client = httpx.AsyncClient(
             base_url=self.base_url + "/",
-            headers=dict(headers or {}),
+            auth=HttpxAuth(auth or NoAuth()),
             verify=verify,
             timeout=timeout,
             follow_redirects=False,
@@ -127,9 +143,11 @@ class PiWebApi:
         except httpx.TransportError as exc:
             raise translate_transport_error(exc, self.base_url) from exc
         if response.status_code in (401, 403):
+            scheme = response.headers.get("WWW-Authenticate", "").split(" ")[0]
+            offered = f"; the server asks for {scheme}" if scheme else ""
             raise AuthError(
-                f"PI Web API refused the credentials ({response.status_code}: {_error_text(response)}): "
-                "check --username and the PISTREAM_PASSWORD variable (or the auth settings)"
+                f"PI Web API refused the credentials ({response.status_code}: {_error_text(response)}"
+                f"{offered}): {self.auth_hint}"
             )
         return response
 
