@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import structlog
@@ -60,14 +61,21 @@ def default_app_id() -> str:
     return f"pistream-{socket.gethostname()}"
 
 
-async def resolve_tags(api: PiWebApi, paths: list[str], skip_unknown: bool) -> list[ResolvedTag]:
+async def resolve_tags(api: PiWebApi, paths: list[str], skip_unknown: bool, state_dir: str
+                       ) -> list[ResolvedTag]:
     await api.check_root()
-    resolved, unknown = await api.resolve_points(paths)
+    resolved, unknown = await api.resolve(paths)
     if unknown:
-        error = unknown_tags_error(unknown, len(paths))
+        listing = Path(state_dir) / "unknown-tags.txt"
+        try:
+            listing.parent.mkdir(parents=True, exist_ok=True)
+            listing.write_text("\n".join(unknown) + "\n", encoding="utf-8")
+        except OSError:
+            listing = None  # type: ignore[assignment]
+        error = unknown_tags_error(unknown, len(paths), str(listing) if listing else None)
         if not skip_unknown or not resolved:
             raise error
-        log.warning("tags_skipped", count=len(unknown), first=unknown[:5])
+        log.warning("tags_skipped", count=len(unknown), first=unknown[:5], listing=str(listing))
     return resolved
 
 
@@ -188,7 +196,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
         api = PiWebApi(url, auth=auth, verify=tls or True, max_url_length=settings.max_url_length,
                        auth_hint=hint)
         async with api:
-            resolved = await resolve_tags(api, paths, settings.skip_unknown)
+            resolved = await resolve_tags(api, paths, settings.skip_unknown, settings.state_dir)
             streams = {t.webid: StreamInfo(t.path, t.webid, t.uom) for t in resolved}
             shards = shard_webids(url, list(streams), settings.max_url_length)
             log.info("tags_resolved", tags=len(resolved), channels=len(shards), table=sink.display_uri,

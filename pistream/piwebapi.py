@@ -14,6 +14,7 @@ from urllib.parse import quote, urlsplit
 import httpx
 import msgspec
 import structlog
+import trio
 
 from .auth import AuthProvider, HttpxAuth, NoAuth
 from .errors import AuthError, ConnectError, ServerError, UnknownTagsError
@@ -25,16 +26,21 @@ from .webid import path_webid
 log = structlog.get_logger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
+LOOKUP_CHUNK = 500  # paths per points/multiple request, within the URL length budget
 REQUESTED_WITH = {"X-Requested-With": "pistream"}
 
 
 class PIPoint(msgspec.Struct, rename="pascal"):
+    """A PI point or an AF attribute, as ``points/multiple`` / ``attributes/multiple`` describe them."""
+
     web_id: str | None = None
     name: str | None = None
     path: str | None = None
     point_type: str | None = None
     engineering_units: str | None = None
     digital_set_name: str | None = None
+    type: str | None = None  # attributes
+    default_units_name_abbreviation: str | None = None  # attributes
 
 
 class _Errors(msgspec.Struct, rename="pascal"):
@@ -183,14 +189,14 @@ class PiWebApi:
             raise RetryableError(f"recorded values answer cut short: {message.web_exception}", None)
         return message
 
-    def _chunks(self, paths: list[str]) -> Iterable[list[str]]:
-        """Split lookups so that no request URL exceeds the configured length."""
-        base = len(self.base_url) + len("/points/multiple?webIdType=PathOnly&selectedFields=")
+    def _chunks(self, endpoint: str, paths: list[str]) -> Iterable[list[str]]:
+        """Split lookups so that no request URL exceeds the configured length (HTTP.sys limits)."""
+        base = len(self.base_url) + len(f"/{endpoint}?webIdType=PathOnly")
         chunk: list[str] = []
         size = base
         for p in paths:
             cost = len("&path=") + len(quote(p, safe=""))
-            if chunk and size + cost > self.max_url_length:
+            if chunk and (size + cost > self.max_url_length or len(chunk) >= LOOKUP_CHUNK):
                 yield chunk
                 chunk, size = [], base
             chunk.append(p)
@@ -198,37 +204,68 @@ class PiWebApi:
         if chunk:
             yield chunk
 
-    async def resolve_points(self, paths: list[str]) -> tuple[list[ResolvedTag], list[str]]:
-        """Confirm client-computed path-only WebIDs in bulk; returns (resolved, unknown paths)."""
-        resolved: list[ResolvedTag] = []
-        unknown: list[str] = []
-        for chunk in self._chunks(paths):
-            params = [("webIdType", "PathOnly")] + [("path", p) for p in chunk]
-            response = await self._get("points/multiple", params)
-            if response.status_code not in (200, 207):
-                raise ServerError(f"tag lookup failed ({response.status_code}: {_error_text(response)})")
-            try:
-                items = _points_decoder.decode(response.content).items or []
-            except msgspec.DecodeError as exc:
-                raise ServerError(f"tag lookup answer is not PI Web API JSON: {exc}") from exc
-            by_identifier = {(item.identifier or "").casefold(): item for item in items}
-            for path in chunk:
-                item = by_identifier.get(path.casefold())
-                if item is None or item.object is None:
-                    unknown.append(path)
-                    continue
-                point = item.object
-                webid = path_webid(path)
-                if point.web_id and point.web_id != webid:
-                    log.debug("webid_differs", tag=path, computed=webid, server=point.web_id)
-                resolved.append(ResolvedTag(
-                    path=path,
-                    webid=webid,
-                    uom=point.engineering_units or None,
-                    point_type=point.point_type,
-                    digital_set=point.digital_set_name or None,
-                ))
+    async def resolve(self, paths: list[str], concurrency: int = 4) -> tuple[list[ResolvedTag], list[str]]:
+        """Confirm client-computed path-only WebIDs in bulk, points and AF attributes alike, a few
+        requests at a time; returns (resolved in the given order, unknown paths)."""
+        found: dict[str, ResolvedTag] = {}
+        limiter = trio.CapacityLimiter(concurrency)
+        points = [p for p in paths if "|" not in p]
+        attributes = [p for p in paths if "|" in p]
+
+        async def lookup(endpoint: str, chunk: list[str]) -> None:
+            async with limiter:
+                found.update(await self._lookup(endpoint, chunk))
+
+        async with trio.open_nursery() as nursery:
+            for endpoint, group in (("points/multiple", points), ("attributes/multiple", attributes)):
+                for chunk in self._chunks(endpoint, group):
+                    nursery.start_soon(lookup, endpoint, chunk)
+        resolved = [found[p] for p in paths if p in found]
+        unknown = [p for p in paths if p not in found]
         return resolved, unknown
+
+    async def _lookup(self, endpoint: str, chunk: list[str]) -> dict[str, ResolvedTag]:
+        params = [("webIdType", "PathOnly")] + [("path", p) for p in chunk]
+        response = await self._get_with_retry(endpoint, params)
+        if response.status_code not in (200, 207):
+            raise ServerError(f"tag lookup failed ({response.status_code}: {_error_text(response)})")
+        try:
+            items = _points_decoder.decode(response.content).items or []
+        except msgspec.DecodeError as exc:
+            raise ServerError(f"tag lookup answer is not PI Web API JSON: {exc}") from exc
+        by_identifier = {(item.identifier or "").casefold(): item for item in items}
+        result = {}
+        for path in chunk:
+            item = by_identifier.get(path.casefold())
+            if item is None or item.object is None:
+                continue
+            found = item.object
+            webid = path_webid(path)
+            if found.web_id and found.web_id != webid:
+                log.debug("webid_differs", tag=path, computed=webid, server=found.web_id)
+            result[path] = ResolvedTag(
+                path=path,
+                webid=webid,
+                uom=found.engineering_units or found.default_units_name_abbreviation or None,
+                point_type=found.point_type or found.type,
+                digital_set=found.digital_set_name or None,
+            )
+        return result
+
+    async def _get_with_retry(self, path: str, params: list[tuple[str, str]],
+                              attempts: int = 6) -> httpx.Response:
+        """GET, honouring 429 and Retry-After (and riding out 502/503) a bounded number of times."""
+        delay = 0.5
+        for attempt in range(1, attempts + 1):
+            response = await self._get(path, params)
+            if response.status_code not in (429, 502, 503) or attempt == attempts:
+                return response
+            wait = _retry_after(response)
+            wait = min(60.0, wait if wait is not None else delay)
+            log.warning("request_throttled", path=path, status=response.status_code, retry_in=wait)
+            await trio.sleep(wait)
+            delay = min(30.0, delay * 2)
+        raise AssertionError("unreachable")
 
 
 class RetryableError(ServerError):
@@ -246,11 +283,12 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def unknown_tags_error(unknown: list[str], total: int) -> UnknownTagsError:
-    """All unknown tags in one message: the first few named, the count, and the fix."""
+def unknown_tags_error(unknown: list[str], total: int, listing: str | None = None) -> UnknownTagsError:
+    """All unknown tags in one message: the first few named, the count, where the full list is, the fix."""
     shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    where = f" (all of them in {listing})" if listing and len(unknown) > 5 else ""
     return UnknownTagsError(
-        f"{len(unknown)} of {total} tags are not known to PI Web API: {shown}; "
+        f"{len(unknown)} of {total} tags are not known to PI Web API: {shown}{where}; "
         "fix or remove them in the tags file (or pass --skip-unknown to go on without them)",
         unknown,
     )

@@ -32,7 +32,7 @@ def test_quick_start_job_writes_every_tag_and_exits_0(tmp_path):
     proc = subprocess.run(
         pistream("--tags", str(EXAMPLE_TAGS), "--simulate", "--duration", "5", "--table", str(table),
                  "--flush-seconds", "1"),
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
     events = json_events(proc.stderr)  # not a terminal: JSON lines
@@ -50,7 +50,7 @@ def test_sigint_mid_run_flushes_and_exits_0(tmp_path):
     with subprocess.Popen(
         pistream("--tags", str(EXAMPLE_TAGS), "--simulate", "--sim-rate", "20", "--table", str(table),
                  "--flush-seconds", "60"),
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, cwd=tmp_path,
     ) as proc:
         deadline = time.monotonic() + 30
         lines = []
@@ -77,7 +77,7 @@ def test_unknown_tag_is_named_and_exit_code_is_2(tmp_path):
     served = tmp_path / "served.txt"
     served.write_text("\\\\SIMSRV\\SINUSOID\n\\\\SIMSRV\\CDT158\n")
     with subprocess.Popen(pistream("simulate", "--tags-file", str(served), "--port", "0"),
-                          stdout=subprocess.PIPE, text=True) as sim:
+                          stdout=subprocess.PIPE, text=True, cwd=tmp_path) as sim:
         try:
             assert sim.stdout is not None
             url = re.search(r"http://127\.0\.0\.1:\d+/piwebapi", sim.stdout.readline()).group(0)
@@ -86,6 +86,7 @@ def test_unknown_tag_is_named_and_exit_code_is_2(tmp_path):
             proc = subprocess.run(
                 pistream("--tags", str(wanted), "--url", url, "--server", "SIMSRV", "--table", str(tmp_path / "t")),
                 capture_output=True, text=True, timeout=60, env={**os.environ, "PISTREAM_LOG_LEVEL": "error"},
+                cwd=tmp_path,
             )
         finally:
             sim.send_signal(signal.SIGINT)

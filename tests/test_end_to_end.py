@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pyarrow.compute as pc
+import pytest
 import trio
 from conftest import compare_with_model
 from deltalake import DeltaTable
@@ -193,3 +194,29 @@ async def test_storage_outage_pauses_channels_and_loses_nothing(tmp_path):
     assert summary.channel_pauses >= 1  # the readers stopped instead of piling values up
     assert summary.gaps_filled >= len(PATHS) and summary.gaps_lost == 0
     assert result.missing == [] and result.duplicates == [] and result.unexpected == []
+
+
+async def test_unknown_tags_reported_together_and_skip_unknown_goes_on(tmp_path):
+    model = SimModel.from_paths(PATHS[:2], rate=10)
+    wanted = PATHS[:2] + [f"\\\\SIMSRV\\TYPO{i}" for i in range(7)] + ["\\\\AF01\\DB\\Pump|Missing"]
+    tags = tmp_path / "tags.txt"
+    tags.write_text("\n".join(wanted) + "\n", encoding="utf-8")
+    simulator = Simulator(model, poll_interval=0.1)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(simulator.run)
+            base = {"tags": str(tags), "url": simulator.url, "table": str(tmp_path / "t"),
+                    "state_dir": str(tmp_path / "state"), "duration": 1}
+            with pytest.raises(BaseException) as info:
+                await run_pipeline(build_settings({}, base), handle_signals=False)
+            summary = await run_pipeline(build_settings({}, {**base, "skip_unknown": True}),
+                                         handle_signals=False)
+            nursery.cancel_scope.cancel()
+    error = info.value
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    listing = tmp_path / "state" / "unknown-tags.txt"
+    assert str(error).startswith("8 of 10 tags are not known to PI Web API: \\\\SIMSRV\\TYPO0, ")
+    assert f"and 3 more (all of them in {listing})" in str(error)
+    assert listing.read_text().split() == wanted[2:]
+    assert summary.tags == 2 and summary.values_written > 0
