@@ -35,8 +35,7 @@ def table_rows(path: str) -> list[tuple]:
 async def run(args: argparse.Namespace, workdir: str) -> dict:
     model = SimModel.generated(args.tags, rate=args.rate)
     tags = os.path.join(workdir, "tags.txt")
-    with open(tags, "w", encoding="utf-8") as f:
-        f.write("\n".join(t.path for t in model.tags))
+    await trio.Path(tags).write_text("\n".join(t.path for t in model.tags), encoding="utf-8")
     table = os.path.join(workdir, "table")
     simulator = Simulator(model, poll_interval=args.poll_interval)
     async with trio.open_nursery() as nursery:

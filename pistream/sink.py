@@ -3,10 +3,22 @@
 Every commit carries an app transaction ``(app_id, version)``. delta-rs does not skip a version already in
 the log, so ``commit`` checks first: a commit retried after a crash or a timeout that in fact succeeded is
 not written twice. Calls are blocking; the pipeline runs them in a worker thread (writes release the GIL).
+
+Cloud tables (``s3://``, ``az://``, ``abfss://``, ``gs://``, ...) get storage-option defaults that bound a
+storage outage: each request times out after 30 s and delta-rs gives up retrying after 60 s (its own default
+is 180 s), so a commit stuck on unreachable storage fails within about 90 s, is logged, and is retried by the
+commit writer. Options the user sets win; delta-rs also reads the standard ``AWS_*``/``AZURE_*``/``GOOGLE_*``
+environment variables itself.
+
+Storage options hold secrets (access keys, SAS tokens, client secrets). Error messages never show option
+values: delta-rs echoes some (``failed to parse "..." as boolean``), so the sink masks every value of an
+option that is not known to be harmless before the message leaves this module.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import date
@@ -30,6 +42,84 @@ class CommitResult:
     skipped: bool  # the transaction version was already in the table: nothing written
 
 
+# Defaults for remote tables; keys are delta-rs's (the retry keys are matched in lower case only).
+REMOTE_STORAGE_DEFAULTS: dict[str, str] = {
+    "timeout": "30s",  # one HTTP request (object_store's default too, made explicit)
+    "connect_timeout": "10s",
+    "retry_timeout": "60s",  # stop retrying one request after this; the commit writer retries the commit
+}
+LOCAL_SCHEMES = {"file", "memory"}
+
+# Options whose values are configuration, never credentials, and the shape such a value has: a value of one
+# of these keys that has its shape may appear in messages (endpoints help to tell what failed). Every other
+# option value is masked wherever it occurs; so is a value of these keys that does not look the part, since
+# delta-rs echoes a value it cannot parse (``failed to parse "..." as boolean``). Keys match in any case.
+_SHAPES = {
+    "bool": r"(?i:true|false|yes|no|on|off|[01])",
+    "duration": r"\d+(\.\d+)?\s*[a-z]{0,4}",
+    "count": r"\d{1,6}",
+    "url": r"https?://[^\s@?#]+",  # no userinfo, no query string
+    "name": r"[A-Za-z0-9_.-]{1,63}",
+    "put_mode": r"(?i:etag|disabled|dynamo:[A-Za-z0-9_.:-]{1,255})",
+}
+_PUBLIC_OPTIONS: dict[str, re.Pattern[str]] = {
+    key: re.compile(_SHAPES[shape])
+    for shape, keys in {
+        "bool": ("aws_allow_http", "allow_http", "azure_allow_http", "azure_storage_use_emulator",
+                 "azure_use_emulator", "use_emulator", "azure_use_fabric_endpoint",
+                 "aws_virtual_hosted_style_request", "virtual_hosted_style_request"),
+        "duration": ("timeout", "connect_timeout", "retry_timeout", "pool_idle_timeout"),
+        "count": ("max_retries",),
+        "url": ("aws_endpoint_url", "aws_endpoint", "endpoint", "endpoint_url", "azure_storage_endpoint",
+                "azure_endpoint"),
+        "name": ("aws_region", "region", "aws_default_region", "azure_storage_account_name", "account_name"),
+        "put_mode": ("aws_conditional_put", "conditional_put"),
+    }.items()
+    for key in keys
+}
+# Environment variables deltalake reads by itself whose values are secrets.
+_SECRET_ENV = re.compile(r"^(AWS|AZURE|GOOGLE)_\w*(SECRET|KEY|TOKEN|PASSWORD|CREDENTIAL)\w*$")
+_MIN_MASKED = 4  # shorter values ("1", "us") are no secret, and masking them would garble the text
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def is_remote(uri: str) -> bool:
+    """A table in object storage (``s3://``, ``az://``, ...), not a local path or ``file://`` URI."""
+    scheme, sep, _ = uri.partition("://")
+    return bool(sep) and len(scheme) > 1 and scheme.lower() not in LOCAL_SCHEMES
+
+
+def effective_storage_options(uri: str, storage_options: Mapping[str, str] | None) -> dict[str, str]:
+    """The user's options, plus ``REMOTE_STORAGE_DEFAULTS`` for remote tables where the user set none."""
+    options = dict(storage_options or {})
+    if is_remote(uri):
+        given = {key.lower() for key in options}
+        for key, value in REMOTE_STORAGE_DEFAULTS.items():
+            if key not in given:
+                options[key] = value
+    return options
+
+
+def secret_values(storage_options: Mapping[str, str], environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values that must never appear in a message: option values other than public configuration, and
+    secret cloud environment variables (which deltalake reads by itself)."""
+    environ = os.environ if environ is None else environ
+    values = {
+        str(value) for key, value in storage_options.items()
+        if (shape := _PUBLIC_OPTIONS.get(key.lower())) is None or not shape.fullmatch(str(value))
+    }
+    values |= {v for k, v in environ.items() if _SECRET_ENV.match(k.upper())}
+    return sorted((v for v in values if len(v) >= _MIN_MASKED), key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: list[str]) -> str:
+    """``text`` on one line, without terminal colours, with every secret value replaced by ``***``."""
+    text = " ".join(_ANSI.sub("", text).split())
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
 def _redact(uri: str) -> str:
     """The table URI without any query string or userinfo, which may hold secrets (SAS tokens)."""
     uri = uri.split("?", 1)[0]
@@ -45,12 +135,24 @@ class DeltaSink:
     def __init__(self, uri: str, app_id: str, storage_options: Mapping[str, str] | None = None):
         self.uri = uri
         self.app_id = app_id
-        self.storage_options = dict(storage_options or {})
+        self.storage_options = effective_storage_options(uri, storage_options)
         self._table: DeltaTable | None = None
 
     @property
     def display_uri(self) -> str:
         return _redact(self.uri)
+
+    def _describe(self, exc: BaseException) -> tuple[str, BaseException | None]:
+        """The text of a deltalake error on one line with every option value masked, and the exception to
+        chain as the cause: ``exc`` itself only if its text held no secret (a traceback would print it)."""
+        raw = " ".join(_ANSI.sub("", str(exc)).split())
+        text = redact_text(raw, self._secrets())
+        return text, (exc if text == raw else None)
+
+    def _secrets(self) -> list[str]:
+        secrets = secret_values(self.storage_options)
+        query = self.uri.partition("?")[2]
+        return sorted([*secrets, query], key=len, reverse=True) if len(query) >= _MIN_MASKED else secrets
 
     def open(self) -> None:
         """Open the table, creating it with the bronze schema if it does not exist; check its schema."""
@@ -69,15 +171,16 @@ class DeltaSink:
                 )
                 log.info("table_created", table=self.display_uri)
         except (DeltaError, OSError) as exc:
+            text, cause = self._describe(exc)
             raise SinkError(
-                f"cannot open Delta table {self.display_uri}: {exc}; check --table and the storage options"
-            ) from exc
+                f"cannot open Delta table {self.display_uri}: {text}; check --table and the storage options"
+            ) from cause
         self._check_schema()
 
     def reopen(self, storage_options: Mapping[str, str] | None = None) -> None:
         """Open again, e.g. with refreshed cloud credentials; the transaction state lives in the table."""
         if storage_options is not None:
-            self.storage_options = dict(storage_options)
+            self.storage_options = effective_storage_options(self.uri, storage_options)
         self._table = None
         self.open()
 
@@ -115,18 +218,24 @@ class DeltaSink:
 
     def last_txn_version(self) -> int:
         """The newest transaction version this writer committed, 0 if none (re-read from the log)."""
-        self.table.update_incremental()
-        return self.table.transaction_version(self.app_id) or 0
+        table = self.table
+        try:
+            table.update_incremental()
+        except (DeltaError, OSError) as exc:
+            text, cause = self._describe(exc)
+            raise SinkError(f"cannot read Delta table {self.display_uri}: {text}") from cause
+        return table.transaction_version(self.app_id) or 0
 
     def read_event_keys(self, since: date | None = None) -> pa.Table:
         """The event-key columns of the table (from ``since`` on, by partition), to rebuild floors."""
         table = self.table
-        table.update_incremental()
         filters = [(PARTITION_COLUMN, ">=", since.isoformat())] if since else None
         try:
+            table.update_incremental()
             return table.to_pyarrow_table(columns=list(EVENT_KEY), partitions=filters)
         except (DeltaError, OSError) as exc:
-            raise SinkError(f"cannot read Delta table {self.display_uri}: {exc}") from exc
+            text, cause = self._describe(exc)
+            raise SinkError(f"cannot read Delta table {self.display_uri}: {text}") from cause
 
     def commit(self, batch: pa.RecordBatch | pa.Table, txn_version: int) -> CommitResult:
         """Append ``batch`` as transaction ``txn_version``, unless the table already holds that version."""
@@ -148,7 +257,9 @@ class DeltaSink:
                 ),
             )
         except CommitFailedError as exc:
-            raise SinkError(f"commit to {self.display_uri} failed: {exc}") from exc
+            text, cause = self._describe(exc)
+            raise SinkError(f"commit to {self.display_uri} failed: {text}") from cause
         except (DeltaError, OSError) as exc:
-            raise SinkError(f"cannot write to Delta table {self.display_uri}: {exc}") from exc
+            text, cause = self._describe(exc)
+            raise SinkError(f"cannot write to Delta table {self.display_uri}: {text}") from cause
         return CommitResult(table.version(), txn_version, batch.num_rows, skipped=False)

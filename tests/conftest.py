@@ -12,6 +12,9 @@ import duckdb
 import duckdb_extension_delta
 import pytest
 
+# Session-scoped S3 (moto_server) and Azure (Azurite) servers on loopback: tests/storage_servers.py
+pytest_plugins = ["storage_servers"]
+
 _exit_status = 0
 
 

@@ -26,7 +26,8 @@ async def run_chaos(tmp_path, table: str, storage_env: dict[str, str] | None = N
     simulator = Simulator(model, poll_interval=0.2)
     rng = random.Random(7)
     log_path = tmp_path / "pistream.log"
-    with trio.fail_after(120), open(log_path, "ab") as log_file:
+    log_file = await trio.to_thread.run_sync(open, log_path, "ab")
+    with trio.fail_after(120), log_file:
         async with trio.open_nursery() as nursery:
             await nursery.start(simulator.run)
 
