@@ -50,7 +50,7 @@ class PipelineStalled(Exception):
     """The flusher took nothing for ``stall_timeout`` seconds: the channel closes instead of letting the
     server (or the socket) hold an ever-growing backlog. Reconnecting later reads the pause back."""
 
-    def __init__(self, item: Live):
+    def __init__(self, item: Live | Connected):
         super().__init__("pipeline stalled")
         self.item = item
 
@@ -225,7 +225,7 @@ class ChannelReader:
     async def _read(self, ws: WebSocketConnection) -> None:
         self.stats.connects += 1
         log.info("channel_connected", channel=self.name, streams=len(self.webids))
-        await self.send_channel.send(Connected(tuple(self.webids)))
+        await self._send_or_pause(Connected(tuple(self.webids)))
         while True:
             if self.read_timeout is not None:
                 with trio.fail_after(self.read_timeout):
@@ -238,7 +238,7 @@ class ChannelReader:
             if message is not None:
                 await self._send_or_pause(Live(received_us, message))
 
-    async def _send_or_pause(self, item: Live) -> None:
+    async def _send_or_pause(self, item: Live | Connected) -> None:
         """Hand a message on; if the pipeline stays full (storage down), stop reading this channel."""
         try:
             self.send_channel.send_nowait(item)

@@ -10,16 +10,17 @@ import subprocess
 import sys
 
 import trio
-from conftest import compare_with_model
+from conftest import compare_with_model, deltalake_rows
 
+from pistream.sim.groundtruth import compare_rows
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
 
 TAIL_US = 1_000_000
 
 
-async def run_chaos(tmp_path, table: str, storage_env: dict[str, str] | None = None, *, kills: int = 3,
-                    storage_fault=None) -> None:
+async def run_chaos(tmp_path, table: str, storage_options: dict[str, str] | None = None, *, kills: int = 3,
+                    storage_fault=None):
     model = SimModel.generated(200, rate=5)  # 1,000 events/s
     tags = tmp_path / "tags.txt"
     tags.write_text("\n".join(t.path for t in model.tags) + "\n", encoding="utf-8")
@@ -37,18 +38,21 @@ async def run_chaos(tmp_path, table: str, storage_env: dict[str, str] | None = N
                     await simulator.drop_channels()
 
             nursery.start_soon(drop_channels)
-            if storage_fault is not None:
-                nursery.start_soon(storage_fault)
+            config = tmp_path / "pistream.toml"
+            options = "".join(f'{k} = "{v}"\n' for k, v in (storage_options or {}).items())
+            await trio.Path(config).write_text(f"[pistream.storage_options]\n{options}")
             command = [sys.executable, "-m", "pistream", "--tags", str(tags), "--url", simulator.url,
                        "--table", table, "--state-dir", str(tmp_path / "state"), "--flush-seconds", "1",
-                       "--stall-seconds", "2", "--log-format", "json", "--app-id", "chaos"]
-            env = {**storage_env} if storage_env else None
+                       "--stall-seconds", "2", "--log-format", "json", "--app-id", "chaos",
+                       "--config", str(config)]
             for round_no in range(kills + 1):
-                process = await trio.lowlevel.open_process(
-                    command, stdout=subprocess.DEVNULL, stderr=log_file,
-                    env=None if env is None else {**__import__("os").environ, **env})
+                process = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL, stderr=log_file)
+                if round_no == kills and storage_fault is not None:
+                    nursery.start_soon(storage_fault)  # the storage goes away under the last process
                 try:
-                    await trio.sleep(rng.uniform(4, 7))
+                    # the last round outlives a storage outage (2 s in, 6 s long) with time to catch up
+                    last_with_outage = round_no == kills and storage_fault is not None
+                    await trio.sleep(12 if last_with_outage else rng.uniform(4, 7))
                     if round_no < kills:
                         process.kill()  # SIGKILL: no flush, no state save
                         await process.wait()
@@ -76,3 +80,38 @@ async def test_chaos_on_local_disk(tmp_path):
     assert log_text.count('"event": "gap_filled"') >= 3
     assert result.tags_with_rows == 200
     assert result.missing == [] and result.duplicates == [] and result.unexpected == [], result.summary()
+
+
+def frozen_for_a_while(server, start: float, seconds: float):
+    """A storage outage: the server process stopped (SIGSTOP) mid-run, then resumed."""
+
+    async def fault():
+        await trio.sleep(start)
+        server.freeze()
+        try:
+            await trio.sleep(seconds)
+        finally:
+            server.thaw()
+
+    return fault
+
+
+async def check_cloud_chaos(tmp_path, server, label: str) -> None:
+    table = server.table_uri("chaos")
+    model, windows, log_path = await run_chaos(tmp_path, table, server.storage_options,
+                                               storage_fault=frozen_for_a_while(server, 2, 6))
+    result = compare_rows(deltalake_rows(table, server.storage_options), model, windows)
+    log_text = log_path.read_text()
+    stalls = log_text.count('"event": "channel_paused"') + log_text.count('"event": "commit_failed"')
+    print(f"chaos {label}:", result.summary(), f"stalls={stalls}")
+    assert stalls >= 1  # the outage was felt: channels paused or commits failed, and nothing was lost
+    assert result.tags_with_rows == 200
+    assert result.missing == [] and result.duplicates == [] and result.unexpected == [], result.summary()
+
+
+async def test_chaos_on_s3(tmp_path, s3_server):
+    await check_cloud_chaos(tmp_path, s3_server, "s3")
+
+
+async def test_chaos_on_azure(tmp_path, azurite_server):
+    await check_cloud_chaos(tmp_path, azurite_server, "azure")
