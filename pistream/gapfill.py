@@ -23,6 +23,7 @@ from .timeutil import format_iso, to_us
 log = structlog.get_logger(__name__)
 
 MAX_ITEMS_PER_CALL = 150_000  # PI Web API's MaxReturnedItemsPerCall default; more is a 400
+ITEMS_PER_PAGE = 20_000  # what one page may bring: a few MB decoded, so queued pages stay small
 GROUP_SPAN_US = 60_000_000  # gaps starting within a minute of each other are read in one call
 MAX_ATTEMPTS = 8
 MAX_PAGES = 100_000
@@ -78,12 +79,14 @@ class GapFiller:
     """Consumes gap requests, sends the recorded values and then ``GapDone`` for each batch of gaps."""
 
     def __init__(self, api: PiWebApi, queue: GapQueue, send_channel: trio.MemorySendChannel[Incoming],
-                 *, max_count: int = 10_000, max_streams_per_call: int = 500):
+                 *, max_count: int = 10_000, max_streams_per_call: int = 500,
+                 items_per_page: int = ITEMS_PER_PAGE):
         self.api = api
         self.queue = queue
         self.send_channel = send_channel
         self.max_count = max_count
         self.max_streams = max_streams_per_call
+        self.items_per_page = min(items_per_page, MAX_ITEMS_PER_CALL)
         self.stats = GapStats()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -109,7 +112,7 @@ class GapFiller:
             while cursors and pages < MAX_PAGES:
                 pages += 1
                 page_start = min(start for start, _ in cursors.values())
-                per_stream = max(1, min(self.max_count, MAX_ITEMS_PER_CALL // len(cursors)))
+                per_stream = max(1, min(self.max_count, self.items_per_page // len(cursors)))
                 message = await self._call(list(cursors), page_start, format_iso(end_us), per_stream)
                 streams: list[StreamValues] = []
                 next_cursors: dict[str, tuple[int, int]] = {}

@@ -7,7 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from pistream.sim.groundtruth import expected_row
 from pistream.sim.model import (
+    ALL_KINDS,
+    ERROR_VALUE,
     IO_TIMEOUT,
     MODES,
     SHUTDOWN,
@@ -17,8 +20,10 @@ from pistream.sim.model import (
     format_timestamp,
     kind_for_name,
     parse_time,
+    table_columns,
 )
-from pistream.webid import point_webid
+from pistream.timeutil import format_iso, parse_iso_us
+from pistream.webid import attribute_webid, point_webid
 
 US = 1_000_000
 NOW = 1_767_225_600 * US + 123_456  # 2026-01-01T00:00:00.123456Z
@@ -207,3 +212,113 @@ def test_parse_pi_time_syntax() -> None:
     for bad in ["", "now", "*-1x", "*-", "2026-13-01T00:00:00Z", "yesterday!", "**"]:
         with pytest.raises(ValueError):
             parse_time(bad, NOW)
+
+
+# -- value kinds, attributes, errors, and the table mapping --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("RunFlag", "bool"), ("Is.Bool", "bool"), ("Vib.Array", "array"), ("Cal.Timestamp", "timestamp")],
+)
+def test_kind_for_name_of_the_newer_kinds(name: str, kind: str) -> None:
+    assert kind_for_name(name) == kind
+
+
+def test_newer_kinds_and_error_values() -> None:
+    model = SimModel.generated(14, rate=10, kinds=ALL_KINDS, error_values=True)
+    assert [t.kind for t in model.tags[:7]] == list(ALL_KINDS)
+    for tag in model.tags:
+        for k in range(100):
+            event = model.event(tag, k)
+            m = (k + tag.index) % 50
+            if m == 41:
+                assert (event.value, event.good) == (ERROR_VALUE, False)
+                continue
+            if m in (7, 23):
+                continue
+            i = tag.index
+            if tag.kind == "bool":
+                assert event.value is ((k + i) % 3 != 0)
+            elif tag.kind == "array":
+                assert event.value == [k % 10, (k * 7 + i) % 100, i % 1000]
+            elif tag.kind == "timestamp":
+                assert parse_time(event.value, 0) == event.timestamp_us - ((k + i) % 3600) * US
+    plain = SimModel.generated(14, rate=10, kinds=ALL_KINDS)
+    assert not any(plain.event(t, k).value is ERROR_VALUE for t in plain.tags for k in range(100))
+    assert (
+        SimTag("X", "S", "array", 0).point_type == "Blob" and SimTag("X", "S", "bool", 0).af_type == "Boolean"
+    )
+    with pytest.raises(ValueError):
+        SimModel.generated(1, kinds=())
+
+
+@pytest.mark.parametrize(
+    ("value", "columns"),
+    [
+        (12.5, (12.5, None, None, False)),
+        (7, (7.0, None, None, False)),
+        (True, (1.0, "true", None, False)),
+        (False, (0.0, "false", None, False)),
+        ("batch-1", (None, "batch-1", None, False)),
+        ("2026-01-01T00:00:00Z", (None, "2026-01-01T00:00:00Z", None, False)),
+        ([1, 2, 30], (None, "[1,2,30]", None, False)),
+        (MODES[1], (None, "On", 1, False)),
+        (SHUTDOWN, (None, "Shutdown", 254, True)),
+        ({"Errors": ["a", "b"]}, (None, "a; b", None, False)),
+    ],
+)
+def test_table_columns(value: object, columns: tuple) -> None:
+    assert table_columns(value) == columns
+
+
+def test_expected_rows_follow_the_mapping() -> None:
+    model = SimModel.generated(7, rate=10, kinds=ALL_KINDS, error_values=True)
+    for tag in model.tags:
+        for event in model.events(tag, NOW - 10 * US, NOW):
+            flags = (event.good, event.questionable, event.substituted, event.annotated)
+            assert expected_row(event) == (event.timestamp_us, *table_columns(event.value), *flags)
+            if event.value is ERROR_VALUE:
+                assert not event.good
+
+
+def test_attribute_paths() -> None:
+    model = SimModel.from_paths(
+        [
+            "\\\\AF\\Plant\\Unit1\\Pump1|Flow",
+            "\\\\af\\PLANT\\unit1\\pump1|FLOW",  # the same attribute
+            "\\\\AF\\Plant\\Unit1|Mode|Batch Text",  # a child attribute
+            "\\\\PI\\Sinusoid",
+        ]
+    )
+    flow, text, point = model.tags
+    assert (flow.server, flow.name, flow.display_name, flow.kind) == (
+        "AF",
+        "Plant\\Unit1\\Pump1|Flow",
+        "Flow",
+        "float",
+    )
+    assert flow.is_attribute and not point.is_attribute
+    assert flow.webid == attribute_webid("\\\\AF\\Plant\\Unit1\\Pump1|Flow")
+    assert (text.display_name, text.kind) == ("Batch Text", "string")
+    assert model.lookup("\\\\af\\plant\\UNIT1\\Pump1|flow") is flow
+    assert model.lookup(flow.webid) is flow
+    assert model.servers == ["PI"]  # AF servers are not PI Data Archives
+    for bad in [
+        "\\\\AF\\Element|Attr",  # no database
+        "\\\\AF\\DB\\|Attr",
+        "\\\\AF\\DB\\E|",
+        "\\\\AF\\DB\\E|A||B",
+        "\\\\AF\\DB\\E|A\\B",
+        "\\\\|X",
+    ]:
+        with pytest.raises(ValueError):
+            SimModel.from_paths([bad])
+
+
+def test_iso_time_agrees_with_the_main_package() -> None:
+    for us in [0, 1, 999_999, NOW, NOW + 500_000, iso_us("2099-12-31T23:59:59.999999Z"), 86_400 * US * 3]:
+        assert format_timestamp(us) == format_iso(us)
+        assert parse_time(format_iso(us), NOW) == parse_iso_us(format_iso(us)) == us
+    assert parse_time("2026-01-02T03:04:05,25Z", NOW) == iso_us("2026-01-02T03:04:05.25Z")  # PI takes commas
+    assert parse_time("2026-01-02T03:04Z", NOW) == iso_us("2026-01-02T03:04:00Z")

@@ -30,15 +30,21 @@ class HttpRequest:
     head: h11.Request
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)  # lower-cased names; repeated ones joined by ","
+    client: str = ""  # the peer's IP address, when known
 
     @classmethod
-    def from_h11(cls, head: h11.Request, body: bytes) -> HttpRequest:
+    def from_h11(cls, head: h11.Request, body: bytes, client: str = "") -> HttpRequest:
         headers: dict[str, str] = {}
         for name, value in head.headers:
             key = name.decode("latin-1")
             text = value.decode("latin-1")
             headers[key] = f"{headers[key]},{text}" if key in headers else text
-        return cls(head, body, headers)
+        return cls(head, body, headers, client)
+
+    @property
+    def path(self) -> str:
+        """The target's path, without the query."""
+        return self.target.partition("?")[0]
 
     @property
     def method(self) -> str:
@@ -88,11 +94,12 @@ async def _next_event(conn: h11.Connection, stream: trio.abc.Stream) -> object:
 async def send_response(
     conn: h11.Connection, stream: trio.abc.Stream, response: HttpResponse, *, close: bool
 ) -> None:
+    overridden = {name.lower() for name, _ in response.headers}
+    defaults = [("Server", "pistream-sim"), ("Cache-Control", "no-cache")]
     headers = [
         ("Content-Type", response.content_type),
         ("Content-Length", str(len(response.body))),
-        ("Server", "pistream-sim"),
-        ("Cache-Control", "no-cache"),
+        *((name, value) for name, value in defaults if name.lower() not in overridden),
         *response.headers,
     ]
     if close:
@@ -120,16 +127,18 @@ async def serve_connection(
     max_request_head: int = MAX_REQUEST_HEAD,
     max_body: int = MAX_BODY,
     idle_timeout: float = IDLE_TIMEOUT,
+    client: str = "",
 ) -> None:
     """Serve requests on ``stream`` until the client closes, asks to close, idles out or upgrades.
 
-    Does not close ``stream``: the caller owns it.
+    ``client`` (the peer address) is passed on in every ``HttpRequest``. Does not close ``stream``: the
+    caller owns it.
     """
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_request_head)
     try:
         while True:
             try:
-                request = await _read_request(conn, stream, max_request_head, max_body, idle_timeout)
+                request = await _read_request(conn, stream, max_request_head, max_body, idle_timeout, client)
             except h11.RemoteProtocolError as exc:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     status = exc.error_status_hint
@@ -176,7 +185,12 @@ def _head_size(head: h11.Request) -> int:
 
 
 async def _read_request(
-    conn: h11.Connection, stream: trio.abc.Stream, max_request_head: int, max_body: int, idle_timeout: float
+    conn: h11.Connection,
+    stream: trio.abc.Stream,
+    max_request_head: int,
+    max_body: int,
+    idle_timeout: float,
+    client: str = "",
 ) -> HttpRequest | None:
     """The next request with its body, or None when the client closed or idled out."""
     event: object = None
@@ -196,4 +210,4 @@ async def _read_request(
                 body += event.data
                 if len(body) > max_body:
                     raise _BodyTooLarge
-    return HttpRequest.from_h11(head, bytes(body))
+    return HttpRequest.from_h11(head, bytes(body), client)

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .model import SimEvent, SimModel
+from .model import SimEvent, SimModel, table_columns
 
 
 @dataclass
@@ -28,14 +28,9 @@ class Comparison:
 
 
 def expected_row(event: SimEvent) -> tuple:
-    """The table columns a simulator event must produce, mapped independently of pistream's decoder."""
-    v = event.value
-    if isinstance(v, dict):
-        value, text, code, system = None, v["Name"], v["Value"], bool(v["IsSystem"])
-    elif isinstance(v, str):
-        value, text, code, system = None, v, None, False
-    else:
-        value, text, code, system = float(v), None, None, False
+    """The table columns a simulator event must produce (``model.table_columns``, the documented mapping,
+    written independently of pistream's decoder)."""
+    value, text, code, system = table_columns(event.value)
     return (event.timestamp_us, value, text, code, system, event.good, event.questionable,
             event.substituted, event.annotated)
 

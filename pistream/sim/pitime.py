@@ -1,7 +1,10 @@
 r"""Time on the PI Web API wire: rendering event timestamps and parsing time query parameters.
 
 Timestamps are integer microseconds since the Unix epoch (UTC) everywhere in the simulator, so that the
-model, the server and the tests compare exact integers, never floats.
+model, the server and the tests compare exact integers, never floats. ISO 8601 itself is the main
+package's (``pistream.timeutil``): ``format_timestamp(us)`` renders exactly what ``format_iso`` does (with a
+per-second cache, as it runs for every value sent), and the ISO part of a time parameter is converted by
+``parse_iso_us``. PI time syntax (``*-1h``, ``t``, ``y``) is the simulator's own.
 """
 
 from __future__ import annotations
@@ -9,9 +12,10 @@ from __future__ import annotations
 import re
 from datetime import datetime, timedelta
 
+from pistream.timeutil import parse_iso_us
+
 US_PER_SECOND = 1_000_000
 _EPOCH = datetime(1970, 1, 1)
-_ONE_US = timedelta(microseconds=1)
 
 # "YYYY-MM-DDTHH:MM:SS" per whole second, cached: formatting is on the hot path of every channel message.
 _prefix_cache: dict[int, str] = {}
@@ -32,7 +36,8 @@ def format_timestamp(us: int, digits: int | None = None) -> str:
     """ISO 8601 UTC with ``Z``, as PI Web API writes it.
 
     ``digits=None`` trims trailing zeros (0 to 6 fractional digits: ``...:05Z``, ``...:05.5Z``,
-    ``...:05.123456Z``); an int 0..7 forces that many digits (7 = .NET ticks, always ending in 0 here).
+    ``...:05.123456Z``), the same text as ``pistream.timeutil.format_iso``; an int 0..7 forces that many
+    digits (7 = .NET ticks, always ending in 0 here).
     """
     seconds, frac = divmod(us, US_PER_SECOND)
     prefix = _prefix_cache.get(seconds) or _second_prefix(seconds)
@@ -65,15 +70,11 @@ _UNIT_US = {
 
 
 def _iso_to_us(m: re.Match[str]) -> int:
-    year, month, day = (int(part) for part in m["date"].split("-"))
-    dt = datetime(year, month, day, int(m["hh"] or 0), int(m["mi"] or 0), int(m["ss"] or 0))
-    us = (dt - _EPOCH) // _ONE_US + int((m["frac"] or "0").ljust(6, "0")[:6])
-    zone = m["zone"]
-    if zone and zone not in "Zz":
-        sign = -1 if zone[0] == "-" else 1
-        hhmm = zone[1:].replace(":", "")
-        us -= sign * (int(hhmm[:2]) * 3600 + int(hhmm[2:]) * 60) * US_PER_SECOND
-    return us
+    """The matched ISO time (date only, minutes only, ``,`` fractions: all PI accepts) via ``parse_iso_us``."""
+    text = f"{m['date']}T{m['hh'] or '00'}:{m['mi'] or '00'}:{m['ss'] or '00'}"
+    if m["frac"]:
+        text += "." + m["frac"]
+    return parse_iso_us(text + (m["zone"] or "Z"))
 
 
 def _midnight_us(now_us: int) -> int:

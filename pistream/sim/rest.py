@@ -23,15 +23,14 @@ from pistream.sim.payloads import (
     PointItem,
     StreamItems,
     TimedValues,
+    Wire,
+    attribute,
     data_server,
     errors,
     landing,
     point,
     select_fields,
     server_webid,
-    stream_values,
-    timed_value,
-    timed_values,
 )
 from pistream.sim.pitime import parse_time
 from pistream.webid import path_from_webid
@@ -138,9 +137,10 @@ def split_target(target: str) -> tuple[list[str], str]:
 class RestApi:
     """Routes and answers REST requests from a SimModel at the simulator's current time."""
 
-    def __init__(self, model: SimModel, now_us: Callable[[], int]) -> None:
+    def __init__(self, model: SimModel, now_us: Callable[[], int], wire: Wire | None = None) -> None:
         self.model = model
         self.now_us = now_us
+        self.wire = wire or Wire()
         # (method, pattern); None in a pattern captures one segment (a WebID) into Context.args.
         self._routes: list[tuple[str, tuple[str | None, ...], Handler]] = [
             ("GET", (), self._landing),
@@ -150,6 +150,9 @@ class RestApi:
             ("GET", ("points",), self._point_by_path),
             ("GET", ("points", "multiple"), self._points_multiple),
             ("GET", ("points", None), self._point_by_webid),
+            ("GET", ("attributes",), self._attribute_by_path),
+            ("GET", ("attributes", "multiple"), self._attributes_multiple),
+            ("GET", ("attributes", None), self._attribute_by_webid),
             ("GET", ("streams", None, "recorded"), self._recorded),
             ("GET", ("streams", None, "value"), self._value),
             ("GET", ("streams", None, "end"), self._value),
@@ -176,8 +179,9 @@ class RestApi:
         try:
             segments, query = split_target(target)
             handler, args = self._route(method, segments)
-            reply = handler(Context(method, args, Query.parse(query), body, base_url, now_us))
-            selected = Query.parse(query).one("selectedFields")
+            parsed = Query.parse(query)
+            reply = handler(Context(method, args, parsed, body, base_url, now_us))
+            selected = parsed.one("selectedFields")
             if selected and reply.status < 300:
                 reply = reply._replace(content=select_fields(reply.content, selected))
             return reply
@@ -203,7 +207,8 @@ class RestApi:
     # -- lookups -----------------------------------------------------------------------------------------
 
     def resolve_webid(self, webid: str) -> SimTag:
-        """The tag behind a point WebID; HttpError 400 for a malformed one, 404 for an unknown one."""
+        """The stream (point or attribute) behind a WebID; HttpError 400 for a malformed one, 404 for an
+        unknown one."""
         tag = self.model.lookup(webid)
         if tag is not None:
             return tag
@@ -211,12 +216,34 @@ class RestApi:
             path_from_webid(webid)
         except ValueError:
             raise HttpError(400, f"Unknown or invalid WebID format: '{webid}'.") from None
+        if webid[2:4] == "Ab":
+            raise HttpError(404, f"The specified attribute was not found (WebID '{webid}').")
         raise HttpError(404, f"The specified PI Point was not found (WebID '{webid}').")
 
+    def resolve_point(self, webid: str) -> SimTag:
+        tag = self.resolve_webid(webid)
+        if tag.is_attribute:
+            raise HttpError(404, f"The specified PI Point was not found (WebID '{webid}').")
+        return tag
+
+    def resolve_attribute(self, webid: str) -> SimTag:
+        tag = self.resolve_webid(webid)
+        if not tag.is_attribute:
+            raise HttpError(404, f"The specified attribute was not found (WebID '{webid}').")
+        return tag
+
     def resolve_path(self, path: str) -> SimTag:
+        """A PI point by ``\\\\SERVER\\NAME``."""
         tag = self.model.lookup(path) if path.startswith("\\") else None
-        if tag is None:
+        if tag is None or tag.is_attribute:
             raise HttpError(404, f"PI Point not found '{path}'.")
+        return tag
+
+    def resolve_attribute_path(self, path: str) -> SimTag:
+        """An AF attribute by ``\\\\AFSERVER\\DB\\Element|Attribute``."""
+        tag = self.model.lookup(path) if path.startswith("\\") else None
+        if tag is None or not tag.is_attribute:
+            raise HttpError(404, f"Attribute not found '{path}'.")
         return tag
 
     # -- handlers ----------------------------------------------------------------------------------------
@@ -252,7 +279,11 @@ class RestApi:
         pattern = re.compile(fnmatch.translate((ctx.query.one("nameFilter") or "*").upper()))
         start = ctx.query.integer("startIndex", 0, 0, 2**31 - 1)
         max_count = ctx.query.integer("maxCount", 1000, 1, MAX_RETURNED_ITEMS_PER_CALL)
-        matches = [t for t in self.model.tags if t.server.upper() == server and pattern.match(t.name.upper())]
+        matches = [
+            t
+            for t in self.model.tags
+            if not t.is_attribute and t.server.upper() == server and pattern.match(t.name.upper())
+        ]
         items = [point(t, ctx.base_url) for t in matches[start : start + max_count]]
         return Reply(200, StreamItems(Links={}, Items=items))
 
@@ -263,21 +294,45 @@ class RestApi:
         return Reply(200, point(self.resolve_path(path), ctx.base_url))
 
     def _point_by_webid(self, ctx: Context) -> Reply:
-        return Reply(200, point(self.resolve_webid(ctx.args[0]), ctx.base_url))
+        return Reply(200, point(self.resolve_point(ctx.args[0]), ctx.base_url))
 
     def _points_multiple(self, ctx: Context) -> Reply:
+        return self._multiple(ctx, self.resolve_path, self.resolve_point, point)
+
+    def _attribute_by_path(self, ctx: Context) -> Reply:
+        path = ctx.query.one("path")
+        if not path:
+            raise HttpError(400, "The 'path' parameter is required.")
+        return Reply(200, attribute(self.resolve_attribute_path(path), ctx.base_url))
+
+    def _attribute_by_webid(self, ctx: Context) -> Reply:
+        return Reply(200, attribute(self.resolve_attribute(ctx.args[0]), ctx.base_url))
+
+    def _attributes_multiple(self, ctx: Context) -> Reply:
+        return self._multiple(ctx, self.resolve_attribute_path, self.resolve_attribute, attribute)
+
+    def _multiple(
+        self,
+        ctx: Context,
+        by_path: Callable[[str], SimTag],
+        by_webid: Callable[[str], SimTag],
+        render: Callable[[SimTag, str], Any],
+    ) -> Reply:
+        """``points/multiple`` and ``attributes/multiple``: ``Items[{Identifier, Object, Exception}]``."""
         wanted = [("Path", p) for p in ctx.query.all("path")] + [("WebId", w) for w in ctx.query.all("webId")]
         if not wanted:
             raise HttpError(400, "At least one 'path' or 'webId' parameter is required.")
         items = []
+        failed = False
+        base_url = ctx.base_url
         for kind, identifier in wanted:
             try:
-                tag = self.resolve_path(identifier) if kind == "Path" else self.resolve_webid(identifier)
+                tag = by_path(identifier) if kind == "Path" else by_webid(identifier)
             except HttpError as exc:
+                failed = True
                 items.append(PointItem(identifier, kind, None, errors(*exc.messages)))
             else:
-                items.append(PointItem(identifier, kind, point(tag, ctx.base_url), None))
-        failed = any(item.Object is None for item in items)
+                items.append(PointItem(identifier, kind, render(tag, base_url), None))
         return Reply(207 if failed else 200, StreamItems(Links={}, Items=items))
 
     def _recorded_events(self, tag: SimTag, ctx: Context) -> list[SimEvent]:
@@ -311,7 +366,10 @@ class RestApi:
         tag = self.resolve_webid(ctx.args[0])
         events = self._recorded_events(tag, ctx)
         return Reply(
-            200, TimedValues(Links={}, Items=timed_values(events, tag.units), UnitsAbbreviation=tag.units)
+            200,
+            TimedValues(
+                Links={}, Items=self.wire.timed_values(events, tag.units), UnitsAbbreviation=tag.units
+            ),
         )
 
     def _value(self, ctx: Context) -> Reply:
@@ -319,7 +377,7 @@ class RestApi:
         event = self.model.latest(tag, ctx.now_us)
         if event is None:
             raise HttpError(404, f"No value for '{tag.path}'.")
-        return Reply(200, timed_value(event, tag.units))
+        return Reply(200, self.wire.timed_value(event, tag.units))
 
     def _streamset_recorded(self, ctx: Context) -> Reply:
         webids = ctx.query.all("webId")
@@ -340,7 +398,7 @@ class RestApi:
                     }
                 )
                 continue
-            items.append(stream_values(tag, self._recorded_events(tag, ctx)))
+            items.append(self.wire.stream_values(tag, self._recorded_events(tag, ctx)))
         return Reply(207 if failed else 200, StreamItems(Links={}, Items=items))
 
     def _channel_without_upgrade(self, ctx: Context) -> Reply:

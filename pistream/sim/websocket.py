@@ -6,6 +6,8 @@ wsproto (not trio-websocket) so that the simulator controls every byte: data fra
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import struct
 from typing import cast
 
@@ -50,6 +52,7 @@ class ServerWebSocket:
         self.closed = trio.Event()
         self.close_code: int | None = None
         self.answer_pings = True  # a fault injector can make the socket go silent
+        self.mute_until = float("-inf")  # trio time until which nothing but a close reply is sent
         self._reading = False
         self._broken = False
 
@@ -67,6 +70,32 @@ class ServerWebSocket:
                 self._ws.receive_data(trailing)
             except RemoteProtocolError:
                 self.closed.set()
+
+    @property
+    def muted(self) -> bool:
+        return trio.current_time() < self.mute_until
+
+    async def wait_unmuted(self) -> None:
+        """Return once the socket may send again (at once when it is not muted)."""
+        while (until := self.mute_until) > trio.current_time():  # noqa: ASYNC110 - may be extended
+            await trio.sleep_until(until)
+
+    def abort(self, *, reset: bool = True) -> None:
+        """Cut the connection now, without a close frame: an RST with ``reset``, else a plain close.
+
+        Synchronous: tasks blocked on the socket wake up with ClosedResourceError and end quietly.
+        """
+        self._broken = True
+        self.closed.set()
+        stream: object = self._stream
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if isinstance(stream, trio.SocketStream):
+            sock = stream.socket
+            if reset:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
 
     @property
     def is_open(self) -> bool:
@@ -104,7 +133,7 @@ class ServerWebSocket:
         try:
             while not self.closed.is_set():
                 for event in self._ws.events():
-                    if isinstance(event, Ping) and self.answer_pings:
+                    if isinstance(event, Ping) and self.answer_pings and not self.muted:
                         await self._send_raw(self._ws.send(event.response()))
                     elif isinstance(event, CloseConnection):
                         self.close_code = event.code

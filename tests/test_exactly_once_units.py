@@ -1,0 +1,148 @@
+"""Unit tests of the exactly-once pieces: floors and gap windows, paging cursors, transaction versions."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import trio
+
+from pistream.buffer import ColumnBuffer
+from pistream.dedup import EventFilter, GapRequest, advance_from_rows, event_key
+from pistream.gapfill import GapFiller, GapQueue, _after_cursor
+from pistream.messages import StreamSetMessage, StreamValues, TimedValue
+from pistream.piwebapi import PiWebApi
+from pistream.sim.model import SimModel
+from pistream.sim.server import Simulator
+from pistream.sink import DeltaSink
+from pistream.timeutil import format_iso
+
+
+def key(ts: int, value: float = 1.0) -> tuple:
+    return event_key(ts, value, None, None, True, False, False, False)
+
+
+def test_live_values_newer_than_the_floor_pass_and_repeats_of_the_newest_are_dropped():
+    f = EventFilter()
+    assert f.accept_live("W", key(10))
+    f.advance("W", key(10))
+    assert not f.accept_live("W", key(10))  # the same event sent again
+    assert f.accept_live("W", key(10, 2.0))  # another event at the same time
+    assert f.accept_live("W", key(5))  # a late, out-of-order value is kept
+    assert f.accept_live("W", key(11))
+    assert f.stats.repeats_dropped == 1 and f.stats.late_accepted == 1
+
+
+def test_gap_window_runs_from_the_floor_to_the_first_live_value_both_ends_deduplicated():
+    f = EventFilter()
+    f.advance("W", key(100))
+    f.connected(["W", "NEW"])  # NEW has no floor: nothing to read back for it
+    assert f.awaiting("W") and not f.awaiting("NEW")
+    request = f.first_live("W", [key(200), key(250)])
+    assert request == GapRequest("W", 100, 200)
+    assert not f.accept_gap("W", key(100))  # already in the table
+    assert f.accept_gap("W", key(150))
+    assert f.accept_gap("W", key(100, 7.0))  # a different event at the floor time
+    assert not f.accept_gap("W", key(200))  # the live value itself
+    assert not f.accept_gap("W", key(201))  # outside: the channel delivers it
+    f.gap_done(request)
+    assert not f.accept_gap("W", key(150))  # the window is closed
+
+
+def test_a_second_reconnect_during_a_gap_fill_opens_a_second_window():
+    f = EventFilter()
+    f.advance("W", key(100))
+    f.connected(["W"])
+    first = f.first_live("W", [key(200)])
+    f.advance("W", key(300))  # live values after the first reconnect
+    f.connected(["W"])
+    second = f.first_live("W", [key(400)])
+    assert (first, second) == (GapRequest("W", 100, 200), GapRequest("W", 300, 400))
+    assert f.accept_gap("W", key(150)) and f.accept_gap("W", key(350))
+    assert not f.accept_gap("W", key(250))  # between the windows: the channel delivered it
+    f.gap_done(first)
+    assert not f.accept_gap("W", key(150)) and f.accept_gap("W", key(350))
+
+
+def test_floors_from_rows_keep_every_event_at_the_newest_time():
+    ts = pa.array([1, 5, 5, 3], pa.int64()).cast(pa.timestamp("us", "UTC"))
+    rows = pa.table({"tag_webid": ["A", "A", "A", "B"], "timestamp": ts, "value": [1.0, 2.0, float("nan"), None],
+                     "value_text": [None, None, None, "x"], "state_code": pa.array([None, None, None, 1], pa.int32()),
+                     "good": [True] * 4, "questionable": [False] * 4, "substituted": [False] * 4,
+                     "annotated": [False] * 4})
+    f = advance_from_rows(EventFilter(), rows)
+    assert f.floors == {"A": 5, "B": 3}
+    assert f.floor_keys["A"] == {key(5, 2.0), event_key(5, float("nan"), None, None, True, False, False, False)}
+    assert not f.accept_live("A", event_key(5, float("nan"), None, None, True, False, False, False))
+
+
+def tv(ts: int) -> TimedValue:
+    return TimedValue(timestamp=format_iso(ts), value=1.0)
+
+
+def test_paging_cursor_skips_the_events_already_read_at_the_cut_timestamp():
+    # A page cut at maxCount=4 ended with two events at t=30; the next page starts at t=30 again.
+    first, cursor = _after_cursor([tv(10), tv(20), tv(30), tv(30)], 10, 0)
+    assert len(first) == 4 and cursor == (30, 2)
+    second, cursor = _after_cursor([tv(30), tv(30), tv(30), tv(40)], *cursor)
+    assert [t.timestamp for t in second] == [format_iso(30), format_iso(40)] and cursor == (40, 1)
+    # a page that is all one timestamp carries the count on
+    third, cursor = _after_cursor([tv(40), tv(40), tv(40)], 40, 1)
+    assert len(third) == 2 and cursor == (40, 3)
+
+
+async def test_gap_fill_pages_through_the_archive_and_reads_each_event_once(tmp_path):
+    model = SimModel.from_paths(["\\\\SIMSRV\\FAST1", "\\\\SIMSRV\\FAST2"], rate=100)
+    simulator = Simulator(model, poll_interval=0.1)
+    tags = {t.webid: t for t in model.tags}
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(simulator.run)
+            await trio.sleep(1.2)
+            now = simulator.now_us()
+            start, end = now - 1_000_000, now - 100_000
+            send, receive = trio.open_memory_channel(1000)
+            async with PiWebApi(simulator.url) as api:
+                # 7 items a page: many pages, each cut at exactly maxCount
+                filler = GapFiller(api, GapQueue(), send, items_per_page=14)
+                group = [GapRequest(w, start, end) for w in tags]
+                await filler.fill(group)
+            nursery.cancel_scope.cancel()
+    got: dict[str, list[str]] = {w: [] for w in tags}
+    while True:
+        try:
+            item = receive.receive_nowait()
+        except trio.WouldBlock:
+            break
+        for stream in getattr(item, "streams", []):
+            got[stream.web_id] += [t.timestamp for t in stream.items]
+    for webid, tag in tags.items():
+        expected = [format_iso(e.timestamp_us) for e in model.events(tag, start, end)]
+        assert sorted(got[webid]) == sorted(expected) and len(got[webid]) == len(expected) > 50
+    assert filler.stats.calls > 10 and filler.stats.lost_gaps == 0
+
+
+def test_commit_of_a_recorded_transaction_version_writes_nothing(tmp_path):
+    sink = DeltaSink(str(tmp_path / "t"), "writer-a")
+    sink.open()
+    buffer = ColumnBuffer({})
+    buffer.add_live(StreamValues(web_id="W", items=[tv(1_700_000_000_000_000)]), 0)
+    batch = buffer.take().batch
+    assert not sink.commit(batch, 1).skipped
+    again = sink.commit(batch, 1)  # e.g. retried after a timeout although it landed
+    assert again.skipped and again.rows == 0
+    other = DeltaSink(str(tmp_path / "t"), "writer-a")  # a restarted process sees the same version
+    assert other.last_txn_version() == 1 and other.commit(batch, 1).skipped
+    assert other.commit(batch, 2).rows == 1
+    sink.table.update_incremental()
+    assert sink.table.to_pyarrow_table().num_rows == 2
+    assert DeltaSink(str(tmp_path / "t"), "writer-b").last_txn_version() == 0
+
+
+def test_buffer_accepts_gap_values_only_inside_an_open_window():
+    buffer = ColumnBuffer({})
+    buffer.filter.advance("W", key(100))
+    buffer.filter.connected(["W"])
+    gap = buffer.add_live(StreamValues(web_id="W", items=[tv(300)]), 0)
+    assert gap == GapRequest("W", 100, 300)
+    buffer.add_gap(StreamValues(web_id="W", items=[tv(100), tv(200), tv(300), tv(400)]), 0)
+    assert sorted(buffer.timestamp) == [200, 300]
+    assert StreamSetMessage  # wire type used by the flusher for the same values
