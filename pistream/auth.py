@@ -9,6 +9,8 @@ pyspnego: SSPI on Windows, GSSAPI on Linux). Secrets are held here and never log
 from __future__ import annotations
 
 import base64
+import importlib.util
+import sys
 import time
 from collections.abc import AsyncGenerator, Callable
 from typing import Protocol
@@ -137,12 +139,27 @@ def spnego_token(host: str) -> str:
         token = context.step()
     except spnego.exceptions.SpnegoError as exc:
         raise AuthError(
-            f"no Kerberos credentials for HTTP/{host} ({exc.message if hasattr(exc, 'message') else exc}): "
+            f"no Kerberos credentials for HTTP/{host} ({_spnego_detail(exc)}): "
             "run kinit (Linux) or log on as the service account (Windows), or choose another --auth"
         ) from exc
     if not token:
         raise AuthError(f"Kerberos produced no token for HTTP/{host}: check the SPN and your ticket (klist)")
     return base64.b64encode(token).decode("ascii")
+
+
+def _spnego_detail(exc: BaseException) -> str:
+    """The innermost reason of pyspnego's nested "SpnegoError (1): SpnegoError (16): ..., Context: ..."
+    text, plus the missing piece when this Python cannot do Kerberos at all (no gssapi on Linux: pyspnego
+    then only tries NTLM, and even a valid kinit ticket would not be used)."""
+    reason = None
+    current: BaseException | None = exc
+    while current is not None:
+        reason = getattr(current, "_context_message", None) or reason or str(current)
+        current = getattr(current, "base_error", None)
+    detail = (reason or type(exc).__name__).rstrip(".")
+    if sys.platform != "win32" and importlib.util.find_spec("gssapi") is None:
+        detail += "; this Python has no Kerberos support: pip install gssapi (needs MIT krb5)"
+    return detail
 
 
 class NegotiateAuth:

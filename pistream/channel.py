@@ -8,6 +8,7 @@ so a slow sink slows the reader. Any close, error or silence past the watchdog r
 from __future__ import annotations
 
 import random
+import re
 import ssl
 import time
 from collections.abc import Sequence
@@ -26,7 +27,7 @@ from trio_websocket import (
 )
 
 from .auth import AuthProvider, NoAuth
-from .errors import AuthError, ChannelError
+from .errors import AuthError, ChannelRefusedError
 from .flow import Connected, Incoming, Live
 from .messages import StreamSetMessage, channel_decoder
 
@@ -121,7 +122,7 @@ class ChannelReader:
         ssl_context: ssl.SSLContext | None = None,
         auth_hint: str = "check --username and the PISTREAM_PASSWORD variable",
         heartbeat_rate: int = 5,
-        poll_period: float = 1.0,
+        read_timeout: float | None = 30.0,
         stall_timeout: float = 30.0,
     ):
         self.name = name
@@ -132,8 +133,9 @@ class ChannelReader:
         self.auth = auth or NoAuth()
         self.auth_hint = auth_hint
         self.ssl_context = ssl_context
-        # Silence longer than a few heartbeat periods means a dead socket, not a quiet plant.
-        self.read_timeout = max(10.0, 3 * heartbeat_rate * poll_period) if heartbeat_rate > 0 else None
+        # With heartbeats on, silence longer than a few heartbeat periods means a dead socket, not a
+        # quiet plant; without them, silence proves nothing.
+        self.read_timeout = read_timeout if heartbeat_rate > 0 else None
         self.stall_timeout = stall_timeout
         self.stats = ChannelStats()
         self.backoff = Backoff()
@@ -165,20 +167,25 @@ class ChannelReader:
                 await trio.sleep(delay)
 
     def _raise_if_final(self, exc: ConnectionRejected) -> None:
-        """Refused credentials or a server without channels will not heal by retrying."""
-        if exc.status_code in (401, 403):
+        """Refused credentials or a server without channels will not heal by retrying.
+
+        REST has accepted the same credentials before any channel opens, so a 403 on the upgrade is read
+        as "no channels here" (EnableChannels false answers so), not as a password problem."""
+        said = _rejection_text(exc)
+        if exc.status_code == 401:
             raise AuthError(
-                f"PI Web API refused the channel's credentials ({exc.status_code}): {self.auth_hint}"
+                f"PI Web API refused the channel's credentials (401{said}): {self.auth_hint}"
             ) from exc
         if exc.status_code in (400, 414):
-            raise ChannelError(
-                f"PI Web API refused the channel request ({exc.status_code}): the URL may be too long for the "
-                "server; lower --max-url-length"
+            raise ChannelRefusedError(
+                f"PI Web API refused the channel request ({exc.status_code}{said}): the URL may be too long for "
+                "the server; lower --max-url-length"
             ) from exc
-        if exc.status_code in (404, 405, 501):
-            raise ChannelError(
-                f"PI Web API refused the channel ({exc.status_code}): channels may be disabled on this server "
-                "(EnableChannels in the PI Web API configuration)"
+        if exc.status_code in (403, 404, 405, 501):
+            raise ChannelRefusedError(
+                f"PI Web API refused the channel ({exc.status_code}{said}): channels are disabled on this server "
+                "or for this account; set EnableChannels to true in the PI Web API configuration "
+                "(System Configuration) and restart PI Web API"
             ) from exc
 
     async def _connect_and_read(self) -> None:
@@ -265,6 +272,24 @@ class ChannelReader:
             return None
         self.stats.messages += 1
         return message
+
+
+def _rejection_text(exc: ConnectionRejected) -> str:
+    """``": <the server's Errors>"`` from a refused upgrade's body, or "" (bounded: it goes in a message)."""
+    try:
+        errors = msgspec.json.decode(exc.body or b"{}", type=_Errors).Errors
+    except msgspec.DecodeError:
+        errors = None
+    text = "; ".join(str(e) for e in errors or ())
+    for name, value in exc.headers or ():
+        said = re.search(rb'error_description="([^"]*)"', value) if name.lower() == b"www-authenticate" else None
+        if said:
+            text += f"; the server says: {said.group(1).decode('utf-8', 'replace')}"
+    return f": {text[:300]}" if text else ""
+
+
+class _Errors(msgspec.Struct):
+    Errors: list[object] | None = None
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:

@@ -87,9 +87,14 @@ def entry() -> None:
 @click.option("--app-id", help="Delta transaction app id of this writer.  [default: pistream-HOSTNAME]")
 @click.option("--heartbeat-rate", type=int, help="Channel heartbeat, in server polls; 0 disables.  "
                                                  "[default: 5]")
+@click.option("--silence-seconds", type=float, help="With heartbeats on, reconnect a channel that sent nothing "
+                                                   "for this long (a dead socket).  [default: 30]")
 @click.option("--stall-seconds", type=float, help="Close a channel whose values the pipeline could not take "
                                                  "for this long (storage down); reconnect and read the pause "
                                                  "back later.  [default: 30]")
+@click.option("--reread-seconds", type=float, help="After a reconnect, also read back this far before each "
+                                                  "tag's newest value, for values a server delivers late.  "
+                                                  "[default: 5]")
 @click.option("--max-url-length", type=int, help="Longest request URL; more tags open more channels.  "
                                                  "[default: 6000]")
 @click.option("--state-dir", help="Folder for the per-tag floors that make restarts exactly once.  "

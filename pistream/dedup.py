@@ -1,20 +1,23 @@
 """Exactly-once bookkeeping per tag: which values are repeats, and which time range a gap fill must read.
 
 Channels never replay, so after every (re)connect the values missed meanwhile are read back over REST.
-For each tag pistream keeps its *floor*, the newest event time it has accepted, with the keys of the
-event(s) at that time. On connect a tag waits for its first live value (the channel's initial value, the
-current one); the gap is then ``floor .. first live value``, both ends included, and gap values are
-accepted only inside it and only if they are not the events already known at either end. Live values
-newer than the floor are new; live values at or before it are dropped only if they repeat the known
-events at the floor (out-of-order late values are kept).
+For each tag pistream keeps its *floor*, the newest event time it has accepted, and the *recent* events:
+those within ``lookback`` of the floor (at least the events at the floor itself). On connect, a tag waits
+for its first live value (the channel's initial value, the current one); the gap to read back is then
+``floor - lookback .. first live value``, both ends included. Gap values are accepted inside that window
+unless they are recent events already known, or the live value at its end. The look-back recovers values a
+server delivered late, out of order, and lost with the connection. Live values newer than the floor are
+new; live values at or before it are dropped only if they repeat a recent event (older late values are
+kept: they cannot be told from repeats).
 
-Limits: a repeat of an *older* value than the tag's newest (not only of the newest) would be written
-again; a second, distinct event at exactly the floor time arriving after a restart is taken as a repeat.
+Limits: a repeat of an event older than ``lookback`` before the newest is written again; a second,
+distinct event at a time already in the recent set that arrives only after a restart is taken as a repeat.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +50,7 @@ class GapRequest:
 @dataclass
 class _Window:
     start_us: int
-    start_keys: frozenset[EventKey]
+    known: frozenset[EventKey]  # recent events at connect time: already in the table or the buffer
     end_us: int | None = None
     end_keys: frozenset[EventKey] = frozenset()
 
@@ -61,13 +64,21 @@ class FilterStats:
 
 @dataclass
 class EventFilter:
-    """Per-tag floors and gap windows; owned by the flusher, persisted by the state store."""
+    """Per-tag floors, recent events and gap windows; owned by the flusher, persisted by the state store."""
 
+    lookback_us: int = 0
     floors: dict[str, int] = field(default_factory=dict)
-    floor_keys: dict[str, set[EventKey]] = field(default_factory=dict)
+    recent: dict[str, deque[EventKey]] = field(default_factory=dict)
     _awaiting: dict[str, _Window] = field(default_factory=dict)
     _windows: dict[str, list[_Window]] = field(default_factory=dict)  # several if it reconnected again
+    # While a tag has open windows: every event accepted inside them, so that overlapping windows (a
+    # reconnect while an earlier gap is still being read) cannot both let the same event in.
+    _seen: dict[str, set[EventKey]] = field(default_factory=dict)
     stats: FilterStats = field(default_factory=FilterStats)
+
+    def copy(self) -> EventFilter:
+        """Floors and recent events only (no windows): the flusher starts from the committed state."""
+        return EventFilter(self.lookback_us, dict(self.floors), {w: deque(k) for w, k in self.recent.items()})
 
     # -- connections and gaps -------------------------------------------------------------------------
     def connected(self, webids: list[str]) -> None:
@@ -75,7 +86,7 @@ class EventFilter:
         for webid in webids:
             floor = self.floors.get(webid)
             if floor is not None:
-                self._awaiting[webid] = _Window(floor, frozenset(self.floor_keys.get(webid, ())))
+                self._awaiting[webid] = _Window(floor - self.lookback_us, frozenset(self.recent.get(webid, ())))
 
     def first_live(self, webid: str, keys: list[EventKey]) -> GapRequest | None:
         """The first live values of a waiting tag close its gap window; returns what to read back."""
@@ -86,6 +97,7 @@ class EventFilter:
         window.end_us = end_us
         window.end_keys = frozenset(k for k in keys if k[0] == end_us)
         if end_us < window.start_us:
+            self._forget_seen(webid)
             return None
         self._windows.setdefault(webid, []).append(window)
         return GapRequest(webid, window.start_us, end_us)
@@ -94,13 +106,13 @@ class EventFilter:
         return webid in self._awaiting
 
     def accept_gap(self, webid: str, key: EventKey) -> bool:
-        """A recorded value read back for a gap: inside the window and not an event known at its ends."""
+        """A recorded value read back for a gap: inside its window and not an event known already."""
         ts = key[0]
         for window in self._windows.get(webid, ()):
             assert window.end_us is not None
             if not window.start_us <= ts <= window.end_us:
                 continue
-            if (ts == window.start_us and key in window.start_keys) or (
+            if key in window.known or key in self._seen.get(webid, ()) or (
                     ts == window.end_us and key in window.end_keys):
                 self.stats.repeats_dropped += 1
                 return False
@@ -113,38 +125,56 @@ class EventFilter:
         windows[:] = [w for w in windows if (w.start_us, w.end_us) != (request.start_us, request.end_us)]
         if not windows:
             self._windows.pop(request.webid, None)
+        self._forget_seen(request.webid)
+
+    def _forget_seen(self, webid: str) -> None:
+        if webid not in self._windows and webid not in self._awaiting:
+            self._seen.pop(webid, None)
 
     def open_gaps(self) -> int:
         return len(self._windows) + len(self._awaiting)
 
     # -- live values ----------------------------------------------------------------------------------
     def accept_live(self, webid: str, key: EventKey) -> bool:
-        """A live value at or before the floor is a repeat if it is an event known at the floor."""
+        """A live value at or before the floor is a repeat if it is a recent event."""
         floor = self.floors.get(webid)
         if floor is None or key[0] > floor:
             return True
-        if key in self.floor_keys.get(webid, ()):
+        if key in self.recent.get(webid, ()) or key in self._seen.get(webid, ()):
             self.stats.repeats_dropped += 1
             return False
-        if key[0] < floor:
+        if key[0] < floor - self.lookback_us:
             self.stats.late_accepted += 1
         return True
 
     def advance(self, webid: str, key: EventKey) -> None:
-        """Record an accepted event: it may raise the tag's floor."""
+        """Record an accepted event: it may raise the tag's floor; it joins the recent events."""
         floor = self.floors.get(webid)
         ts = key[0]
+        recent = self.recent.get(webid)
+        if recent is None:
+            recent = self.recent[webid] = deque()
         if floor is None or ts > floor:
-            self.floors[webid] = ts
-            self.floor_keys[webid] = {key}
-        elif ts == floor:
-            self.floor_keys.setdefault(webid, set()).add(key)
+            self.floors[webid] = floor = ts
+            horizon = floor - self.lookback_us
+            while recent and recent[0][0] < horizon:
+                recent.popleft()
+            if self.lookback_us == 0:
+                recent.clear()
+        if ts >= floor - self.lookback_us:
+            recent.append(key)
+        # Events accepted while a window is open or awaiting its end may be read back by it again.
+        waiting = self._awaiting.get(webid)
+        windows = self._windows.get(webid, ())
+        if (waiting is not None and ts >= waiting.start_us) or any(
+                w.start_us <= ts <= (w.end_us or ts) for w in windows):
+            self._seen.setdefault(webid, set()).add(key)
 
 
 def advance_from_rows(target: EventFilter, data: pa.Table | pa.RecordBatch) -> EventFilter:
-    """Raise ``target``'s floors by table rows (at least the EVENT_KEY columns): each tag's newest events.
-
-    Used for the committed floors after each commit, and to rebuild them from the table itself.
+    """Raise ``target``'s floors by table rows (at least the EVENT_KEY columns): each tag's newest events,
+    and those within the look-back. Used for the committed floors after each commit, and to rebuild them
+    from the table itself.
     """
     if data.num_rows == 0:
         return target
@@ -152,10 +182,13 @@ def advance_from_rows(target: EventFilter, data: pa.Table | pa.RecordBatch) -> E
         data = pa.Table.from_batches([data])
     data = data.select(list(EVENT_KEY))
     newest = data.group_by("tag_webid").aggregate([("timestamp", "max")])
-    joined = data.join(newest, keys=["tag_webid", "timestamp"], right_keys=["tag_webid", "timestamp_max"],
-                       join_type="inner")
-    ts = pc.cast(joined["timestamp"], pa.int64()).to_pylist()
+    joined = data.join(newest, keys="tag_webid", join_type="inner")
+    ts = pc.cast(joined["timestamp"], pa.int64())
+    horizon = pc.subtract(pc.cast(joined["timestamp_max"], pa.int64()), target.lookback_us)
+    joined = joined.filter(pc.greater_equal(ts, horizon))
+    joined = joined.sort_by([("timestamp", "ascending")])
+    ts_list = pc.cast(joined["timestamp"], pa.int64()).to_pylist()
     columns = [joined[c].to_pylist() for c in EVENT_KEY[2:]]
     for i, webid in enumerate(joined["tag_webid"].to_pylist()):
-        target.advance(webid, event_key(ts[i], *(col[i] for col in columns)))
+        target.advance(webid, event_key(ts_list[i], *(col[i] for col in columns)))
     return target

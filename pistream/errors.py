@@ -8,6 +8,7 @@
     ├── UnknownTagsError           exit 2  tags the server does not know
     ├── ServerError                exit 1  PI Web API answered with an error at run time
     ├── ChannelError               exit 1  a channel closed or failed
+    │   └── ChannelRefusedError    exit 2  the server refuses channels (disabled, URL too long)
     └── SinkError                  exit 1  the Delta table could not be opened or written
         └── TableConflictError     exit 2  the table does not fit (schema, another writer's app id)
 
@@ -54,6 +55,12 @@ class ServerError(PistreamError):
 
 class ChannelError(PistreamError):
     exit_code = 1
+
+
+class ChannelRefusedError(ChannelError):
+    """Refused for good (EnableChannels false, URL too long): retrying cannot help, the setup must change."""
+
+    exit_code = 2
 
 
 class SinkError(PistreamError):

@@ -118,7 +118,7 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def recover_floors(sink: DeltaSink, store: StateStore) -> tuple[EventFilter, int]:
+def recover_floors(sink: DeltaSink, store: StateStore, lookback_us: int) -> tuple[EventFilter, int]:
     """Where each tag stopped in the table, and this writer's last transaction version.
 
     From the state file when it matches the table; otherwise from the table itself (only the partitions
@@ -126,25 +126,21 @@ def recover_floors(sink: DeltaSink, store: StateStore) -> tuple[EventFilter, int
     """
     started = time.monotonic()
     txn_version = sink.last_txn_version()
-    loaded = store.load()
+    loaded = store.load(lookback_us)
     if loaded is not None and loaded[1] == txn_version:
         log.info("floors_loaded", source="state", tags=len(loaded[0].floors), txn_version=txn_version)
         return loaded[0], txn_version
-    base = EventFilter()
+    base = EventFilter(lookback_us)
     since = None
     if loaded is not None and loaded[1] < txn_version and loaded[0].floors:
         base = loaded[0]
-        since = (EPOCH + timedelta(microseconds=min(base.floors.values()))).date()
+        since = (EPOCH + timedelta(microseconds=min(base.floors.values()) - lookback_us)).date()
     if txn_version == 0 and sink.table.version() == 0:
         return base, txn_version  # a new table: nothing to read
     advance_from_rows(base, sink.read_event_keys(since))
     log.info("floors_loaded", source="table", since=str(since) if since else "all", tags=len(base.floors),
              txn_version=txn_version, seconds=round(time.monotonic() - started, 3))
     return base, txn_version
-
-
-def _copy(floors: EventFilter) -> EventFilter:
-    return EventFilter(dict(floors.floors), {w: set(k) for w, k in floors.floor_keys.items()})
 
 
 async def watch_signals(stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -192,7 +188,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
         auth = make_auth(settings, url, tls)
         hint = AUTH_HINTS[kind]
         await trio.to_thread.run_sync(sink.open)
-        committed, txn_version = await trio.to_thread.run_sync(recover_floors, sink, store)
+        committed, txn_version = await trio.to_thread.run_sync(
+            recover_floors, sink, store, int(settings.reread_seconds * 1_000_000))
         api = PiWebApi(url, auth=auth, verify=tls or True, max_url_length=settings.max_url_length,
                        auth_hint=hint)
         async with api:
@@ -205,14 +202,15 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
             message_send, message_recv = trio.open_memory_channel[Incoming](READER_QUEUE)
             flush_send, flush_recv = trio.open_memory_channel[Flush](1)
             gap_queue = GapQueue()
-            flusher = Flusher(ColumnBuffer(streams, _copy(committed)), message_recv, flush_send,
+            flusher = Flusher(ColumnBuffer(streams, committed.copy()), message_recv, flush_send,
                               max_rows=settings.flush_rows, max_age=settings.flush_seconds, gap_queue=gap_queue)
             writer = CommitWriter(sink, flush_recv, txn_version=txn_version, committed=committed, state=store)
             gap_filler = GapFiller(api, gap_queue, message_send.clone())
             readers = [
                 ChannelReader(f"channel-{i}", url, shard, message_send.clone(), auth=auth, ssl_context=tls,
                               auth_hint=hint,
-                              heartbeat_rate=settings.heartbeat_rate, stall_timeout=settings.stall_seconds)
+                              heartbeat_rate=settings.heartbeat_rate, read_timeout=settings.silence_seconds,
+                              stall_timeout=settings.stall_seconds)
                 for i, shard in enumerate(shards)
             ]
             message_send.close()  # each producer owns a clone; the flusher ends when the last one closes

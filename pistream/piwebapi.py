@@ -6,6 +6,8 @@ the option that fixes it. Credentials ride in headers built by ``auth`` and neve
 
 from __future__ import annotations
 
+import re
+import socket
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -85,27 +87,59 @@ def _origin(base_url: str) -> str:
     return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
-def translate_transport_error(exc: Exception, base_url: str) -> ConnectError:
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and everything behind it: causes, contexts and the members of exception groups (httpx on
+    trio wraps an ``ssl`` or ``socket`` error three levels deep, and failed connects in a group)."""
+    found: list[BaseException] = []
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if any(current is seen for seen in found):
+            continue
+        found.append(current)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+    return found
+
+
+def certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error behind a transport failure, if that is what it was."""
+    for cause in _causes(exc):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return cause
+    return None
+
+
+def translate_transport_error(exc: Exception, base_url: str, issuer: str | None = None) -> ConnectError:
     """One clear message for a failure to reach the server at all (DNS, refused, TLS, timeout)."""
     where = _origin(base_url)
-    text = str(exc) or type(exc).__name__
-    if "CERTIFICATE_VERIFY_FAILED" in text or isinstance(exc.__cause__, ssl.SSLCertVerificationError) or \
-            isinstance(exc.__context__, ssl.SSLCertVerificationError):
-        return untrusted_certificate_error(base_url, text)
+    causes = _causes(exc)
+    text = next((str(c) for c in causes if str(c)), type(exc).__name__)
+    certificate = certificate_failure(exc)
+    if certificate is not None or "CERTIFICATE_VERIFY_FAILED" in text:
+        return untrusted_certificate_error(base_url, str(certificate or text), issuer)
     if isinstance(exc, httpx.TimeoutException):
         return ConnectError(f"PI Web API at {where} did not answer in time ({text}): check --url and the network")
-    if "Name or service not known" in text or "nodename nor servname" in text or "getaddrinfo" in text:
-        return ConnectError(f"cannot resolve the host of {where}: check the host name in --url")
-    if "refused" in text.lower():
+    gaierror = next((c for c in causes if isinstance(c, socket.gaierror)), None)
+    if gaierror is not None or "Name or service not known" in text or "nodename nor servname" in text:
+        detail = f" ({gaierror.strerror})" if gaierror is not None and gaierror.strerror else ""
+        return ConnectError(f"cannot resolve the host of {where}{detail}: check the host name in --url")
+    if any(isinstance(c, ConnectionRefusedError) for c in causes) or "refused" in text.lower():
         return ConnectError(f"connection to {where} refused: is PI Web API running there? check --url")
     return ConnectError(f"cannot reach PI Web API at {where} ({text}): check --url and the network")
 
 
-def untrusted_certificate_error(base_url: str, detail: str) -> ConnectError:
-    """Name who issued the certificate, and the option that makes pistream trust it."""
-    parts = urlsplit(base_url)
-    issuer = certificate_issuer(parts.hostname or "", parts.port or 443)
-    reason = detail.split("certificate verify failed:")[-1].strip(" )'\"") if "verify failed" in detail else detail
+def untrusted_certificate_error(base_url: str, detail: str, issuer: str | None = None) -> ConnectError:
+    """Name who issued the certificate, and the option that makes pistream trust it (``issuer``: from
+    ``tls.certificate_issuer``, which callers in the event loop run in a thread)."""
+    reason = detail.split("certificate verify failed:")[-1] if "verify failed" in detail else detail
+    reason = re.sub(r"\s*\(_ssl\.c:\d+\)", "", reason).strip(" )'\"")
+    if "mismatch" in reason.lower() or "doesn't match" in reason.lower():
+        return ConnectError(
+            f"TLS certificate of {_origin(base_url)} names another host ({reason}): use the host name the "
+            "certificate was issued for in --url"
+        )
     who = f"issued by {issuer}" if issuer else "issuer unknown"
     return ConnectError(
         f"TLS certificate of {_origin(base_url)} is not trusted ({who}; {reason}): pass --ca-bundle PATH with "
@@ -147,10 +181,17 @@ class PiWebApi:
         try:
             response = await self._client.get(path, params=tuple(params or ()))
         except httpx.TransportError as exc:
-            raise translate_transport_error(exc, self.base_url) from exc
+            issuer = None
+            if certificate_failure(exc) is not None:  # who issued it: a blocking fetch, so in a thread
+                parts = urlsplit(self.base_url)
+                issuer = await trio.to_thread.run_sync(certificate_issuer, parts.hostname or "", parts.port or 443)
+            raise translate_transport_error(exc, self.base_url, issuer) from exc
         if response.status_code in (401, 403):
-            scheme = response.headers.get("WWW-Authenticate", "").split(" ")[0]
+            challenge = response.headers.get("WWW-Authenticate", "")
+            scheme = challenge.split(" ")[0]
+            said = re.search(r'error_description="([^"]*)"', challenge)
             offered = f"; the server asks for {scheme}" if scheme else ""
+            offered += f" and says: {said.group(1)}" if said else ""
             raise AuthError(
                 f"PI Web API refused the credentials ({response.status_code}: {_error_text(response)}"
                 f"{offered}): {self.auth_hint}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from .dedup import EventFilter, event_key
 
 log = structlog.get_logger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 
 
 class _StateFile(msgspec.Struct, forbid_unknown_fields=True):
@@ -28,7 +29,9 @@ class _StateFile(msgspec.Struct, forbid_unknown_fields=True):
     table: str
     app_id: str
     txn_version: int
-    # webid -> [floor_us, [[value, value_text, state_code, good, questionable, substituted, annotated], ...]]
+    lookback_us: int
+    # webid -> [floor_us, recent events: [[timestamp_us, value, value_text, state_code, good, questionable,
+    # substituted, annotated], ...]]
     floors: dict[str, tuple[int, list[list[Any]]]]
 
 
@@ -51,10 +54,11 @@ class StateStore:
 
     def save(self, committed: EventFilter, txn_version: int) -> None:
         floors = {
-            webid: (ts, [list(k[1:]) for k in committed.floor_keys.get(webid, ())])
+            webid: (ts, [list(k) for k in committed.recent.get(webid, ())])
             for webid, ts in committed.floors.items()
         }
-        data = _encoder.encode(_StateFile(FORMAT, self.table_uri, self.app_id, txn_version, floors))
+        data = _encoder.encode(_StateFile(FORMAT, self.table_uri, self.app_id, txn_version,
+                                          committed.lookback_us, floors))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         with open(tmp, "wb") as f:
@@ -63,7 +67,7 @@ class StateStore:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
 
-    def load(self) -> tuple[EventFilter, int] | None:
+    def load(self, lookback_us: int) -> tuple[EventFilter, int] | None:
         """The saved floors and the transaction version they match, or None if there is no usable file."""
         try:
             state = _decoder.decode(self.path.read_bytes())
@@ -75,8 +79,12 @@ class StateStore:
         if state.format != FORMAT or state.table != self.table_uri or state.app_id != self.app_id:
             log.warning("state_ignored", path=str(self.path), reason="written for another table or writer")
             return None
-        result = EventFilter()
+        if state.lookback_us < lookback_us:
+            log.info("state_ignored", path=str(self.path), reason="written with a shorter look-back")
+            return None
+        result = EventFilter(lookback_us)
         for webid, (ts, keys) in state.floors.items():
             result.floors[webid] = ts
-            result.floor_keys[webid] = {event_key(ts, *k) for k in keys}
+            result.recent[webid] = deque(event_key(*k) for k in sorted(keys, key=lambda k: k[0])
+                                         if k[0] >= ts - lookback_us)
         return result, state.txn_version

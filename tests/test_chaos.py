@@ -1,6 +1,7 @@
-"""Chaos: pistream as a real process against the simulator, its channels dropped every few seconds, the
-process killed with SIGKILL and restarted several times, then stopped with SIGINT. At the end every event
-the simulator emitted is in the table exactly once."""
+"""Chaos: pistream as a real process against a misbehaving simulator (values shuffled, late, repeated),
+its channels closed, killed without a close frame or gone silent every few seconds, the process killed
+with SIGKILL and restarted several times, then stopped with SIGINT; on S3 and Azure, the storage also
+freezes under the last process. At the end every event is in the table exactly once."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 import trio
 from conftest import compare_with_model, deltalake_rows
 
+from pistream.sim.faults import Faults
 from pistream.sim.groundtruth import compare_rows
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
@@ -24,7 +26,9 @@ async def run_chaos(tmp_path, table: str, storage_options: dict[str, str] | None
     model = SimModel.generated(200, rate=5)  # 1,000 events/s
     tags = tmp_path / "tags.txt"
     tags.write_text("\n".join(t.path for t in model.tags) + "\n", encoding="utf-8")
-    simulator = Simulator(model, poll_interval=0.2)
+    # The server misbehaves like real ones: values shuffled, some sent late, some sent twice.
+    simulator = Simulator(model, poll_interval=0.2,
+                          faults=Faults(shuffle=True, late_fraction=0.05, repeat_last=0.05, seed=7))
     rng = random.Random(7)
     log_path = tmp_path / "pistream.log"
     log_file = await trio.to_thread.run_sync(open, log_path, "ab")
@@ -32,27 +36,35 @@ async def run_chaos(tmp_path, table: str, storage_options: dict[str, str] | None
         async with trio.open_nursery() as nursery:
             await nursery.start(simulator.run)
 
-            async def drop_channels():
+            async def break_channels():
+                """Clean closes, sockets killed without a close frame, and channels gone silent."""
                 while True:
                     await trio.sleep(rng.uniform(2, 4))
-                    await simulator.drop_channels()
+                    fault = rng.choice(["drop", "kill", "silence"])
+                    if fault == "drop":
+                        await simulator.drop_channels()
+                    elif fault == "kill":
+                        simulator.faults.kill_channels()
+                    else:
+                        simulator.faults.silence(4)
 
-            nursery.start_soon(drop_channels)
+            nursery.start_soon(break_channels)
             config = tmp_path / "pistream.toml"
             options = "".join(f'{k} = "{v}"\n' for k, v in (storage_options or {}).items())
             await trio.Path(config).write_text(f"[pistream.storage_options]\n{options}")
             command = [sys.executable, "-m", "pistream", "--tags", str(tags), "--url", simulator.url,
                        "--table", table, "--state-dir", str(tmp_path / "state"), "--flush-seconds", "1",
-                       "--stall-seconds", "2", "--log-format", "json", "--app-id", "chaos",
+                       "--stall-seconds", "2", "--heartbeat-rate", "1", "--silence-seconds", "2",
+                       "--log-format", "json", "--app-id", "chaos",
                        "--config", str(config)]
             for round_no in range(kills + 1):
                 process = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL, stderr=log_file)
                 if round_no == kills and storage_fault is not None:
                     nursery.start_soon(storage_fault)  # the storage goes away under the last process
                 try:
-                    # the last round outlives a storage outage (2 s in, 6 s long) with time to catch up
+                    # the last round outlives a storage outage (2 s in, 10 s long) with time to catch up
                     last_with_outage = round_no == kills and storage_fault is not None
-                    await trio.sleep(12 if last_with_outage else rng.uniform(4, 7))
+                    await trio.sleep(16 if last_with_outage else rng.uniform(4, 7))
                     if round_no < kills:
                         process.kill()  # SIGKILL: no flush, no state save
                         await process.wait()
@@ -99,7 +111,7 @@ def frozen_for_a_while(server, start: float, seconds: float):
 async def check_cloud_chaos(tmp_path, server, label: str) -> None:
     table = server.table_uri("chaos")
     model, windows, log_path = await run_chaos(tmp_path, table, server.storage_options,
-                                               storage_fault=frozen_for_a_while(server, 2, 6))
+                                               storage_fault=frozen_for_a_while(server, 2, 10))
     result = compare_rows(deltalake_rows(table, server.storage_options), model, windows)
     log_text = log_path.read_text()
     stalls = log_text.count('"event": "channel_paused"') + log_text.count('"event": "commit_failed"')

@@ -47,6 +47,66 @@ def test_gap_window_runs_from_the_floor_to_the_first_live_value_both_ends_dedupl
     assert not f.accept_gap("W", key(150))  # the window is closed
 
 
+def test_look_back_reads_late_values_lost_with_the_connection_and_drops_the_known_ones():
+    f = EventFilter(lookback_us=50)
+    for ts in (60, 80, 100):  # 90 was held back by the server and lost with the connection
+        f.advance("W", key(ts))
+    assert list(f.recent["W"]) == [key(60), key(80), key(100)]
+    f.advance("W", key(140))  # 60 and 80 fall out of the look-back
+    assert list(f.recent["W"]) == [key(100), key(140)]
+    assert not f.accept_live("W", key(100))  # an older repeat inside the look-back is caught
+    f.connected(["W"])
+    request = f.first_live("W", [key(300)])
+    assert request == GapRequest("W", 90, 300)
+    assert f.accept_gap("W", key(90))  # the late value, never received
+    assert not f.accept_gap("W", key(100)) and not f.accept_gap("W", key(140))
+    assert f.accept_gap("W", key(200)) and not f.accept_gap("W", key(300))
+
+
+def test_overlapping_windows_let_an_event_in_once():
+    """A reconnect while the previous gap is still being read: both windows cover the same events."""
+    f = EventFilter(lookback_us=100)
+    f.advance("W", key(1000))
+    f.connected(["W"])
+    first = f.first_live("W", [key(1200)])  # window [900, 1200]
+    f.advance("W", key(1200))
+    f.connected(["W"])  # the gap read of the first window has not arrived yet
+    second = f.first_live("W", [key(1400)])  # window [1100, 1400]
+    assert first.end_us >= second.start_us
+    assert f.accept_gap("W", key(1150))  # via the second window's read
+    f.advance("W", key(1150))
+    assert not f.accept_gap("W", key(1150))  # the first window's read brings it again
+    f.gap_done(first)
+    f.gap_done(second)
+    assert f.open_gaps() == 0 and not f._seen
+
+
+def test_a_window_awaiting_its_end_remembers_what_an_earlier_window_let_in():
+    f = EventFilter(lookback_us=100)
+    f.advance("W", key(1000))
+    f.connected(["W"])
+    first = f.first_live("W", [key(1200)])  # window [900, 1200], its read still to come
+    f.advance("W", key(1200))
+    f.connected(["W"])  # reconnected again: waits for its first live value, known = recent now
+    assert f.accept_gap("W", key(1150))  # the first window's read arrives...
+    f.advance("W", key(1150))
+    f.gap_done(first)  # ...and ends, before the second window has its end
+    second = f.first_live("W", [key(1400)])  # window [1100, 1400]
+    assert second is not None and second.start_us <= 1150
+    assert not f.accept_gap("W", key(1150))  # read again by the second window: a repeat
+
+
+def test_floors_from_rows_keep_the_look_back():
+    ts = pa.array([10, 60, 100, 100], pa.int64()).cast(pa.timestamp("us", "UTC"))
+    rows = pa.table({"tag_webid": ["A"] * 4, "timestamp": ts, "value": [1.0, 2.0, 3.0, 4.0],
+                     "value_text": pa.array([None] * 4, pa.string()), "state_code": pa.array([None] * 4, pa.int32()),
+                     "good": [True] * 4, "questionable": [False] * 4, "substituted": [False] * 4,
+                     "annotated": [False] * 4})
+    f = advance_from_rows(EventFilter(lookback_us=50), rows)
+    assert f.floors == {"A": 100}
+    assert [k[0] for k in f.recent["A"]] == [60, 100, 100]
+
+
 def test_a_second_reconnect_during_a_gap_fill_opens_a_second_window():
     f = EventFilter()
     f.advance("W", key(100))
@@ -70,7 +130,7 @@ def test_floors_from_rows_keep_every_event_at_the_newest_time():
                      "annotated": [False] * 4})
     f = advance_from_rows(EventFilter(), rows)
     assert f.floors == {"A": 5, "B": 3}
-    assert f.floor_keys["A"] == {key(5, 2.0), event_key(5, float("nan"), None, None, True, False, False, False)}
+    assert set(f.recent["A"]) == {key(5, 2.0), event_key(5, float("nan"), None, None, True, False, False, False)}
     assert not f.accept_live("A", event_key(5, float("nan"), None, None, True, False, False, False))
 
 
