@@ -5,6 +5,7 @@ nursery until stopped, and shut down in order (readers first, then flush, then t
 from __future__ import annotations
 
 import getpass
+import math
 import signal
 import socket
 import sys
@@ -187,13 +188,14 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
         tls = client_context(settings.ca_bundle, settings.insecure) if url.startswith("https") else None
         auth = make_auth(settings, url, tls)
         hint = AUTH_HINTS[kind]
-        await trio.to_thread.run_sync(sink.open)
-        committed, txn_version = await trio.to_thread.run_sync(
-            recover_floors, sink, store, int(settings.reread_seconds * 1_000_000))
         api = PiWebApi(url, auth=auth, verify=tls or True, max_url_length=settings.max_url_length,
                        auth_hint=hint)
         async with api:
+            # PI Web API first: a wrong URL or password must not leave an empty table behind.
             resolved = await resolve_tags(api, paths, settings.skip_unknown, settings.state_dir)
+            await trio.to_thread.run_sync(sink.open)
+            committed, txn_version = await trio.to_thread.run_sync(
+                recover_floors, sink, store, int(settings.reread_seconds * 1_000_000))
             streams = {t.webid: StreamInfo(t.path, t.webid, t.uom) for t in resolved}
             shards = shard_webids(url, list(streams), settings.max_url_length)
             log.info("tags_resolved", tags=len(resolved), channels=len(shards), table=sink.display_uri,
@@ -217,7 +219,9 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
             async with trio.open_nursery() as flow:
                 await flow.start(writer.run)
                 await flow.start(flusher.run)
-                flow.start_soon(_run_producers, readers, gap_filler, stop, settings.duration)
+                deadline = trio.current_time() + (settings.duration - (time.monotonic() - started)
+                                                  if settings.duration is not None else math.inf)
+                flow.start_soon(_run_producers, readers, gap_filler, stop, deadline)
         root.cancel_scope.cancel()  # the simulator and the signal watcher
 
     summary = RunSummary(
@@ -240,17 +244,15 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
 
 
 async def _run_producers(readers: list[ChannelReader], gap_filler: GapFiller, stop: trio.Event,
-                         duration: float | None) -> None:
-    """Run the readers and the gap filler until stop or duration; when they close their channel ends,
-    the flusher flushes what is left. Gaps still open then are read back on the next start."""
+                         deadline: float) -> None:
+    """Run the readers and the gap filler until stop or the deadline (``--duration`` counts from the
+    process start); when they close their channel ends, the flusher flushes what is left. Gaps still open
+    then are read back on the next start."""
     async with trio.open_nursery() as nursery:
-        await nursery.start(gap_filler.run)
+        nursery.start_soon(gap_filler.run)
         for reader in readers:
-            await nursery.start(reader.run)
-        if duration is not None:
-            with trio.move_on_after(duration):
-                await stop.wait()
-        else:
+            nursery.start_soon(reader.run)
+        with trio.move_on_at(deadline):
             await stop.wait()
         nursery.cancel_scope.cancel()
 
