@@ -13,23 +13,15 @@ import sys
 import tempfile
 import time
 
-import pyarrow as pa
 import trio
 from deltalake import DeltaTable
 
 from pistream.config import build_settings
 from pistream.logsetup import configure_logging
 from pistream.pipeline import run_pipeline
-from pistream.sim.groundtruth import COLUMNS, compare_rows
+from pistream.sim.groundtruth import arrow_rows, compare_rows
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
-
-
-def table_rows(path: str) -> list[tuple]:
-    data = DeltaTable(path).to_pyarrow_table()
-    data = data.set_column(data.schema.get_field_index("timestamp"), "timestamp_us",
-                           data["timestamp"].cast(pa.int64()))
-    return list(zip(*(data[c].to_pylist() for c in COLUMNS), strict=True))
 
 
 async def run(args: argparse.Namespace, workdir: str) -> dict:
@@ -49,7 +41,7 @@ async def run(args: argparse.Namespace, workdir: str) -> dict:
     tail_us = int(2 * args.poll_interval * 1e6)
     windows = {w: (r.first_us, r.last_us - tail_us) for w, r in simulator.emitted.items()}
     started = time.perf_counter()
-    result = compare_rows(table_rows(table), model, windows)
+    result = compare_rows(arrow_rows(DeltaTable(table).to_pyarrow_table()), model, windows)
     return {
         "tags": args.tags, "rate": args.rate, "duration_s": args.duration,
         "tags_emitting": len(windows), "tags_with_rows": result.tags_with_rows,

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 
-import pyarrow as pa
 import trio
 from deltalake import DeltaTable
 
@@ -27,7 +26,7 @@ from pistream.config import build_settings
 from pistream.errors import SinkError
 from pistream.logsetup import configure_logging
 from pistream.pipeline import run_pipeline
-from pistream.sim.groundtruth import COLUMNS, compare_rows
+from pistream.sim.groundtruth import arrow_rows, compare_rows
 from pistream.sim.model import SimModel
 from pistream.sink import DeltaSink
 
@@ -73,10 +72,7 @@ async def run(args: argparse.Namespace, workdir: str, url: str) -> dict:
         summary = await run_pipeline(settings, handle_signals=False, sink=sink)
         nursery.cancel_scope.cancel()
     peak_run_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before reading the table back
-    data = DeltaTable(table).to_pyarrow_table()
-    data = data.set_column(data.schema.get_field_index("timestamp"), "timestamp_us",
-                           data["timestamp"].cast(pa.int64()))
-    rows = list(zip(*(data[c].to_pylist() for c in COLUMNS), strict=True))
+    rows = arrow_rows(DeltaTable(table).to_pyarrow_table())
     first: dict[str, int] = {}
     last: dict[str, int] = {}
     for webid, ts, *_ in rows:

@@ -47,15 +47,11 @@ GROUND_TRUTH_SQL = ("tag_webid, epoch_us(timestamp), value, value_text, state_co
 def deltalake_rows(table_uri: str, storage_options: dict[str, str] | None = None) -> list[tuple]:
     """Ground-truth columns of a table read with delta-rs (for object storage, where DuckDB would need
     extensions downloaded at run time)."""
-    import pyarrow as pa
     from deltalake import DeltaTable
 
-    from pistream.sim.groundtruth import COLUMNS
+    from pistream.sim.groundtruth import arrow_rows
 
-    data = DeltaTable(table_uri, storage_options=storage_options).to_pyarrow_table()
-    data = data.set_column(data.schema.get_field_index("timestamp"), "timestamp_us",
-                           data["timestamp"].cast(pa.int64()))
-    return list(zip(*(data[c].to_pylist() for c in COLUMNS), strict=True))
+    return arrow_rows(DeltaTable(table_uri, storage_options=storage_options).to_pyarrow_table())
 
 
 def compare_with_model(table_path, model, windows):

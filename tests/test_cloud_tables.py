@@ -23,7 +23,7 @@ from pistream.config import build_settings
 from pistream.errors import SinkError
 from pistream.pipeline import run_pipeline
 from pistream.schema import TABLE_SCHEMA
-from pistream.sim.groundtruth import COLUMNS, compare_rows
+from pistream.sim.groundtruth import arrow_rows, compare_rows
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
 from pistream.sink import DeltaSink, redact_text, secret_values
@@ -73,11 +73,8 @@ def read_sorted(uri: str, storage_options: dict[str, str]) -> list[dict]:
 
 
 def table_rows(uri: str, storage_options: dict[str, str]) -> list[tuple]:
-    """Rows as ``compare_rows`` wants them (see benchmarks/exactly_once.py), read by deltalake."""
-    data = DeltaTable(uri, storage_options=storage_options).to_pyarrow_table()
-    data = data.set_column(data.schema.get_field_index("timestamp"), "timestamp_us",
-                           data["timestamp"].cast(pa.int64()))
-    return list(zip(*(data[c].to_pylist() for c in COLUMNS), strict=True))
+    """Rows as ``compare_rows`` wants them, read by deltalake."""
+    return arrow_rows(DeltaTable(uri, storage_options=storage_options).to_pyarrow_table())
 
 
 @contextmanager

@@ -8,8 +8,12 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .model import SimEvent, SimModel, table_columns
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 @dataclass
@@ -38,6 +42,15 @@ def expected_row(event: SimEvent) -> tuple:
 # The columns compared, in the order ``compare_rows`` expects them (timestamp as epoch microseconds).
 COLUMNS = ("tag_webid", "timestamp_us", "value", "value_text", "state_code", "system_state", "good",
            "questionable", "substituted", "annotated")
+
+
+def arrow_rows(data: pa.Table) -> list[tuple]:
+    """A table's rows (as any Delta reader returns them in Arrow) as tuples of ``COLUMNS``."""
+    import pyarrow as pa
+
+    timestamps = data["timestamp"].cast(pa.int64())
+    columns = [timestamps if c == "timestamp_us" else data[c] for c in COLUMNS]
+    return list(zip(*(c.to_pylist() for c in columns), strict=True))
 
 
 def compare_rows(rows: Iterable[tuple], model: SimModel, windows: dict[str, tuple[int, int]]) -> Comparison:
