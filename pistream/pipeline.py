@@ -166,7 +166,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
     ``sink`` replaces the Delta sink the settings describe (tests inject storage faults with it).
     """
     started = time.monotonic()
-    stop = stop or trio.Event()
+    stop = stop if stop is not None else trio.Event()  # an Event has no truth value
     assert settings.tags is not None
     tag_list = read_tags_file(settings.tags, settings.server)
     if tag_list.duplicates:
