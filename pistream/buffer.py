@@ -4,7 +4,9 @@ RecordBatch per flush. Every value passes the exactly-once filter (``dedup``) on
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,6 +38,9 @@ class Flush:
     batch: pa.RecordBatch
     repeats_dropped: int
     rejected: int
+    # Floors and recent events, at take(), of the streams this batch touched: once it is committed, these
+    # are the committed ones (every accepted value is in this batch or an earlier one).
+    floors: dict[str, tuple[int, tuple[EventKey, ...]]]
 
 
 @dataclass
@@ -69,6 +74,7 @@ class ColumnBuffer:
         self.received_us: list[int] = []
         self._repeats_at_reset = self.filter.stats.repeats_dropped
         self._rejected = 0
+        self._touched: set[str] = set()
 
     def __len__(self) -> int:
         return len(self.tag)
@@ -103,6 +109,10 @@ class ColumnBuffer:
         """Append a channel's values; the first ones after a reconnect may open a gap to read back."""
         webid = stream.web_id or ""
         path, uom = self._describe(webid, stream)
+        self._touched.add(webid)
+        if not self.filter.in_gap(webid):
+            self._add_live_steady(webid, path, uom, stream, received_us)
+            return None
         rows = self._rows(path, stream)
         gap = self.filter.first_live(webid, [r.key for r in rows]) if self.filter.awaiting(webid) else None
         for row in rows:
@@ -113,15 +123,87 @@ class ColumnBuffer:
     def add_gap(self, stream: StreamValues, received_us: int) -> None:
         """Append recorded values read back for a gap; only those inside the gap's window count."""
         webid = stream.web_id or ""
+        self._touched.add(webid)
         path, uom = self._describe(webid, stream)
         for row in self._rows(path, stream):
             if self.filter.accept_gap(webid, row.key):
                 self._append(webid, path, row, uom, received_us)
 
+    def _add_live_steady(self, webid: str, path: str, uom: str | None, stream: StreamValues,
+                         received_us: int) -> None:
+        """The hot path: a stream with no gap open. The same decisions as ``accept_live`` and
+        ``advance`` value by value, with the tag's floor and recent events held in locals."""
+        filt = self.filter
+        floor = filt.floors.get(webid)
+        recent = filt.recent.get(webid)
+        if recent is None:
+            recent = filt.recent[webid] = deque()
+        lookback = filt.lookback_us
+        for tv in stream.timed_values():
+            raw_ts = tv.timestamp
+            try:
+                ts = to_us(raw_ts) if raw_ts else None
+            except (ValueError, OverflowError):
+                ts = None
+            if ts is None:
+                self._rejected += 1
+                log.error("value_rejected", tag=path, value_timestamp=raw_ts, reason="no usable timestamp")
+                continue
+            raw = tv.value
+            if type(raw) is float and not tv.errors:
+                value: Any = "NaN" if raw != raw else raw
+                text = code = None
+                system = is_error = False
+            else:
+                value, text, code, system, is_error = classify_value(raw)
+                if tv.errors:
+                    text = "; ".join(str(e) for e in tv.errors) if text is None else text
+                    is_error = True
+                if isinstance(value, float) and value != value:
+                    value = "NaN"
+            good = tv.good if type(tv.good) is bool else flag(tv.good, default=not (system or is_error))
+            questionable = tv.questionable if type(tv.questionable) is bool else flag(tv.questionable, False)
+            substituted = tv.substituted if type(tv.substituted) is bool else flag(tv.substituted, False)
+            annotated = tv.annotated if type(tv.annotated) is bool else flag(tv.annotated, False)
+            key = (ts, value, text, code, good, questionable, substituted, annotated)
+            if floor is None or ts > floor:
+                floor = ts
+                horizon = ts - lookback
+                if lookback == 0:
+                    recent.clear()
+                while recent and recent[0][0] < horizon:
+                    recent.popleft()
+                recent.append(key)
+            elif key in recent:
+                filt.stats.repeats_dropped += 1
+                continue
+            else:
+                if ts < floor - lookback:
+                    filt.stats.late_accepted += 1
+                else:
+                    recent.append(key)
+            self.tag.append(path)
+            self.tag_webid.append(webid)
+            self.timestamp.append(ts)
+            self.value.append(raw if value == "NaN" else value)
+            self.value_text.append(text)
+            self.state_code.append(code)
+            self.system_state.append(system)
+            self.uom.append(tv.units_abbreviation or uom)
+            self.good.append(good)
+            self.questionable.append(questionable)
+            self.substituted.append(substituted)
+            self.annotated.append(annotated)
+            self.received_us.append(received_us)
+        if floor is not None:
+            filt.floors[webid] = floor
+
     def _describe(self, webid: str, stream: StreamValues) -> tuple[str, str | None]:
+        """The tag's path and default units, from tag resolution (the message's own units win)."""
         info = self.streams.get(webid)
-        path = info.path if info else (stream.path or webid)
-        return path, stream.units_abbreviation or (info.uom if info else None)
+        if info is None:
+            return stream.path or webid, stream.units_abbreviation
+        return info.path, stream.units_abbreviation or info.uom
 
     def _append(self, webid: str, path: str, row: _Row, uom: str | None, received_us: int) -> None:
         self.filter.advance(webid, row.key)
@@ -162,6 +244,8 @@ class ColumnBuffer:
             pc.cast(timestamps, _DATE),  # UTC date; floors correctly before 1970
         ]
         batch = pa.RecordBatch.from_arrays(columns, schema=TABLE_SCHEMA)
-        flush = Flush(batch, self.filter.stats.repeats_dropped - self._repeats_at_reset, self._rejected)
+        filt = self.filter
+        floors = {w: (filt.floors[w], tuple(filt.recent.get(w, ()))) for w in self._touched if w in filt.floors}
+        flush = Flush(batch, filt.stats.repeats_dropped - self._repeats_at_reset, self._rejected, floors)
         self._reset()
         return flush

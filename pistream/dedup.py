@@ -80,6 +80,12 @@ class EventFilter:
         """Floors and recent events only (no windows): the flusher starts from the committed state."""
         return EventFilter(self.lookback_us, dict(self.floors), {w: deque(k) for w, k in self.recent.items()})
 
+    def merge(self, floors: dict[str, tuple[int, tuple[EventKey, ...]]]) -> None:
+        """Take over floors and recent events of some streams (the committed ones, after a commit)."""
+        for webid, (floor, keys) in floors.items():
+            self.floors[webid] = floor
+            self.recent[webid] = deque(keys)
+
     # -- connections and gaps -------------------------------------------------------------------------
     def connected(self, webids: list[str]) -> None:
         """A channel (re)connected: its tags with a known floor wait for their first live value."""
@@ -104,6 +110,10 @@ class EventFilter:
 
     def awaiting(self, webid: str) -> bool:
         return webid in self._awaiting
+
+    def in_gap(self, webid: str) -> bool:
+        """Waiting for its first live value, or with a gap being read back: the careful path applies."""
+        return webid in self._awaiting or webid in self._windows
 
     def accept_gap(self, webid: str, key: EventKey) -> bool:
         """A recorded value read back for a gap: inside its window and not an event known already."""

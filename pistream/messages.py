@@ -14,7 +14,7 @@ import msgspec
 MAX_EXACT_INT = 2**53
 
 
-class TimedValue(msgspec.Struct, rename="pascal"):
+class TimedValue(msgspec.Struct, rename="pascal", gc=False):
     timestamp: str | None = None
     value: Any = None
     units_abbreviation: str | None = None
@@ -25,7 +25,7 @@ class TimedValue(msgspec.Struct, rename="pascal"):
     errors: list[Any] | None = None
 
 
-class StreamValues(msgspec.Struct, rename="pascal"):
+class StreamValues(msgspec.Struct, rename="pascal", gc=False):
     web_id: str | None = None
     name: str | None = None
     path: str | None = None
@@ -40,14 +40,14 @@ class StreamValues(msgspec.Struct, rename="pascal"):
         return [self.value] if self.value is not None else []
 
 
-class StreamSetMessage(msgspec.Struct, rename="pascal"):
+class StreamSetMessage(msgspec.Struct, rename="pascal", gc=False):
     """A channel message or a ``streamsets/recorded`` answer; empty ``Items`` is a heartbeat."""
 
     items: list[StreamValues] | None = None
     web_exception: Any = None
 
 
-class StreamMessage(msgspec.Struct, rename="pascal"):
+class StreamMessage(msgspec.Struct, rename="pascal", gc=False):
     """A ``streams/{webId}/recorded`` answer."""
 
     items: list[TimedValue] | None = None

@@ -12,7 +12,7 @@ import trio
 
 from .buffer import Flush
 from .channel import Backoff
-from .dedup import EventFilter, advance_from_rows
+from .dedup import EventFilter
 from .errors import SinkError, TableConflictError
 from .sink import DeltaSink
 from .state import StateStore
@@ -78,7 +78,7 @@ class CommitWriter:
         """In the worker thread: commit, then record the new floors (a crash in between is detected on
         start by the version mismatch, and the floors are rebuilt from the table)."""
         result = self.sink.commit(flush.batch, version)
-        advance_from_rows(self.committed, flush.batch)
+        self.committed.merge(flush.floors)
         if self.state is not None:
             try:
                 self.state.save(self.committed, version)
