@@ -35,6 +35,14 @@ log = structlog.get_logger(__name__)
 
 MAX_MESSAGE_SIZE = 512 * 1024 * 1024  # first frames with includeInitialValues can be megabytes
 RECEIVE_BUFFER_SIZE = 1024 * 1024  # 4 KiB (the default) halves throughput, see DESIGN.md
+RECEIVE_BUDGET = 64 * 1024 * 1024  # all channels' receive buffers together
+MIN_RECEIVE_BUFFER = 64 * 1024
+
+
+def receive_buffer_size(channels: int) -> int:
+    """1 MiB per channel for a few channels; with hundreds, a share of a fixed budget (at least 64 KiB,
+    which still reads ~0.75 M values/s): each buffer is allocated on every read."""
+    return max(MIN_RECEIVE_BUFFER, min(RECEIVE_BUFFER_SIZE, RECEIVE_BUDGET // max(1, channels)))
 CONNECT_TIMEOUT = 30.0
 
 
@@ -124,6 +132,7 @@ class ChannelReader:
         heartbeat_rate: int = 5,
         read_timeout: float | None = 30.0,
         stall_timeout: float = 30.0,
+        receive_buffer: int = RECEIVE_BUFFER_SIZE,
     ):
         self.name = name
         # Initial values are not optional: each stream's current value marks where its gap fill ends.
@@ -137,6 +146,7 @@ class ChannelReader:
         # quiet plant; without them, silence proves nothing.
         self.read_timeout = read_timeout if heartbeat_rate > 0 else None
         self.stall_timeout = stall_timeout
+        self.receive_buffer = receive_buffer
         self.stats = ChannelStats()
         self.backoff = Backoff()
 
@@ -222,7 +232,7 @@ class ChannelReader:
                 with trio.fail_after(CONNECT_TIMEOUT):
                     ws = await wrap_client_stream(
                         nursery, stream, host_header, resource, extra_headers=headers,  # type: ignore[arg-type]
-                        max_message_size=MAX_MESSAGE_SIZE, receive_buffer_size=RECEIVE_BUFFER_SIZE)
+                        max_message_size=MAX_MESSAGE_SIZE, receive_buffer_size=self.receive_buffer)
                 await self._read(ws)
             finally:
                 # No close handshake: on a stop or a failure the socket just goes; the server copes.

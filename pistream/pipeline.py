@@ -20,7 +20,7 @@ import trio
 
 from .auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, OidcClientCredentials
 from .buffer import ColumnBuffer, Flush, StreamInfo
-from .channel import ChannelReader, shard_webids
+from .channel import ChannelReader, receive_buffer_size, shard_webids
 from .config import Settings, auth_kind
 from .dedup import EventFilter, advance_from_rows
 from .errors import ConfigError
@@ -212,7 +212,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                 ChannelReader(f"channel-{i}", url, shard, message_send.clone(), auth=auth, ssl_context=tls,
                               auth_hint=hint,
                               heartbeat_rate=settings.heartbeat_rate, read_timeout=settings.silence_seconds,
-                              stall_timeout=settings.stall_seconds)
+                              stall_timeout=settings.stall_seconds, receive_buffer=receive_buffer_size(len(shards)))
                 for i, shard in enumerate(shards)
             ]
             message_send.close()  # each producer owns a clone; the flusher ends when the last one closes
