@@ -47,16 +47,7 @@ class StreamSetMessage(msgspec.Struct, rename="pascal", gc=False):
     web_exception: Any = None
 
 
-class StreamMessage(msgspec.Struct, rename="pascal", gc=False):
-    """A ``streams/{webId}/recorded`` answer."""
-
-    items: list[TimedValue] | None = None
-    units_abbreviation: str | None = None
-    web_exception: Any = None
-
-
 channel_decoder = msgspec.json.Decoder(StreamSetMessage)
-stream_decoder = msgspec.json.Decoder(StreamMessage)
 _json_encoder = msgspec.json.Encoder()
 
 

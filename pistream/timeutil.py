@@ -10,7 +10,6 @@ import re
 from datetime import UTC, datetime, timedelta
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ISO = re.compile(
@@ -18,7 +17,6 @@ _ISO = re.compile(
     re.IGNORECASE,
 )
 TIMESTAMP_US = pa.timestamp("us", tz="UTC")
-_TIMESTAMP_NS = pa.timestamp("ns", tz="UTC")
 
 
 def parse_iso_us(text: str) -> int:
@@ -45,28 +43,6 @@ def format_iso(us: int) -> str:
     if dt.microsecond:
         base += "." + f"{dt.microsecond:06d}".rstrip("0")
     return base + "Z"
-
-
-def parse_iso_array(texts: list[str]) -> tuple[pa.Array, list[int]]:
-    """Parse many timestamps at once into ``timestamp[us, UTC]``; returns the array and the bad indexes.
-
-    Arrow's vectorised cast handles the common case; anything it refuses (7 digits past year 2262, a
-    missing zone, odd spacing) falls back to ``parse_iso_us`` one by one. Bad entries come back null.
-    """
-    strings = pa.array(texts, type=pa.string())
-    try:
-        return pc.cast(pc.cast(strings, _TIMESTAMP_NS), TIMESTAMP_US, safe=False), []
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    values: list[int | None] = []
-    bad: list[int] = []
-    for i, text in enumerate(texts):
-        try:
-            values.append(parse_iso_us(text))
-        except (ValueError, TypeError, OverflowError):
-            values.append(None)
-            bad.append(i)
-    return pa.array(values, type=pa.int64()).cast(TIMESTAMP_US), bad
 
 
 _EPOCH_NAIVE = datetime(1970, 1, 1)
