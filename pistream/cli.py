@@ -94,7 +94,7 @@ def entry() -> None:
                                                  "back later.  [default: 30]")
 @click.option("--reread-seconds", type=float, help="After a reconnect, also read back this far before each "
                                                   "tag's newest value, for values a server delivers late.  "
-                                                  "[default: 5]")
+                                                  "[default: 2]")
 @click.option("--max-url-length", type=int, help="Longest request URL; more tags open more channels.  "
                                                  "[default: 6000]")
 @click.option("--state-dir", help="Folder for the per-tag floors that make restarts exactly once.  "

@@ -44,7 +44,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     heartbeat_rate: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 5
     silence_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     stall_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
-    reread_seconds: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 5.0
+    reread_seconds: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 2.0
     state_dir: str = DEFAULT_STATE_DIR
     max_url_length: Annotated[int, msgspec.Meta(ge=512, le=65_536)] = 6000
     skip_unknown: bool = False

@@ -31,20 +31,25 @@ class CommitWriter:
     """Commits in order; while a commit is in flight or retrying, the flusher waits (backpressure)."""
 
     def __init__(self, sink: DeltaSink, receive_channel: trio.MemoryReceiveChannel[Flush], *,
-                 txn_version: int, committed: EventFilter, state: StateStore | None = None):
+                 txn_version: int, committed: EventFilter, state: StateStore | None = None,
+                 save_interval: float = 10.0):
         self.sink = sink
         self.receive_channel = receive_channel
         self.stats = WriteStats()
         self.backoff = Backoff(initial=1.0, maximum=30.0)
         self.txn_version = txn_version
-        self.committed = committed  # floors of what is in the table, saved after each commit
+        self.committed = committed  # floors of what is in the table, saved after commits
         self.state = state
+        self.save_interval = save_interval
+        self._next_save = 0.0
+        self._unsaved: int | None = None  # the txn version the saved file lags behind
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async with self.receive_channel:
             async for flush in self.receive_channel:
                 await self._commit(flush)
+        await trio.to_thread.run_sync(self.save_state)  # a clean stop leaves an up-to-date file
 
     async def _commit(self, flush: Flush) -> None:
         version = self.txn_version + 1
@@ -75,13 +80,25 @@ class CommitWriter:
         )
 
     def _commit_and_save(self, flush: Flush, version: int):
-        """In the worker thread: commit, then record the new floors (a crash in between is detected on
-        start by the version mismatch, and the floors are rebuilt from the table)."""
+        """In the worker thread: commit, then record the new floors — at most every ``save_interval``
+        seconds, as the file holds every tag's recent events. A file older than the table (a crash in
+        between) is detected on start by the version mismatch; the floors are then rebuilt from it and
+        the table's newer partitions."""
         result = self.sink.commit(flush.batch, version)
         self.committed.merge(flush.floors)
-        if self.state is not None:
-            try:
-                self.state.save(self.committed, version)
-            except OSError as exc:
-                log.warning("state_not_saved", path=str(self.state.path), error=str(exc))
+        self._unsaved = version
+        if time.monotonic() >= self._next_save:
+            self.save_state()
         return result
+
+    def save_state(self) -> None:
+        """Write the committed floors now (also called once at a clean stop)."""
+        if self.state is None or self._unsaved is None:
+            return
+        try:
+            self.state.save(self.committed, self._unsaved)
+        except OSError as exc:
+            log.warning("state_not_saved", path=str(self.state.path), error=str(exc))
+            return
+        self._unsaved = None
+        self._next_save = time.monotonic() + self.save_interval
