@@ -32,10 +32,17 @@ class _StateFile(msgspec.Struct, forbid_unknown_fields=True):
     lookback_us: int
     # webid -> [floor_us, recent events: [[timestamp_us, value, value_text, state_code, good, questionable,
     # substituted, annotated], ...]]
-    floors: dict[str, tuple[int, list[list[Any]]]]
+    floors: dict[str, tuple[int, Any]]  # recent events: deques of key tuples on save, lists on load
 
 
-_encoder = msgspec.json.Encoder()
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, deque):
+        return tuple(obj)
+    raise TypeError(f"cannot encode {type(obj).__name__}")
+
+
+# The deques of key tuples go to msgspec as they are: no per-key Python work on every save.
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 _decoder = msgspec.json.Decoder(_StateFile)
 
 
@@ -53,10 +60,8 @@ class StateStore:
         self.app_id = app_id
 
     def save(self, committed: EventFilter, txn_version: int) -> None:
-        floors = {
-            webid: (ts, [list(k) for k in committed.recent.get(webid, ())])
-            for webid, ts in committed.floors.items()
-        }
+        recent = committed.recent
+        floors = {webid: (ts, recent.get(webid, ())) for webid, ts in committed.floors.items()}
         data = _encoder.encode(_StateFile(FORMAT, self.table_uri, self.app_id, txn_version,
                                           committed.lookback_us, floors))
         self.path.parent.mkdir(parents=True, exist_ok=True)

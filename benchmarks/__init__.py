@@ -1,0 +1,1 @@
+"""pistream's benchmark suite: ``python -m benchmarks`` (see benchmarks/README.md)."""

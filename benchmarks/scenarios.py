@@ -1,0 +1,541 @@
+"""The benchmark scenarios. Each runs in a fresh worker process (``python -m benchmarks.worker NAME``) so that
+its peak RSS and CPU are its own, starts the blast server (``pistream.sim.blast``) in another process, and
+returns a flat dict of figures. Heavy imports happen inside the functions.
+
+Figure names end in their unit; ``benchmarks.run`` knows which direction is better from the suffix.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    REPO,
+    LogCapture,
+    Sampler,
+    blast_server,
+    commit_rows,
+    peak_rss_mb,
+    percentile,
+    received_span,
+    round_figures,
+    slope_per_minute,
+    tag_paths,
+    write_tags_file,
+)
+
+# Sizes: (full, quick). Quick runs every scenario small enough for a smoke test well under 2 minutes.
+SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
+    "ceiling": {"tags": (10_000, 10_000), "frames": (200, 10)},
+    "throughput": {"tags": (10_000, 10_000), "frames": (200, 10)},
+    "naive": {"tags": (10_000, 10_000), "frames": (200, 10)},
+    "latency": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 10.0)},
+    "memory": {"tags": (100_000, 20_000), "interval": (1.0, 1.0), "duration": (180.0, 20.0)},
+    "startup": {"tags": (100_000, 20_000)},
+    "backfill": {"tags": (1_000, 200), "minutes": (30, 10)},
+}
+THROUGHPUT_FLUSH_SECONDS = 0.5  # bounds the wait for the last partial batch (at most ~5% of a full run)
+RUN_TIMEOUT = 300.0  # no scenario waits longer than this for its values
+
+
+def size(name: str, quick: bool) -> dict[str, Any]:
+    return {key: pair[1 if quick else 0] for key, pair in SIZES[name].items()}
+
+
+def _settings(workdir: Path, url: str, tags: int, **extra: Any):
+    from pistream.config import build_settings
+
+    tags_file = write_tags_file(workdir / "tags.txt", tags)
+    values = {"tags": str(tags_file), "url": url, "table": str(workdir / "table"),
+              "state_dir": str(workdir / "state"), "app_id": "bench", "log_level": "info", **extra}
+    return build_settings({}, values)
+
+
+def _per_million(cpu_s: float, values: int) -> float | None:
+    return cpu_s / values * 1e6 if values else None
+
+
+# -- ceiling -----------------------------------------------------------------------------------------------
+
+def ceiling(quick: bool) -> dict[str, Any]:
+    """Receive + decode only: trio-websocket with pistream's buffer sizes and ``channel_decoder``, on the
+    same channel URLs (shards) the pipeline opens. The practical limit of any pipeline here."""
+    import trio
+    from trio_websocket import open_websocket_url
+
+    from pistream.channel import MAX_MESSAGE_SIZE, RECEIVE_BUFFER_SIZE, channel_url, shard_webids
+    from pistream.messages import channel_decoder
+    from pistream.webid import path_webid
+
+    p = size("ceiling", quick)
+    webids = [path_webid(path) for path in tag_paths(p["tags"])]
+    received = {"values": 0, "frames": 0, "first": 0.0, "last": 0.0}
+
+    async def read(url: str, frames: int) -> None:
+        async with open_websocket_url(url, max_message_size=MAX_MESSAGE_SIZE,
+                                      receive_buffer_size=RECEIVE_BUFFER_SIZE, connect_timeout=30) as ws:
+            for _ in range(frames):
+                with trio.fail_after(60):
+                    frame = await ws.get_message()
+                if not received["first"]:
+                    received["first"] = time.time()
+                message = channel_decoder.decode(frame)
+                received["values"] += sum(len(s.timed_values()) for s in message.items or ())
+                received["frames"] += 1
+            received["last"] = time.time()
+
+    with blast_server(p["tags"], p["frames"]) as blast, Sampler(other_pid=blast.process.pid) as sampler:
+        shards = shard_webids(blast.url, webids, 6000)
+        urls = [channel_url(blast.url, s, include_initial_values=True, heartbeat_rate=5) for s in shards]
+
+        async def main() -> None:
+            with trio.fail_after(RUN_TIMEOUT):
+                async with trio.open_nursery() as nursery:
+                    for url in urls:
+                        nursery.start_soon(read, url, p["frames"])
+
+        trio.run(main)
+    window = received["last"] - received["first"]
+    values = received["values"]
+    return round_figures({
+        "tags": p["tags"], "channels": len(urls), "values": values,
+        "values_per_s": values / window,
+        "cpu_s_per_M_values": _per_million(sampler.cpu_between(received["first"], received["last"]), values),
+        "peak_rss_MB": peak_rss_mb(),
+        "server_cpu_share": sampler.other_share(received["first"], received["last"]),
+        "complete": values == p["tags"] * p["frames"],
+    })
+
+
+# -- throughput (the real pipeline) -----------------------------------------------------------------------
+
+class _StopEvent:
+    """A ``trio.Event`` that is truthy. Up to 3bab1ca ``run_pipeline`` did ``stop = stop or trio.Event()``,
+    and a Trio Event refuses ``bool()``; the wrapper keeps older commits measurable."""
+
+    def __init__(self) -> None:
+        import trio
+
+        self._event = trio.Event()
+
+    def __bool__(self) -> bool:
+        return True
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
+def _run_pipeline(settings: Any, capture: LogCapture, *, until_rows: int | None, timeout: float,
+                  on_started: Callable[[], None] | None = None) -> Any:
+    """``run_pipeline`` in this process until ``until_rows`` are committed (or its duration ends)."""
+    import trio
+
+    from pistream.pipeline import run_pipeline
+
+    async def main() -> Any:
+        stop = _StopEvent()
+        async with trio.open_nursery() as nursery:
+            if until_rows is not None:
+                async def watch() -> None:
+                    with trio.move_on_after(timeout):
+                        while capture.committed_rows() < until_rows:  # noqa: ASYNC110 - a counter of logs
+                            await trio.sleep(0.02)
+                    stop.set()
+                nursery.start_soon(watch)
+            summary = await run_pipeline(settings, stop, handle_signals=False)  # type: ignore[arg-type]
+            nursery.cancel_scope.cancel()
+        return summary
+
+    return trio.run(main)
+
+
+def throughput(quick: bool) -> dict[str, Any]:
+    """10,000 tags, the blast server sending as fast as pistream reads, through ``run_pipeline`` into a
+    local table: values committed / (last commit - first value received)."""
+    p = size("throughput", quick)
+    expected = p["tags"] * p["frames"]
+    capture = LogCapture().install()
+    with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp:
+        workdir = Path(tmp)
+        with blast_server(p["tags"], p["frames"]) as blast, \
+                Sampler(other_pid=blast.process.pid) as sampler:
+            settings = _settings(workdir, blast.url, p["tags"], flush_seconds=THROUGHPUT_FLUSH_SECONDS)
+            summary = _run_pipeline(settings, capture, until_rows=expected, timeout=RUN_TIMEOUT)
+        rows, first, _, last_commit = received_span(workdir / "table")
+    window = last_commit - first
+    commits = capture.named("batch_committed")
+    resolved = capture.named("tags_resolved")
+    return round_figures({
+        "tags": p["tags"], "channels": summary.channels, "values": rows,
+        "values_per_s": rows / window,
+        "cpu_s_per_M_values": _per_million(sampler.cpu_between(first, last_commit), rows),
+        "peak_rss_MB": peak_rss_mb(),
+        "commits": len(commits),
+        "mean_commit_s": sum(e["seconds"] for _, e in commits) / len(commits) if commits else None,
+        "resolve_s": resolved[0][1]["seconds"] if resolved else None,
+        "server_cpu_share": sampler.other_share(last_commit - window, last_commit),
+        "complete": rows == expected,
+    })
+
+
+# -- naive ------------------------------------------------------------------------------------------------
+
+NAIVE_FLUSH_ROWS = 100_000
+
+
+def naive(quick: bool) -> dict[str, Any]:
+    """What a user would write: asyncio + websockets (default buffers), ``json.loads``, a dict per value,
+    ``pa.Table.from_pylist`` and ``write_deltalake`` to a path per flush, on the event loop."""
+    import asyncio
+    import json
+    from datetime import UTC, datetime
+
+    import pyarrow as pa
+    import websockets
+    from deltalake import write_deltalake
+
+    from pistream.channel import channel_url, shard_webids
+    from pistream.webid import path_webid
+
+    p = size("naive", quick)
+    expected = p["tags"] * p["frames"]
+    webids = [path_webid(path) for path in tag_paths(p["tags"])]
+    paths = dict(zip(webids, tag_paths(p["tags"]), strict=True))
+    state: dict[str, Any] = {"first": 0.0, "last_commit": 0.0, "written": 0, "commits": 0}
+    rows: list[dict[str, Any]] = []
+
+    with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp:
+        table = os.path.join(tmp, "table")
+
+        def flush() -> None:
+            if not rows:
+                return
+            data = pa.Table.from_pylist(rows)
+            write_deltalake(table, data, mode="append", partition_by=["partition_date"])
+            state["written"] += len(rows)
+            state["commits"] += 1
+            state["last_commit"] = time.time()
+            rows.clear()
+
+        async def read(url: str, frames: int) -> None:
+            async with websockets.connect(url, max_size=2**29) as ws:
+                for _ in range(frames):
+                    message = await asyncio.wait_for(ws.recv(), 60)
+                    received = datetime.now(UTC)
+                    if not state["first"]:
+                        state["first"] = time.time()
+                    for stream in json.loads(message)["Items"]:
+                        for item in stream["Items"]:
+                            value = item["Value"]
+                            ts = datetime.fromisoformat(item["Timestamp"])
+                            row = {
+                                "tag": paths.get(stream["WebId"], stream.get("Path")),
+                                "tag_webid": stream["WebId"],
+                                "timestamp": ts,
+                                "value": float(value) if isinstance(value, int | float) else None,
+                                "value_text": value["Name"] if isinstance(value, dict)
+                                else value if isinstance(value, str) else None,
+                                "uom": item.get("UnitsAbbreviation"),
+                                "good": item.get("Good"),
+                                "questionable": item.get("Questionable"),
+                                "substituted": item.get("Substituted"),
+                                "annotated": item.get("Annotated"),
+                                "received_timestamp": received,
+                                "partition_date": ts.date(),
+                            }
+                            rows.append(row)
+                    if len(rows) >= NAIVE_FLUSH_ROWS:
+                        flush()
+
+        with blast_server(p["tags"], p["frames"]) as blast, \
+                Sampler(other_pid=blast.process.pid) as sampler:
+            shards = shard_webids(blast.url, webids, 6000)
+            urls = [channel_url(blast.url, s, include_initial_values=True, heartbeat_rate=5) for s in shards]
+
+            async def main() -> None:
+                async with asyncio.timeout(RUN_TIMEOUT):
+                    await asyncio.gather(*(read(u, p["frames"]) for u in urls))
+                flush()
+
+            asyncio.run(main())
+    window = state["last_commit"] - state["first"]
+    values = state["written"]
+    return round_figures({
+        "tags": p["tags"], "channels": len(urls), "values": values,
+        "values_per_s": values / window,
+        "cpu_s_per_M_values": _per_million(sampler.cpu_between(state["first"], state["last_commit"]), values),
+        "peak_rss_MB": peak_rss_mb(),
+        "commits": state["commits"],
+        "server_cpu_share": sampler.other_share(state["first"], state["last_commit"]),
+        "complete": values == expected,
+    })
+
+
+# -- latency ----------------------------------------------------------------------------------------------
+
+def latency(quick: bool) -> dict[str, Any]:
+    """50,000 values/s (10,000 tags, a frame every 0.2 s) with a 1 s flush: commit time (the Delta log
+    file's mtime, when readers can see the rows) minus each row's received_timestamp."""
+    p = size("latency", quick)
+    rate = p["tags"] / p["interval"]
+    frames = int(p["duration"] / p["interval"]) + 50  # never runs out before the pipeline stops
+    capture = LogCapture().install()
+    with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp:
+        workdir = Path(tmp)
+        with blast_server(p["tags"], frames, interval=p["interval"]) as blast, \
+                Sampler(0.25, other_pid=blast.process.pid) as sampler:
+            settings = _settings(workdir, blast.url, p["tags"], flush_seconds=1.0, duration=p["duration"])
+            _run_pipeline(settings, capture, until_rows=None, timeout=RUN_TIMEOUT)
+        receive_ms: list[float] = []
+        event_ms: list[float] = []
+        rows = 0
+        first = float("inf")
+        last_commit = 0.0
+        data_commits = commit_rows(workdir / "table", ["received_timestamp", "timestamp"])
+        for i, (commit, data) in enumerate(data_commits):
+            received = data["received_timestamp"].cast("int64").to_pylist()
+            rows += len(received)
+            first = min(first, min(received) / 1e6)
+            last_commit = max(last_commit, commit.visible_at)
+            if i == 0:
+                continue  # the initial values and connection set-up
+            visible_us = commit.visible_at * 1e6
+            receive_ms.extend((visible_us - r) / 1000 for r in received)
+            event_ms.extend((visible_us - t) / 1000 for t in data["timestamp"].cast("int64").to_pylist())
+    window = last_commit - first
+    return round_figures({
+        "tags": p["tags"], "offered_values_per_s": rate, "values": rows,
+        "values_per_s": rows / window,
+        "cpu_s_per_M_values": _per_million(sampler.cpu_between(first, last_commit), rows),
+        "peak_rss_MB": peak_rss_mb(),
+        "commits": len(data_commits),
+        "p50_receive_to_commit_ms": percentile(receive_ms, 50),
+        "p99_receive_to_commit_ms": percentile(receive_ms, 99),
+        "max_receive_to_commit_ms": max(receive_ms),
+        "p50_event_to_commit_ms": percentile(event_ms, 50),
+        "p99_event_to_commit_ms": percentile(event_ms, 99),
+        "server_cpu_share": sampler.other_share(last_commit - window, last_commit),
+    })
+
+
+# -- memory -----------------------------------------------------------------------------------------------
+
+def memory(quick: bool) -> dict[str, Any]:
+    """100,000 tags at 1 Hz with a 10 s flush for a few minutes: RSS over time. Warm-up is the first third
+    of the run (at least until the second commit): warm-up RSS is the highest RSS in it, the slope is fitted
+    to the samples after it, end RSS is the mean of the last 10 s."""
+    p = size("memory", quick)
+    frames = int(p["duration"]) + 600
+    capture = LogCapture().install()
+    with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp:
+        workdir = Path(tmp)
+        started = time.time()
+        with blast_server(p["tags"], frames, interval=p["interval"]) as blast, \
+                Sampler(0.5, other_pid=blast.process.pid) as sampler:
+            settings = _settings(workdir, blast.url, p["tags"], flush_seconds=10.0,
+                                 flush_rows=4 * int(p["tags"] * 10 / p["interval"]), duration=p["duration"])
+            summary = _run_pipeline(settings, capture, until_rows=None, timeout=RUN_TIMEOUT)
+        rows, first, _, last_commit = received_span(workdir / "table")
+    commits = capture.named("batch_committed")
+    second_commit = commits[1][0] if len(commits) > 1 else (commits[0][0] if commits else first)
+    warm_end = max(second_commit, started + p["duration"] / 3)
+    samples = [s for s in sampler.samples if s.wall >= started]
+    warm = [s.rss_mb for s in samples if s.wall <= warm_end] or [samples[0].rss_mb]
+    after = [(s.wall - started, s.rss_mb) for s in samples if s.wall > warm_end]
+    end = [s.rss_mb for s in samples if s.wall >= samples[-1].wall - 10]
+    window = last_commit - first
+    return round_figures({
+        "tags": p["tags"], "offered_values_per_s": p["tags"] / p["interval"], "duration_s": p["duration"],
+        "values": rows, "values_per_s": rows / window,
+        "cpu_s_per_M_values": _per_million(sampler.cpu_between(first, last_commit), rows),
+        "peak_rss_MB": peak_rss_mb(),
+        "warmup_rss_MB": max(warm),
+        "end_rss_MB": sum(end) / len(end),
+        "rss_slope_MB_per_min": slope_per_minute(after),
+        "commits": len(commits),
+        "channels": summary.channels,
+        "server_cpu_share": sampler.other_share(last_commit - window, last_commit),
+        "rss_series_MB": [round(s.rss_mb, 1) for s in samples[::4]],  # every 2 s
+    })
+
+
+# -- startup ----------------------------------------------------------------------------------------------
+
+def startup(quick: bool) -> dict[str, Any]:
+    """``pistream`` as a subprocess (JSON logs on stderr) against the blast server in its own process:
+    process start -> tags resolved -> first commit. ``--flush-rows`` = tags, so the initial values make
+    the first batch and the figure is not the flush age."""
+    import json
+
+    p = size("startup", quick)
+    tags = p["tags"]
+    with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp:
+        workdir = Path(tmp)
+        tags_file = write_tags_file(workdir / "tags.txt", tags)
+        with blast_server(tags, 100_000, interval=1.0) as blast:
+            cmd = [sys.executable, "-m", "pistream", "--tags", str(tags_file), "--url", blast.url,
+                   "--table", str(workdir / "table"), "--state-dir", str(workdir / "state"),
+                   "--app-id", "bench", "--flush-rows", str(tags), "--flush-seconds", "60",
+                   "--log-format", "json", "--log-level", "info", "--duration", str(RUN_TIMEOUT)]
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            started = time.time()
+            process = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                                       cwd=REPO, env=env)
+            events: dict[str, float] = {}
+            first_commit = threading.Event()
+            channels = [0]
+
+            def read_logs() -> None:
+                assert process.stderr is not None
+                for line in process.stderr:
+                    now = time.time()
+                    try:
+                        event = json.loads(line)
+                    except json.JSONDecodeError:
+                        print(line, end="", file=sys.stderr)
+                        continue
+                    name = event.get("event", "")
+                    if name == "channel_connected":
+                        channels[0] += 1
+                        events["last_channel_connected"] = now
+                    events.setdefault(name, now)
+                    if name == "batch_committed":
+                        first_commit.set()
+                    if event.get("level") in ("warning", "error"):
+                        print(f"[pistream] {line}", end="", file=sys.stderr)
+
+            reader = threading.Thread(target=read_logs, daemon=True)
+            reader.start()
+            usage = None
+            try:
+                first_commit.wait(timeout=RUN_TIMEOUT)
+                process.send_signal(signal.SIGINT)  # a clean stop: flush, commit, exit 0
+                deadline = time.time() + 60
+                while time.time() < deadline:
+                    pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+                    if pid:
+                        process.returncode = os.waitstatus_to_exitcode(status)
+                        break
+                    time.sleep(0.05)
+            finally:
+                if process.returncode is None:
+                    process.kill()
+                    process.wait(timeout=30)
+                reader.join(timeout=5)
+
+    def since_start(name: str) -> float | None:
+        return events[name] - started if name in events else None
+
+    return round_figures({
+        "tags": tags,
+        "channels": channels[0],
+        "start_to_tags_resolved_s": since_start("tags_resolved"),
+        "start_to_channels_connected_s": since_start("last_channel_connected"),
+        "start_to_first_commit_s": since_start("batch_committed"),
+        "cpu_s_total": usage.ru_utime + usage.ru_stime if usage else None,
+        "peak_rss_MB": usage.ru_maxrss / 1024 if usage else None,
+        "exit_code": process.returncode,
+        "server_cpu_s": blast.stats.get("cpu_s"),
+    })
+
+
+# -- backfill ---------------------------------------------------------------------------------------------
+
+def backfill(quick: bool) -> dict[str, Any]:
+    """Recorded values over REST into a table, on pistream's gap-fill path: ``GapFiller`` (paged
+    ``streamsets/recorded``) -> ``Flusher``/``ColumnBuffer.add_gap`` (exactly-once windows) ->
+    ``CommitWriter``/``DeltaSink``. One gap window per tag covers the whole range."""
+    import trio
+
+    from pistream.buffer import ColumnBuffer, Flush, StreamInfo
+    from pistream.dedup import EventFilter
+    from pistream.flow import Incoming
+    from pistream.flusher import Flusher
+    from pistream.gapfill import GapFiller, GapQueue, group_requests
+    from pistream.piwebapi import PiWebApi
+    from pistream.sink import DeltaSink
+    from pistream.webid import path_webid
+    from pistream.writer import CommitWriter
+
+    p = size("backfill", quick)
+    LogCapture().install("warning")
+    end_us = (time.time_ns() // 1000 // 1_000_000 - 120) * 1_000_000  # two minutes ago, whole second
+    start_us = end_us - p["minutes"] * 60_000_000
+    paths = tag_paths(p["tags"])
+    webids = [path_webid(x) for x in paths]
+    expected = p["tags"] * p["minutes"] * 60  # 1 event/s per tag (plus a boundary event for some)
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp:
+        table = Path(tmp) / "table"
+        sink = DeltaSink(str(table), "bench-backfill")
+        sink.open()
+        with blast_server(p["tags"], 1) as blast, Sampler(other_pid=blast.process.pid) as sampler:
+            event_filter = EventFilter()
+            for w in webids:  # a floor at the start, then a reconnect: each tag waits for its gap's end
+                event_filter.floors[w] = start_us
+            event_filter.connected(webids)
+            requests = [event_filter.first_live(w, [(end_us, None, None, None, False, False, False, False)])
+                        for w in webids]
+            streams = {w: StreamInfo(x, w) for x, w in zip(paths, webids, strict=True)}
+
+            async def main() -> tuple[Any, Any]:
+                message_send, message_recv = trio.open_memory_channel[Incoming](64)
+                flush_send, flush_recv = trio.open_memory_channel[Flush](1)
+                flusher = Flusher(ColumnBuffer(streams, event_filter), message_recv, flush_send,
+                                  max_rows=100_000, max_age=5.0)
+                writer = CommitWriter(sink, flush_recv, txn_version=0, committed=EventFilter())
+                async with PiWebApi(blast.url) as api:
+                    filler = GapFiller(api, GapQueue(), message_send)
+                    with trio.fail_after(RUN_TIMEOUT):
+                        async with trio.open_nursery() as nursery:
+                            await nursery.start(writer.run)
+                            await nursery.start(flusher.run)
+                            result["first"] = time.time()
+                            async with message_send:
+                                groups = group_requests([r for r in requests if r], filler.max_streams,
+                                                        api.max_url_length,
+                                                        len(api.base_url) + len("/streamsets/recorded?"))
+                                for group in groups:
+                                    await filler.fill(group)
+                return filler.stats, writer.stats
+
+            fill_stats, write_stats = trio.run(main)
+            result["last"] = time.time()
+    window = result["last"] - result["first"]
+    values = write_stats.values_written
+    return round_figures({
+        "tags": p["tags"], "minutes": p["minutes"], "values": values,
+        "values_per_s": values / window,
+        "cpu_s_per_M_values": _per_million(sampler.cpu_between(result["first"], result["last"]), values),
+        "peak_rss_MB": peak_rss_mb(),
+        "rest_calls": fill_stats.calls,
+        "commits": write_stats.commits,
+        "server_cpu_share": sampler.other_share(result["first"], result["last"]),
+        "complete": values >= expected,
+    })
+
+
+SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
+    "ceiling": ceiling,
+    "throughput": throughput,
+    "naive": naive,
+    "latency": latency,
+    "memory": memory,
+    "startup": startup,
+    "backfill": backfill,
+}
