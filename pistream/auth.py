@@ -158,7 +158,7 @@ def _spnego_detail(exc: BaseException) -> str:
         current = getattr(current, "base_error", None)
     detail = (reason or type(exc).__name__).rstrip(".")
     if sys.platform != "win32" and importlib.util.find_spec("gssapi") is None:
-        detail += "; this Python has no Kerberos support: pip install gssapi (needs MIT krb5)"
+        detail += "; this Python has no Kerberos support: pip install 'pistream[kerberos]' (needs MIT krb5)"
     return detail
 
 
