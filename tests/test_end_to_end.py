@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
+from contextlib import asynccontextmanager
 
+import msgspec
 import pyarrow.compute as pc
 import pytest
 import trio
@@ -24,19 +26,29 @@ PATHS = [
 TAIL_US = 500_000  # values sent in the last moments before stop may still be on the wire
 
 
-async def run_against_simulator(tmp_path, model: SimModel, **options):
+@asynccontextmanager
+async def served(tmp_path, model: SimModel, paths: list[str] | None = None, **options):
+    """A simulator for ``model`` on loopback, and pistream settings (tags file, table, state dir) for it."""
     tags = tmp_path / "tags.txt"
-    tags.write_text("\n".join(t.path for t in model.tags) + "\n", encoding="utf-8")
-    table = str(tmp_path / "table")
+    tags.write_text("\n".join(paths or [t.path for t in model.tags]) + "\n", encoding="utf-8")
     simulator = Simulator(model, poll_interval=0.1)
     async with trio.open_nursery() as nursery:
         await nursery.start(simulator.run)
-        settings = build_settings({}, {"tags": str(tags), "url": simulator.url, "table": table,
-                                       "state_dir": str(tmp_path / "state"), **options})
-        summary = await run_pipeline(settings, handle_signals=False)
+        yield simulator, build_settings({}, {"tags": str(tags), "url": simulator.url,
+                                             "table": str(tmp_path / "table"),
+                                             "state_dir": str(tmp_path / "state"), **options})
         nursery.cancel_scope.cancel()
-    windows = {w: (r.first_us, r.last_us - TAIL_US) for w, r in simulator.emitted.items()}
-    return table, summary, simulator, windows
+
+
+def windows_of(simulator: Simulator) -> dict[str, tuple[int, int]]:
+    """Per tag, the emitted range that must be in the table (the last moments may be on the wire)."""
+    return {w: (r.first_us, r.last_us - TAIL_US) for w, r in simulator.emitted.items()}
+
+
+async def run_against_simulator(tmp_path, model: SimModel, **options):
+    async with served(tmp_path, model, **options) as (simulator, settings):
+        summary = await run_pipeline(settings, handle_signals=False)
+    return settings.table, summary, simulator, windows_of(simulator)
 
 
 async def test_every_emitted_event_lands_exactly_once(tmp_path):
@@ -79,24 +91,13 @@ async def test_restart_reads_back_the_downtime_exactly_once(tmp_path):
     """Stop, let the plant run on for a while, start again: the downtime comes back from the archive,
     and the overlap (initial values, the events at each tag's floor) is not written twice."""
     model = SimModel.from_paths(PATHS, rate=20)
-    tags = tmp_path / "tags.txt"
-    tags.write_text("\n".join(t.path for t in model.tags) + "\n", encoding="utf-8")
-    table = str(tmp_path / "table")
-    simulator = Simulator(model, poll_interval=0.1)
     summaries = []
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(simulator.run)
-            settings = build_settings({}, {"tags": str(tags), "url": simulator.url, "table": table,
-                                           "state_dir": str(tmp_path / "state"), "duration": 1.5,
-                                           "flush_seconds": 0.5})
+        async with served(tmp_path, model, duration=1.5, flush_seconds=0.5) as (simulator, settings):
             for _ in range(3):
                 summaries.append(await run_pipeline(settings, handle_signals=False))
                 await trio.sleep(1.5)  # downtime: the channel would never replay these values
-            nursery.cancel_scope.cancel()
-    first = {w: r.first_us for w, r in simulator.emitted.items()}
-    windows = {w: (first[w], r.last_us - TAIL_US) for w, r in simulator.emitted.items()}
-    result = compare_with_model(table, model, windows)
+    result = compare_with_model(settings.table, model, windows_of(simulator))
     print(result.summary(), [(s.gaps_filled, s.gap_values) for s in summaries])
     assert result.missing == [] and result.duplicates == [] and result.unexpected == []
     assert summaries[0].gaps_filled == 0
@@ -106,50 +107,34 @@ async def test_restart_reads_back_the_downtime_exactly_once(tmp_path):
 
 async def test_lost_state_file_is_rebuilt_from_the_table(tmp_path):
     model = SimModel.from_paths(PATHS[:3], rate=20)
-    tags = tmp_path / "tags.txt"
-    tags.write_text("\n".join(t.path for t in model.tags) + "\n", encoding="utf-8")
-    table = str(tmp_path / "table")
-    simulator = Simulator(model, poll_interval=0.1)
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(simulator.run)
-            settings = build_settings({}, {"tags": str(tags), "url": simulator.url, "table": table,
-                                           "state_dir": str(tmp_path / "state"), "duration": 1.5})
+        async with served(tmp_path, model, duration=1.5) as (simulator, settings):
             await run_pipeline(settings, handle_signals=False)
             for state_file in (tmp_path / "state").iterdir():
                 state_file.unlink()
             await trio.sleep(1)
             second = await run_pipeline(settings, handle_signals=False)
-            nursery.cancel_scope.cancel()
-    windows = {w: (r.first_us, r.last_us - TAIL_US) for w, r in simulator.emitted.items()}
-    result = compare_with_model(table, model, windows)
+    result = compare_with_model(settings.table, model, windows_of(simulator))
     assert result.missing == [] and result.duplicates == [] and result.unexpected == []
     assert second.gaps_filled == 3
 
 
 async def test_dropped_channels_reconnect_and_the_gap_is_read_back(tmp_path):
     model = SimModel.generated(40, rate=10)
-    tags = tmp_path / "tags.txt"
-    tags.write_text("\n".join(t.path for t in model.tags) + "\n", encoding="utf-8")
-    table = str(tmp_path / "table")
-    simulator = Simulator(model, poll_interval=0.1)
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(simulator.run)
-            settings = build_settings({}, {"tags": str(tags), "url": simulator.url, "table": table,
-                                           "state_dir": str(tmp_path / "state"), "duration": 6,
-                                           "flush_seconds": 0.5, "max_url_length": 600})
+        async with served(tmp_path, model, duration=6, flush_seconds=0.5, max_url_length=600) as (
+                simulator, settings):
 
             async def drop_twice():
                 for _ in range(2):
                     await trio.sleep(2)
                     await simulator.drop_channels()
 
-            nursery.start_soon(drop_twice)
-            summary = await run_pipeline(settings, handle_signals=False)
-            nursery.cancel_scope.cancel()
-    windows = {w: (r.first_us, r.last_us - TAIL_US) for w, r in simulator.emitted.items()}
-    result = compare_with_model(table, model, windows)
+            async with trio.open_nursery() as faults:
+                faults.start_soon(drop_twice)
+                summary = await run_pipeline(settings, handle_signals=False)
+                faults.cancel_scope.cancel()
+    result = compare_with_model(settings.table, model, windows_of(simulator))
     print(result.summary(), summary)
     assert summary.channels >= 2  # the short URL limit split the tags over several channels
     assert result.missing == [] and result.duplicates == [] and result.unexpected == []
@@ -173,22 +158,13 @@ class OutageSink(DeltaSink):
 
 async def test_storage_outage_pauses_channels_and_loses_nothing(tmp_path):
     model = SimModel.from_paths(PATHS, rate=50)
-    tags = tmp_path / "tags.txt"
-    tags.write_text("\n".join(t.path for t in model.tags) + "\n", encoding="utf-8")
-    table = str(tmp_path / "table")
-    simulator = Simulator(model, poll_interval=0.1)
     now = time.monotonic()
-    sink = OutageSink(table, "outage-test", down_from=now + 1, down_until=now + 5)
+    sink = OutageSink(str(tmp_path / "table"), "outage-test", down_from=now + 1, down_until=now + 5)
     with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(simulator.run)
-            settings = build_settings({}, {"tags": str(tags), "url": simulator.url, "table": table,
-                                           "state_dir": str(tmp_path / "state"), "duration": 9,
-                                           "flush_seconds": 0.2, "flush_rows": 100, "stall_seconds": 1})
+        async with served(tmp_path, model, duration=9, flush_seconds=0.2, flush_rows=100,
+                          stall_seconds=1) as (simulator, settings):
             summary = await run_pipeline(settings, handle_signals=False, sink=sink)
-            nursery.cancel_scope.cancel()
-    windows = {w: (r.first_us, r.last_us - TAIL_US) for w, r in simulator.emitted.items()}
-    result = compare_with_model(table, model, windows)
+    result = compare_with_model(settings.table, model, windows_of(simulator))
     print(result.summary(), summary)
     assert sink.refused >= 2 and summary.failed_commits == sink.refused
     assert summary.channel_pauses >= 1  # the readers stopped instead of piling values up
@@ -199,19 +175,12 @@ async def test_storage_outage_pauses_channels_and_loses_nothing(tmp_path):
 async def test_unknown_tags_reported_together_and_skip_unknown_goes_on(tmp_path):
     model = SimModel.from_paths(PATHS[:2], rate=10)
     wanted = PATHS[:2] + [f"\\\\SIMSRV\\TYPO{i}" for i in range(7)] + ["\\\\AF01\\DB\\Pump|Missing"]
-    tags = tmp_path / "tags.txt"
-    tags.write_text("\n".join(wanted) + "\n", encoding="utf-8")
-    simulator = Simulator(model, poll_interval=0.1)
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(simulator.run)
-            base = {"tags": str(tags), "url": simulator.url, "table": str(tmp_path / "t"),
-                    "state_dir": str(tmp_path / "state"), "duration": 1}
+        async with served(tmp_path, model, wanted, duration=1) as (_, settings):
             with pytest.raises(BaseException) as info:
-                await run_pipeline(build_settings({}, base), handle_signals=False)
-            summary = await run_pipeline(build_settings({}, {**base, "skip_unknown": True}),
+                await run_pipeline(settings, handle_signals=False)
+            summary = await run_pipeline(msgspec.structs.replace(settings, skip_unknown=True),
                                          handle_signals=False)
-            nursery.cancel_scope.cancel()
     error = info.value
     while isinstance(error, BaseExceptionGroup):
         error = error.exceptions[0]
