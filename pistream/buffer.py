@@ -1,25 +1,35 @@
-"""The columnar buffer: decoded values appended to plain column lists, handed over as one Arrow
-RecordBatch per flush. Every value passes the exactly-once filter (``dedup``) on the way in.
+"""The columnar buffer: decoded values as Arrow columns, handed over as one RecordBatch per flush. Every
+value passes the exactly-once filter (``dedup``) on the way in.
+
+Two paths: batches of channel messages in the steady state (every value newer than its tag's floor, in
+order, no gap open) become columns in bulk (``columns.extract``) and pass the filter as arrays; anything
+else goes value by value into plain column lists, with the same decisions either way.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from itertools import repeat
+from operator import gt
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from .dedup import EventFilter, EventKey, GapRequest, event_key
+from .columns import TagIndex, extract
+from .dedup import EventFilter, EventKey, GapRequest, RecentRows, event_key, newest_rows
+from .flow import Live
 from .messages import StreamValues, TimedValue, classify_value, flag
-from .schema import TABLE_SCHEMA
+from .schema import EVENT_KEY, TABLE_SCHEMA
 from .timeutil import TIMESTAMP_US, to_us
 
 log = structlog.get_logger(__name__)
 
 _DATE = pa.date32()
+_NO_FLOOR = -(2**63)
 
 
 @dataclass(frozen=True)
@@ -38,9 +48,10 @@ class Flush:
     batch: pa.RecordBatch
     repeats_dropped: int
     rejected: int
-    # Floors and recent events, at take(), of the streams this batch touched: once it is committed, these
-    # are the committed ones (every accepted value is in this batch or an earlier one).
-    floors: dict[str, tuple[int, tuple[EventKey, ...]]]
+    # Floors, at take(), of the streams this batch touched, and its rows that may be recent events: once
+    # it is committed, these are the committed ones (every accepted value is in this batch or an earlier one).
+    floors: dict[str, int]
+    recent: RecentRows | None
 
 
 @dataclass
@@ -56,6 +67,9 @@ class ColumnBuffer:
     def __init__(self, streams: dict[str, StreamInfo], event_filter: EventFilter | None = None):
         self.streams = streams
         self.filter = event_filter if event_filter is not None else EventFilter()
+        self.index = TagIndex()
+        for webid, info in streams.items():
+            self.index.add(webid, info.path, info.uom)
         self._reset()
 
     def _reset(self) -> None:
@@ -74,10 +88,43 @@ class ColumnBuffer:
         self.received_us: list[int] = []
         self._repeats_at_reset = self.filter.stats.repeats_dropped
         self._rejected = 0
-        self._touched: set[str] = set()
+        self._bulk: list[RecentRows] = []  # steady-state batches, in table columns
+        self._bulk_rows = 0
 
     def __len__(self) -> int:
-        return len(self.tag)
+        return len(self.tag) + self._bulk_rows
+
+    def add_live_batch(self, items: list[Live]) -> tuple[int, list[GapRequest]]:
+        """Several channel messages at once: in bulk when they are all steady state, else value by value.
+        Returns the number of values received and any gaps to read back."""
+        streams: list[StreamValues] = []
+        received: list[int] = []
+        for item in items:
+            message_streams = item.message.items or ()
+            streams.extend(message_streams)
+            received.extend(repeat(item.received_us, len(message_streams)))
+        filt = self.filter
+        webids = [s.web_id or "" for s in streams]
+        columns = None if filt.any_in_gap(webids) else extract(streams, received, self.index)
+        if columns is not None:
+            ts = columns.ts.tolist()
+            floors = filt.floors
+            newer = all(map(gt, ts, map(floors.get, columns.webids, repeat(_NO_FLOOR))))
+            if newer and _in_order(columns.ids, columns.ts):
+                floors.update(zip(columns.webids, ts, strict=True))
+                rows = RecentRows(columns.ids, columns.ts, columns.batch)
+                filt.add_recent(rows)
+                self._bulk.append(rows)
+                self._bulk_rows += len(rows)
+                return len(rows), []
+        count = 0
+        gaps = []
+        for stream, received_us in zip(streams, received, strict=True):
+            count += len(stream.timed_values())
+            gap = self.add_live(stream, received_us)
+            if gap is not None:
+                gaps.append(gap)
+        return count, gaps
 
     def _rows(self, path: str, stream: StreamValues) -> list[_Row]:
         """Decode a stream's values into keys; a value without a usable timestamp is logged and counted."""
@@ -109,7 +156,7 @@ class ColumnBuffer:
         """Append a channel's values; the first ones after a reconnect may open a gap to read back."""
         webid = stream.web_id or ""
         path, uom = self._describe(webid, stream)
-        self._touched.add(webid)
+        self.filter.sync_recent()
         if not self.filter.in_gap(webid):
             self._add_live_steady(webid, path, uom, stream, received_us)
             return None
@@ -123,7 +170,6 @@ class ColumnBuffer:
     def add_gap(self, stream: StreamValues, received_us: int) -> None:
         """Append recorded values read back for a gap; only those inside the gap's window count."""
         webid = stream.web_id or ""
-        self._touched.add(webid)
         path, uom = self._describe(webid, stream)
         for row in self._rows(path, stream):
             if self.filter.accept_gap(webid, row.key):
@@ -202,7 +248,9 @@ class ColumnBuffer:
         """The tag's path and default units, from tag resolution (the message's own units win)."""
         info = self.streams.get(webid)
         if info is None:
-            return stream.path or webid, stream.units_abbreviation
+            path = stream.path or webid
+            self.index.add(webid, path, stream.units_abbreviation)
+            return path, stream.units_abbreviation
         return info.path, stream.units_abbreviation or info.uom
 
     def _append(self, webid: str, path: str, row: _Row, uom: str | None, received_us: int) -> None:
@@ -224,8 +272,26 @@ class ColumnBuffer:
 
     def take(self) -> Flush | None:
         """The buffered rows as a RecordBatch in the table schema, or None when empty."""
-        if not self.tag:
+        if not len(self):
             return None
+        parts = list(self._bulk)
+        if self.tag:
+            parts.append(self._take_rows())
+        batch = pa.concat_batches([p.data for p in parts]) if len(parts) > 1 else parts[0].data
+        filt = self.filter
+        recent = newest_rows(parts, filt.lookback_us)
+        if recent is not None:
+            recent = RecentRows(recent.ids, recent.ts, recent.data.select(list(EVENT_KEY)))
+        touched = np.unique(np.concatenate([p.ids for p in parts])).tolist()
+        webids = list(map(self.index.webids.__getitem__, touched))
+        floors = dict(zip(webids, map(filt.floors.__getitem__, webids), strict=True))
+        flush = Flush(batch, filt.stats.repeats_dropped - self._repeats_at_reset, self._rejected, floors, recent)
+        filt.prune_pending()
+        self._reset()
+        return flush
+
+    def _take_rows(self) -> RecentRows:
+        """The rows that came value by value, as columns."""
         timestamps = pa.array(self.timestamp, pa.int64()).cast(TIMESTAMP_US)
         columns = [
             pa.array(self.tag, pa.string()),
@@ -243,9 +309,17 @@ class ColumnBuffer:
             pa.array(self.received_us, pa.int64()).cast(TIMESTAMP_US),
             pc.cast(timestamps, _DATE),  # UTC date; floors correctly before 1970
         ]
-        batch = pa.RecordBatch.from_arrays(columns, schema=TABLE_SCHEMA)
-        filt = self.filter
-        floors = {w: (filt.floors[w], tuple(filt.recent.get(w, ()))) for w in self._touched if w in filt.floors}
-        flush = Flush(batch, filt.stats.repeats_dropped - self._repeats_at_reset, self._rejected, floors)
-        self._reset()
-        return flush
+        ids = np.fromiter(map(self.index.ids.__getitem__, self.tag_webid), np.int32, len(self.tag_webid))
+        return RecentRows(ids, np.array(self.timestamp, np.int64),
+                          pa.RecordBatch.from_arrays(columns, schema=TABLE_SCHEMA))
+
+
+def _in_order(ids: np.ndarray, ts: np.ndarray) -> bool:
+    """Each tag's values strictly increasing in arrival order (so each is newer than the one before)."""
+    if len(ids) < 2:
+        return True
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    sorted_ts = ts[order]
+    same = sorted_ids[1:] == sorted_ids[:-1]
+    return bool(np.all(sorted_ts[1:][same] > sorted_ts[:-1][same]))

@@ -21,6 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -56,6 +57,37 @@ class _Window:
 
 
 @dataclass
+class RecentRows:
+    """Accepted events not yet sorted into ``EventFilter.recent``: the steady-state path records them in
+    bulk (table columns, at least EVENT_KEY) and they are turned into keys only when a key lookup needs
+    them, or when the state file is written."""
+
+    ids: np.ndarray  # int32 tag id per row, as given by the buffer's TagIndex
+    ts: np.ndarray  # int64 microseconds per row
+    data: pa.RecordBatch
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+
+def newest_rows(rows: list[RecentRows], lookback_us: int) -> RecentRows | None:
+    """The rows within ``lookback_us`` of their tag's newest row: the only ones that can still be recent
+    events (a tag's floor is at least its newest row)."""
+    rows = [r for r in rows if len(r)]
+    if not rows:
+        return None
+    ids = np.concatenate([r.ids for r in rows]) if len(rows) > 1 else rows[0].ids
+    ts = np.concatenate([r.ts for r in rows]) if len(rows) > 1 else rows[0].ts
+    newest = np.full(int(ids.max()) + 1, np.iinfo(np.int64).min, np.int64)
+    np.maximum.at(newest, ids, ts)
+    keep = ts >= newest[ids] - lookback_us
+    data = pa.concat_batches([r.data for r in rows]) if len(rows) > 1 else rows[0].data
+    if keep.all():
+        return RecentRows(ids, ts, data)
+    return RecentRows(ids[keep], ts[keep], data.filter(pa.array(keep)))
+
+
+@dataclass
 class FilterStats:
     repeats_dropped: int = 0
     late_accepted: int = 0
@@ -75,20 +107,69 @@ class EventFilter:
     # reconnect while an earlier gap is still being read) cannot both let the same event in.
     _seen: dict[str, set[EventKey]] = field(default_factory=dict)
     stats: FilterStats = field(default_factory=FilterStats)
+    # Accepted in bulk, not yet in ``recent``; ``sync_recent`` sorts them in before any key lookup.
+    _pending: list[RecentRows] = field(default_factory=list)
+    _pending_rows: int = 0
+    _prune_at: int = 1 << 16
 
     def copy(self) -> EventFilter:
         """Floors and recent events only (no windows): the flusher starts from the committed state."""
+        self.sync_recent()
         return EventFilter(self.lookback_us, dict(self.floors), {w: deque(k) for w, k in self.recent.items()})
 
-    def merge(self, floors: dict[str, tuple[int, tuple[EventKey, ...]]]) -> None:
-        """Take over floors and recent events of some streams (the committed ones, after a commit)."""
-        for webid, (floor, keys) in floors.items():
-            self.floors[webid] = floor
-            self.recent[webid] = deque(keys)
+    def merge(self, floors: dict[str, int], recent: RecentRows | None) -> None:
+        """Take over a committed batch's floors (of the streams it touched) and its newest rows."""
+        self.floors.update(floors)
+        if recent is not None:
+            self.add_recent(recent)
+
+    # -- events accepted in bulk ----------------------------------------------------------------------
+    def add_recent(self, rows: RecentRows) -> None:
+        """Record events accepted in bulk (their floors are set by the caller); kept as columns, bounded
+        by dropping rows that fell out of the look-back whenever they have doubled."""
+        self._pending.append(rows)
+        self._pending_rows += len(rows)
+        if self._pending_rows > self._prune_at:
+            self.prune_pending()
+
+    def prune_pending(self) -> None:
+        newest = newest_rows(self._pending, self.lookback_us)
+        self._pending = [newest] if newest is not None else []
+        self._pending_rows = len(newest) if newest is not None else 0
+        self._prune_at = max(1 << 16, 2 * self._pending_rows)
+
+    def sync_recent(self) -> None:
+        """Sort the rows accepted in bulk into ``recent`` (each tag's are in time order already)."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_rows = self._pending, [], 0
+        lookback = self.lookback_us
+        for rows in pending:
+            webids = rows.data.column("tag_webid").to_pylist()
+            floors = np.fromiter(map(self.floors.__getitem__, webids), np.int64, len(webids))
+            keep = np.flatnonzero(rows.ts >= floors - lookback)
+            if not len(keep):
+                continue
+            data = rows.data.take(pa.array(keep))
+            columns = [data.column(name).to_pylist() for name in EVENT_KEY[2:]]
+            recent_of = self.recent
+            for webid, *key in zip(data.column("tag_webid").to_pylist(), rows.ts[keep].tolist(), *columns,
+                                   strict=True):
+                value = key[1]
+                if value != value:  # NaN: the key must compare equal to itself
+                    key[1] = "NaN"
+                recent = recent_of.get(webid)
+                if recent is None:
+                    recent = recent_of[webid] = deque()
+                horizon = self.floors[webid] - lookback
+                while recent and recent[0][0] < horizon:
+                    recent.popleft()
+                recent.append(tuple(key))
 
     # -- connections and gaps -------------------------------------------------------------------------
     def connected(self, webids: list[str]) -> None:
         """A channel (re)connected: its tags with a known floor wait for their first live value."""
+        self.sync_recent()
         for webid in webids:
             floor = self.floors.get(webid)
             if floor is not None:
@@ -110,6 +191,10 @@ class EventFilter:
 
     def awaiting(self, webid: str) -> bool:
         return webid in self._awaiting
+
+    def any_in_gap(self, webids: list[str]) -> bool:
+        return bool(self._awaiting or self._windows) and not (
+            self._awaiting.keys().isdisjoint(webids) and self._windows.keys().isdisjoint(webids))
 
     def in_gap(self, webid: str) -> bool:
         """Waiting for its first live value, or with a gap being read back: the careful path applies."""
@@ -147,6 +232,7 @@ class EventFilter:
     # -- live values ----------------------------------------------------------------------------------
     def accept_live(self, webid: str, key: EventKey) -> bool:
         """A live value at or before the floor is a repeat if it is a recent event."""
+        self.sync_recent()
         floor = self.floors.get(webid)
         if floor is None or key[0] > floor:
             return True
@@ -159,6 +245,7 @@ class EventFilter:
 
     def advance(self, webid: str, key: EventKey) -> None:
         """Record an accepted event: it may raise the tag's floor; it joins the recent events."""
+        self.sync_recent()
         floor = self.floors.get(webid)
         ts = key[0]
         recent = self.recent.get(webid)

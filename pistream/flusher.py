@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import attrgetter
 
 import structlog
 import trio
@@ -23,6 +24,16 @@ class FlushStats:
     repeats_dropped: int = 0
     rejected: int = 0
     flushes: int = 0
+
+
+_items = attrgetter("items")
+
+
+def _values(item: Incoming) -> int:
+    """How many values a live message carries (cheaply: streams with a single ``Value`` count 0)."""
+    if isinstance(item, Live):
+        return sum(map(len, filter(None, map(_items, item.message.items or ()))))
+    return 0
 
 
 class Flusher:
@@ -54,11 +65,12 @@ class Flusher:
             while True:
                 with trio.move_on_at(deadline):
                     try:
-                        item = await self.receive_channel.receive()
+                        items = [await self.receive_channel.receive()]
                     except trio.EndOfChannel:
                         break
+                    self._drain(items)
                     was_empty = len(self.buffer) == 0
-                    self._take_in(item)
+                    self._take_in(items)
                     if was_empty and len(self.buffer):
                         deadline = trio.current_time() + self.max_age
                     if len(self.buffer) < self.max_rows:
@@ -67,14 +79,40 @@ class Flusher:
                 deadline = math.inf
             await self._flush()
 
-    def _take_in(self, item: Incoming) -> None:
-        if isinstance(item, Live):
-            for stream in item.message.items or ():
-                self.stats.values_received += len(stream.timed_values())
-                gap = self.buffer.add_live(stream, item.received_us)
-                if gap is not None and self.gap_queue is not None:
-                    self.gap_queue.put(gap)
-        elif isinstance(item, GapValues):
+    def _drain(self, items: list[Incoming]) -> None:
+        """Whatever else is waiting, up to the flush size: many messages go through the buffer at once."""
+        room = self.max_rows - len(self.buffer) - _values(items[0])
+        while room > 0:
+            try:
+                item = self.receive_channel.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+            items.append(item)
+            room -= _values(item)
+
+    def _take_in(self, items: list[Incoming]) -> None:
+        """In order; consecutive live messages together."""
+        live: list[Live] = []
+        for item in items:
+            if isinstance(item, Live):
+                live.append(item)
+                continue
+            if live:
+                self._take_in_live(live)
+                live = []
+            self._take_in_other(item)
+        if live:
+            self._take_in_live(live)
+
+    def _take_in_live(self, live: list[Live]) -> None:
+        count, gaps = self.buffer.add_live_batch(live)
+        self.stats.values_received += count
+        if self.gap_queue is not None:
+            for gap in gaps:
+                self.gap_queue.put(gap)
+
+    def _take_in_other(self, item: Incoming) -> None:
+        if isinstance(item, GapValues):
             for stream in item.streams:
                 self.stats.values_received += len(stream.timed_values())
                 self.buffer.add_gap(stream, item.received_us)

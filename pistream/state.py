@@ -60,6 +60,7 @@ class StateStore:
         self.app_id = app_id
 
     def save(self, committed: EventFilter, txn_version: int) -> None:
+        committed.sync_recent()
         recent = committed.recent
         floors = {webid: (ts, recent.get(webid, ())) for webid, ts in committed.floors.items()}
         data = _encoder.encode(_StateFile(FORMAT, self.table_uri, self.app_id, txn_version,

@@ -85,7 +85,7 @@ class CommitWriter:
         between) is detected on start by the version mismatch; the floors are then rebuilt from it and
         the table's newer partitions."""
         result = self.sink.commit(flush.batch, version)
-        self.committed.merge(flush.floors)
+        self.committed.merge(flush.floors, flush.recent)
         self._unsaved = version
         if time.monotonic() >= self._next_save:
             self.save_state()

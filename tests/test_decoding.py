@@ -1,10 +1,12 @@
 """Every value kind a PI Web API channel sends, decoded into the table's columns."""
 
+import math
 from datetime import UTC, date, datetime
 
 import pytest
 
 from pistream.buffer import ColumnBuffer, StreamInfo
+from pistream.flow import Live
 from pistream.messages import channel_decoder, classify_value
 from pistream.schema import TABLE_SCHEMA
 from pistream.timeutil import format_iso, parse_iso_us
@@ -13,15 +15,55 @@ WEBID = "P1DPU0lNU1JWXFRBRw"
 
 
 def decode_rows(items_json: str, stream_extra: str = "") -> list[dict]:
+    """The rows of one stream's values, read both in bulk and value by value: the two must agree."""
     frame = ('{"Links":{},"Items":[{"WebId":"%s","Name":"TAG","Path":"\\\\\\\\SRV\\\\TAG",'
              '"UnitsAbbreviation":"degC"%s,"Items":[%s]}]}' % (WEBID, stream_extra, items_json))
-    buffer = ColumnBuffer({WEBID: StreamInfo("\\\\SRV\\TAG", WEBID, "degC")})
+    by_path = []
+    for bulk in (True, False):
+        buffer = ColumnBuffer({WEBID: StreamInfo("\\\\SRV\\TAG", WEBID, "degC")})
+        message = channel_decoder.decode(frame)
+        if bulk:
+            buffer.add_live_batch([Live(1_700_000_000_000_000, message)])
+        else:
+            for stream in message.items:
+                buffer.add_live(stream, received_us=1_700_000_000_000_000)
+        flush = buffer.take()
+        assert flush is not None
+        assert flush.batch.schema == TABLE_SCHEMA
+        by_path.append(flush.batch.to_pylist())
+    bulk_rows, value_rows = by_path
+    assert _same_rows(bulk_rows, value_rows)
+    return value_rows
+
+
+def _same_rows(a: list[dict], b: list[dict]) -> bool:
+    """Equal, with NaN equal to NaN."""
+    def normal(rows):
+        return [{k: ("NaN" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in rows]
+    return normal(a) == normal(b)
+
+
+def test_bulk_path_takes_every_value_kind_and_agrees_with_the_value_by_value_path():
+    kinds = ['12.5', '7', 'true', '"text"', 'null', '{"Name":"On","Value":1,"IsSystem":false}',
+             '{"Name":"I/O Timeout","Value":246,"IsSystem":true}', '"NaN"', '[1,2]', '9007199254740993']
+    streams = []
+    infos = {}
+    for i, raw in enumerate(kinds * 3):
+        webid = f"W{i}"
+        infos[webid] = StreamInfo(f"\\\\SRV\\T{i}", webid, "m" if i % 2 else None)
+        units = ',"UnitsAbbreviation":"s"' if i % 3 == 0 else ""
+        streams.append('{"WebId":"%s","Items":[{"Timestamp":"2024-03-01T00:00:0%d.1234567Z","Value":%s%s,'
+                       '"Good":%s}]}' % (webid, i % 10, raw, units, "true" if i % 4 else "false"))
+    frame = '{"Items":[%s]}' % ",".join(streams)
+    bulk = ColumnBuffer(infos)
+    count, gaps = bulk.add_live_batch([Live(5, channel_decoder.decode(frame))])
+    assert count == len(streams) and gaps == [] and len(bulk.tag) == 0  # nothing went value by value
+    by_value = ColumnBuffer(infos)
     for stream in channel_decoder.decode(frame).items:
-        buffer.add_live(stream, received_us=1_700_000_000_000_000)
-    flush = buffer.take()
-    assert flush is not None
-    assert flush.batch.schema == TABLE_SCHEMA
-    return flush.batch.to_pylist()
+        by_value.add_live(stream, 5)
+    bulk_rows, value_rows = bulk.take().batch.to_pylist(), by_value.take().batch.to_pylist()
+    assert len(bulk_rows) == len(streams) and _same_rows(bulk_rows, value_rows)
+    assert {r["uom"] for r in bulk_rows} == {"s", "m", None}
 
 
 def test_float_value_fills_every_column():

@@ -5,14 +5,16 @@ from __future__ import annotations
 import pyarrow as pa
 import trio
 
-from pistream.buffer import ColumnBuffer
+from pistream.buffer import ColumnBuffer, StreamInfo
 from pistream.dedup import EventFilter, GapRequest, advance_from_rows, event_key
+from pistream.flow import Live
 from pistream.gapfill import GapFiller, GapQueue, _after_cursor
 from pistream.messages import StreamSetMessage, StreamValues, TimedValue
 from pistream.piwebapi import PiWebApi
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
 from pistream.sink import DeltaSink
+from pistream.state import StateStore
 from pistream.timeutil import format_iso
 
 
@@ -206,3 +208,60 @@ def test_buffer_accepts_gap_values_only_inside_an_open_window():
     buffer.add_gap(StreamValues(web_id="W", items=[tv(100), tv(200), tv(300), tv(400)]), 0)
     assert sorted(buffer.timestamp) == [200, 300]
     assert StreamSetMessage  # wire type used by the flusher for the same values
+
+
+# -- the bulk (steady-state) path: its events must count as recent events everywhere --------------------
+
+def live(*values: tuple[str, int, float]) -> Live:
+    """One channel message: (webid, timestamp_us, value) per value, one stream per webid."""
+    streams: dict[str, list[TimedValue]] = {}
+    for webid, ts, value in values:
+        streams.setdefault(webid, []).append(TimedValue(timestamp=format_iso(ts), value=value, good=True))
+    return Live(0, StreamSetMessage(items=[StreamValues(web_id=w, items=v) for w, v in streams.items()]))
+
+
+def bulk_buffer(lookback_us: int) -> ColumnBuffer:
+    infos = {w: StreamInfo(f"\\\\S\\{w}", w) for w in ("A", "B")}
+    return ColumnBuffer(infos, EventFilter(lookback_us=lookback_us))
+
+
+def test_bulk_accepted_events_are_known_to_the_value_by_value_checks():
+    buffer = bulk_buffer(lookback_us=50)
+    count, _ = buffer.add_live_batch([live(("A", 100, 1.0), ("B", 100, 1.0)), live(("A", 140, 2.0))])
+    assert count == 3 and buffer._bulk_rows == 3 and not buffer.tag  # taken in bulk
+    assert buffer.filter.floors == {"A": 140, "B": 100}
+    # A repeat and a late value in the next batch: the batch goes value by value and tells them apart.
+    buffer.add_live_batch([live(("A", 100, 1.0), ("A", 120, 5.0), ("B", 100, 1.0))])
+    assert buffer.filter.stats.repeats_dropped == 2
+    assert sorted(buffer.timestamp) == [120]
+    rows = buffer.take().batch.select(["tag_webid", "value"]).to_pylist()
+    assert sorted((r["tag_webid"], r["value"]) for r in rows) == [("A", 1.0), ("A", 2.0), ("A", 5.0), ("B", 1.0)]
+
+
+def test_a_reconnect_after_bulk_events_reads_back_from_the_floor_and_drops_what_it_has():
+    buffer = bulk_buffer(lookback_us=0)
+    buffer.add_live_batch([live(("A", 100, 1.0))])
+    assert buffer._bulk_rows == 1
+    buffer.filter.connected(["A"])
+    count, gaps = buffer.add_live_batch([live(("A", 300, 3.0))])
+    assert gaps == [GapRequest("A", 100, 300)]
+    buffer.add_gap(StreamValues(web_id="A", items=[TimedValue(timestamp=format_iso(t), value=v, good=True)
+                                                   for t, v in ((100, 1.0), (200, 2.0), (300, 3.0))]), 0)
+    assert sorted(buffer.timestamp) == [200, 300]  # 100 came in bulk before the reconnect
+
+
+def test_committed_floors_from_a_bulk_batch_reach_the_state_file(tmp_path):
+    buffer = bulk_buffer(lookback_us=50)
+    buffer.add_live_batch([live(("A", 100, 1.0), ("B", 10, 4.0)), live(("A", 130, 2.0)), live(("A", 200, 3.0))])
+    flush = buffer.take()
+    assert flush.batch.num_rows == 4 and flush.floors == {"A": 200, "B": 10}
+    committed = EventFilter(lookback_us=50)
+    committed.merge(flush.floors, flush.recent)
+    store = StateStore(tmp_path / "state.json", "table", "app")
+    store.save(committed, 1)
+    loaded, version = store.load(50)
+    assert version == 1 and loaded.floors == {"A": 200, "B": 10}
+    assert [k[0] for k in loaded.recent["A"]] == [200]  # 100 and 130 fell out of the look-back
+    assert list(loaded.recent["B"]) == [event_key(10, 4.0, None, None, True, False, False, False)]
+    # and the buffer's own filter knows them too, after the take
+    assert not buffer.filter.accept_live("A", event_key(200, 3.0, None, None, True, False, False, False))
