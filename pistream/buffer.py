@@ -14,15 +14,16 @@ from itertools import repeat
 from operator import gt
 from typing import Any
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from .columns import TagIndex, extract
+from .columns import FRAME_CODEC, LiveColumns, TagIndex, extract, extract_frames
 from .dedup import EventFilter, EventKey, GapRequest, RecentRows, event_key, newest_rows
 from .flow import Live
-from .messages import StreamValues, TimedValue, classify_value, flag
+from .messages import StreamSetMessage, StreamValues, TimedValue, channel_decoder, classify_value, flag
 from .schema import EVENT_KEY, TABLE_SCHEMA
 from .timeutil import TIMESTAMP_US, to_us
 
@@ -68,6 +69,7 @@ class ColumnBuffer:
         self.streams = streams
         self.filter = event_filter if event_filter is not None else EventFilter()
         self.index = TagIndex()
+        self.malformed = 0  # raw frames that did not decode (logged)
         for webid, info in streams.items():
             self.index.add(webid, info.path, info.uom)
         self._reset()
@@ -97,26 +99,25 @@ class ColumnBuffer:
     def add_live_batch(self, items: list[Live]) -> tuple[int, list[GapRequest]]:
         """Several channel messages at once: in bulk when they are all steady state, else value by value.
         Returns the number of values received and any gaps to read back."""
+        frames = [item.frame for item in items]
+        understood = False  # by the frame codec: then the bulk path below would not accept them either
+        if FRAME_CODEC and None not in frames:
+            columns = extract_frames(frames, [item.received_us for item in items], self.index)  # type: ignore[arg-type]
+            if columns is not None:
+                if self._accept_bulk(columns):
+                    return len(columns), []
+                understood = True
         streams: list[StreamValues] = []
         received: list[int] = []
         for item in items:
-            message_streams = item.message.items or ()
+            message = item.message if item.frame is None else self._decode(item)
+            message_streams = (message.items or ()) if message is not None else ()
             streams.extend(message_streams)
             received.extend(repeat(item.received_us, len(message_streams)))
-        filt = self.filter
-        webids = [s.web_id or "" for s in streams]
-        columns = None if filt.any_in_gap(webids) else extract(streams, received, self.index)
-        if columns is not None:
-            ts = columns.ts.tolist()
-            floors = filt.floors
-            newer = all(map(gt, ts, map(floors.get, columns.webids, repeat(_NO_FLOOR))))
-            if newer and _in_order(columns.ids, columns.ts):
-                floors.update(zip(columns.webids, ts, strict=True))
-                rows = RecentRows(columns.ids, columns.ts, columns.batch)
-                filt.add_recent(rows)
-                self._bulk.append(rows)
-                self._bulk_rows += len(rows)
-                return len(rows), []
+        if not understood:
+            columns = extract(streams, received, self.index)
+            if columns is not None and self._accept_bulk(columns):
+                return len(columns), []
         count = 0
         gaps = []
         for stream, received_us in zip(streams, received, strict=True):
@@ -125,6 +126,38 @@ class ColumnBuffer:
             if gap is not None:
                 gaps.append(gap)
         return count, gaps
+
+    def _accept_bulk(self, columns: LiveColumns) -> bool:
+        """Accept a batch as a whole if it is steady state: no gap open for its tags, every value newer
+        than its tag's floor and in order. Otherwise nothing is accepted and the caller goes value by value."""
+        filt = self.filter
+        if filt.any_in_gap(columns.webids):
+            return False
+        ts = columns.ts.tolist()
+        floors = filt.floors
+        if not all(map(gt, ts, map(floors.get, columns.webids, repeat(_NO_FLOOR)))):
+            return False
+        if not _in_order(columns.ids, columns.ts):
+            return False
+        floors.update(zip(columns.webids, ts, strict=True))
+        rows = RecentRows(columns.ids, columns.ts, columns.batch)
+        filt.add_recent(rows)
+        self._bulk.append(rows)
+        self._bulk_rows += len(rows)
+        return True
+
+    def _decode(self, item: Live) -> StreamSetMessage | None:
+        """A raw frame the codec did not take: decoded here, as the reader does for small frames."""
+        assert item.frame is not None
+        try:
+            message = channel_decoder.decode(item.frame)
+        except msgspec.DecodeError as exc:
+            self.malformed += 1
+            log.error("frame_malformed", channel=item.channel, error=str(exc), size=len(item.frame))
+            return None
+        if message.web_exception is not None:
+            log.warning("frame_cut_short", channel=item.channel, web_exception=str(message.web_exception))
+        return message
 
     def _rows(self, path: str, stream: StreamValues) -> list[_Row]:
         """Decode a stream's values into keys; a value without a usable timestamp is logged and counted."""

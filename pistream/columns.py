@@ -13,6 +13,7 @@ from itertools import chain, repeat
 from operator import attrgetter, is_not, itemgetter
 from typing import Any
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -35,6 +36,12 @@ _annotated = attrgetter("annotated")
 _first = itemgetter(0)
 _SEVEN_DIGITS = re.compile(r"(\.\d{6})\d+")
 
+try:  # the C frame codec, built with the wheel where a compiler was at hand
+    from . import _framecodec
+except ImportError:  # pragma: no cover - exercised where the extension is not built
+    _framecodec = None  # type: ignore[assignment]
+FRAME_CODEC = _framecodec is not None
+
 
 @dataclass
 class TagIndex:
@@ -45,6 +52,8 @@ class TagIndex:
     paths: list[str] = field(default_factory=list)
     uoms: list[str | None] = field(default_factory=list)
     _arrays: tuple[pa.Array, pa.Array] | None = None
+    _by_bytes: dict[bytes, int] | None = None
+    _uom_array: pa.Array | None = None
 
     def add(self, webid: str, path: str, uom: str | None) -> int:
         known = self.ids.get(webid)
@@ -54,8 +63,20 @@ class TagIndex:
         self.webids.append(webid)
         self.paths.append(path)
         self.uoms.append(uom)
-        self._arrays = None
+        self._arrays = self._by_bytes = self._uom_array = None
         return n
+
+    def by_bytes(self) -> dict[bytes, int]:
+        """webid (UTF-8 bytes) -> id, as the frame codec looks streams up."""
+        if self._by_bytes is None:
+            self._by_bytes = {w.encode(): i for w, i in self.ids.items()}
+        return self._by_bytes
+
+    def uom_array(self) -> pa.Array:
+        """Each id's units from tag resolution, for values and streams that name none."""
+        if self._uom_array is None:
+            self._uom_array = pa.array(self.uoms, pa.string())
+        return self._uom_array
 
     def arrays(self) -> tuple[pa.Array, pa.Array]:
         """(webid, path) as Arrow string arrays indexed by id, for ``take``."""
@@ -195,3 +216,69 @@ def extract(streams: list[StreamValues], received_us: list[int], index: TagIndex
         pc.cast(timestamps, _DATE),
     ], schema=TABLE_SCHEMA)
     return LiveColumns(ids, value_webids, ts, batch)
+
+
+def extract_frames(frames: list[str | bytes], received_us: list[int], index: TagIndex) -> LiveColumns | None:
+    """Channel frames (JSON text) straight into columns with the C codec; None if it is not built or the
+    frames need the decoding path (it accepts only what it fully understands)."""
+    if _framecodec is None:
+        return None
+    parsed = _framecodec.parse(frames, received_us, index.by_bytes())
+    if parsed is None or parsed[0] == 0:
+        return None
+    n, ids_b, ts_b, received_b, value_b, null_b, good_b, quest_b, subst_b, annot_b, uom_b, stream_uom_b, units, raw = \
+        parsed
+    ids = np.frombuffer(ids_b, np.int32)
+    ts = np.frombuffer(ts_b, np.int64)
+    value_mask = np.frombuffer(null_b, np.bool_)
+    good_default = np.ones(n, np.bool_)
+    if not raw:
+        value_col = pa.array(np.frombuffer(value_b, np.float64), mask=value_mask)
+        text_col = pa.nulls(n, pa.string())
+        code_col = pa.nulls(n, pa.int32())
+        system_col = pa.array(np.zeros(n, np.bool_))
+    else:  # text, states, bools, arrays, big integers: classified as the decoding path does
+        numbers: list[float | None] = pa.array(np.frombuffer(value_b, np.float64), mask=value_mask).to_pylist()
+        text: list[str | None] = [None] * n
+        code: list[int | None] = [None] * n
+        system = np.zeros(n, np.bool_)
+        for row, chunk in raw:
+            try:
+                decoded = msgspec.json.decode(chunk)
+            except msgspec.DecodeError:
+                return None  # the decoding path reports the frame
+            numbers[row], text[row], code[row], system[row], is_error = classify_value(decoded)
+            good_default[row] = not (system[row] or is_error)
+        value_col = pa.array(numbers, pa.float64())
+        text_col = pa.array(text, pa.string())
+        code_col = pa.array(code, pa.int32())
+        system_col = pa.array(system)
+
+    flags = []
+    for raw_flags, default in ((good_b, good_default), (quest_b, False), (subst_b, False), (annot_b, False)):
+        column = np.frombuffer(raw_flags, np.int8)
+        flags.append(pa.array(np.where(column < 0, default, column > 0)))
+
+    # Units: the value's own, else the stream's, else the tag's from resolution.
+    uom = np.frombuffer(uom_b, np.int32)
+    uom = np.where(uom >= 0, uom, np.frombuffer(stream_uom_b, np.int32))
+    uom = np.where(uom >= 0, uom, len(units) + ids)
+    uom_col = pa.concat_arrays([pa.array(units, pa.string()), index.uom_array()]).take(pa.array(uom))
+
+    webid_array, path_array = index.arrays()
+    id_array = pa.array(ids)
+    timestamps = pa.array(ts).cast(TIMESTAMP_US)
+    batch = pa.RecordBatch.from_arrays([
+        path_array.take(id_array),
+        webid_array.take(id_array),
+        timestamps,
+        value_col,
+        text_col,
+        code_col,
+        system_col,
+        uom_col,
+        *flags,
+        pa.array(np.frombuffer(received_b, np.int64)).cast(TIMESTAMP_US),
+        pc.cast(timestamps, _DATE),
+    ], schema=TABLE_SCHEMA)
+    return LiveColumns(ids, list(map(index.webids.__getitem__, ids.tolist())), ts, batch)

@@ -10,10 +10,13 @@ from .messages import StreamSetMessage, StreamValues
 
 @dataclass(frozen=True, slots=True)
 class Live:
-    """A channel message, stamped with when it was received (us since the epoch)."""
+    """A channel message, stamped with when it was received (us since the epoch): decoded, or still the
+    frame's text when the C frame codec will read it straight into columns (``columns.extract_frames``)."""
 
     received_us: int
-    message: StreamSetMessage
+    message: StreamSetMessage | None
+    frame: str | bytes | None = None
+    channel: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,11 +27,14 @@ class FlushStats:
 
 
 _items = attrgetter("items")
+RAW_BYTES_PER_VALUE = 100  # a low guess (values take ~150-250 bytes of JSON): drains stop early, not late
 
 
 def _values(item: Incoming) -> int:
     """How many values a live message carries (cheaply: streams with a single ``Value`` count 0)."""
     if isinstance(item, Live):
+        if item.message is None:
+            return len(item.frame or "") // RAW_BYTES_PER_VALUE
         return sum(map(len, filter(None, map(_items, item.message.items or ()))))
     return 0
 

@@ -19,10 +19,12 @@ def decode_rows(items_json: str, stream_extra: str = "") -> list[dict]:
     frame = ('{"Links":{},"Items":[{"WebId":"%s","Name":"TAG","Path":"\\\\\\\\SRV\\\\TAG",'
              '"UnitsAbbreviation":"degC"%s,"Items":[%s]}]}' % (WEBID, stream_extra, items_json))
     by_path = []
-    for bulk in (True, False):
+    for path in ("frame", "bulk", "value by value"):
         buffer = ColumnBuffer({WEBID: StreamInfo("\\\\SRV\\TAG", WEBID, "degC")})
         message = channel_decoder.decode(frame)
-        if bulk:
+        if path == "frame":
+            buffer.add_live_batch([Live(1_700_000_000_000_000, None, frame)])
+        elif path == "bulk":
             buffer.add_live_batch([Live(1_700_000_000_000_000, message)])
         else:
             for stream in message.items:
@@ -31,8 +33,8 @@ def decode_rows(items_json: str, stream_extra: str = "") -> list[dict]:
         assert flush is not None
         assert flush.batch.schema == TABLE_SCHEMA
         by_path.append(flush.batch.to_pylist())
-    bulk_rows, value_rows = by_path
-    assert _same_rows(bulk_rows, value_rows)
+    frame_rows, bulk_rows, value_rows = by_path
+    assert _same_rows(bulk_rows, value_rows) and _same_rows(frame_rows, value_rows)
     return value_rows
 
 
@@ -61,8 +63,12 @@ def test_bulk_path_takes_every_value_kind_and_agrees_with_the_value_by_value_pat
     by_value = ColumnBuffer(infos)
     for stream in channel_decoder.decode(frame).items:
         by_value.add_live(stream, 5)
+    raw = ColumnBuffer(infos)
+    count, gaps = raw.add_live_batch([Live(5, None, frame)])  # the channel frame as text (C codec)
+    assert count == len(streams) and gaps == [] and len(raw.tag) == 0
     bulk_rows, value_rows = bulk.take().batch.to_pylist(), by_value.take().batch.to_pylist()
     assert len(bulk_rows) == len(streams) and _same_rows(bulk_rows, value_rows)
+    assert _same_rows(raw.take().batch.to_pylist(), value_rows)
     assert {r["uom"] for r in bulk_rows} == {"s", "m", None}
 
 

@@ -1,0 +1,6 @@
+"""The optional C frame codec (``_framecodec.c``); see ``columns.extract_frames``."""
+
+def parse(
+    frames: list[str | bytes], received_us: list[int], ids: dict[bytes, int]
+) -> tuple[int, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, list[str],
+           list[tuple[int, bytes]]] | None: ...

@@ -1,0 +1,103 @@
+"""The C frame codec reads channel frames straight into columns: it must agree with msgspec decoding plus
+the value-by-value path on everything it accepts, and hand back (None) everything else."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+
+from pistream.buffer import ColumnBuffer, StreamInfo
+from pistream.columns import FRAME_CODEC, TagIndex, extract_frames
+from pistream.flow import Live
+from pistream.messages import channel_decoder
+from pistream.sim.blast import PLACEHOLDER, frame_templates, wire_timestamp
+from pistream.sim.model import SimModel
+
+pytestmark = pytest.mark.skipif(not FRAME_CODEC, reason="the C frame codec is not built here")
+
+
+def rows_both_ways(frame: str, infos: dict[str, StreamInfo]) -> tuple[list[dict], list[dict], ColumnBuffer]:
+    by_frame = ColumnBuffer(infos)
+    by_frame.add_live_batch([Live(7, None, frame)])
+    by_value = ColumnBuffer(infos)
+    for stream in channel_decoder.decode(frame).items or ():
+        by_value.add_live(stream, 7)
+    taken = [b.take() for b in (by_frame, by_value)]
+    return [t.batch.to_pylist() if t else [] for t in taken] + [by_frame]  # type: ignore[return-value]
+
+
+def normal(rows: list[dict]) -> list[dict]:
+    return sorted(({k: ("NaN" if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()}
+                   for r in rows), key=lambda r: (r["tag_webid"], r["timestamp"]))
+
+
+def test_the_codec_is_built_where_a_compiler_is():
+    assert FRAME_CODEC  # CI builds it (gcc); a wheel without it falls back to the pure-Python bulk path
+
+
+def test_simulator_frames_of_every_value_kind_read_the_same_as_decoded():
+    model = SimModel.generated(300, rate=1.0)
+    infos = {t.webid: StreamInfo(t.path, t.webid, t.units) for t in model.tags}
+    for variant, template in enumerate(frame_templates(model, tuple(model.tags), 3)):
+        frame = template.replace(PLACEHOLDER.encode(), wire_timestamp(1_790_000_000_123_456 + variant).encode())
+        text = frame.decode()
+        index = ColumnBuffer(infos).index
+        assert extract_frames([text], [7], index) is not None  # the codec took it, not the fallback
+        by_frame, by_value, buffer = rows_both_ways(text, infos)
+        assert not buffer.tag and len(by_frame) == 300
+        assert normal(by_frame) == normal(by_value)
+
+
+def test_layout_escapes_and_unknown_fields_do_not_matter():
+    frame = ('{ "Links" : {"Self": "x"},\n "Items" : [ {"Extra": [1, {"a": [true, null]}], "Items" : [\n'
+             ' {"Annotated": false, "Value" : -1.5e3 , "Timestamp" : "2024-03-01T00:00:00.1234567+01:30",'
+             ' "UnitsAbbreviation": "\\u00b0C \\"x\\" \\ud83d\\ude00", "Good" : null, "Other": "\\\\"},'
+             ' {"Timestamp": "2024-03-01 00:00:01Z", "Value": {"Name": "On", "Value": 1, "IsSystem": false},'
+             '  "Questionable": true}], "UnitsAbbreviation": "m\\/s", "WebId": "W1", "Path": "\\\\\\\\S\\\\T"} ] }')
+    infos = {"W1": StreamInfo("\\\\S\\T", "W1", "kg")}
+    assert extract_frames([frame], [7], ColumnBuffer(infos).index) is not None
+    by_frame, by_value, _ = rows_both_ways(frame, infos)
+    assert normal(by_frame) == normal(by_value)
+    assert [r["uom"] for r in by_frame] == ['°C "x" 😀', "m/s"]
+    assert by_frame[0]["value"] == -1500.0 and by_frame[1]["value_text"] == "On"
+
+
+@pytest.mark.parametrize("frame", [
+    '{"Items":[{"WebId":"W1","Value":{"Timestamp":"2024-03-01T00:00:00Z","Value":1}}]}',  # Value, not Items
+    '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1,"Good":"true"}]}]}',
+    '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1,"Errors":["x"]}]}]}',
+    '{"Items":[{"WebId":"UNKNOWN","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1}]}]}',
+    '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"yesterday","Value":1}]}]}',
+    '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-02-30T00:00:00Z","Value":1}]}]}',
+    '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:60Z","Value":1}]}]}',
+    '{"Items":[{"WebId":"W1","Items":[{"Value":1}]}]}',
+    '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":NaN}]}]}',
+    '{"Items":[],"WebException":{"StatusCode":502}}',
+    '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1}]}]} trailing',
+])
+def test_what_it_does_not_fully_understand_goes_back_to_the_decoding_path(frame):
+    assert extract_frames([frame], [7], ColumnBuffer({"W1": StreamInfo("P", "W1")}).index) is None
+
+
+def test_truncated_and_mangled_frames_never_crash_or_half_parse():
+    model = SimModel.generated(20, rate=1.0)
+    infos = {t.webid: StreamInfo(t.path, t.webid, t.units) for t in model.tags}
+    index = TagIndex()
+    for w, info in infos.items():
+        index.add(w, info.path, info.uom)
+    frame = frame_templates(model, tuple(model.tags), 1)[0].replace(
+        PLACEHOLDER.encode(), wire_timestamp(1_790_000_000_000_000).encode()).decode()
+    rng = random.Random(5)
+    for cut in range(0, len(frame), 7):
+        assert extract_frames([frame[:cut]], [1], index) is None
+    for _ in range(300):
+        i = rng.randrange(len(frame))
+        mangled = frame[:i] + rng.choice('{}[]",:x\\ 0') + frame[i + 1:]
+        result = extract_frames([mangled], [1], index)
+        try:
+            json.loads(mangled)
+        except ValueError:
+            assert result is None  # malformed JSON is never taken
