@@ -98,6 +98,23 @@ class LiveColumns:
         return len(self.webids)
 
 
+def _table_batch(index: TagIndex, ids: np.ndarray, ts: np.ndarray, middle: list[pa.Array],
+                 received: np.ndarray) -> pa.RecordBatch:
+    """The table's columns: tag and webid by id, the timestamp, ``middle`` (value .. annotated), the
+    receive time and the partition date."""
+    webid_array, path_array = index.arrays()
+    id_array = pa.array(ids)
+    timestamps = pa.array(ts, pa.int64()).cast(TIMESTAMP_US)
+    return pa.RecordBatch.from_arrays([
+        path_array.take(id_array),
+        webid_array.take(id_array),
+        timestamps,
+        *middle,
+        pa.array(received, pa.int64()).cast(TIMESTAMP_US),
+        pc.cast(timestamps, _DATE),  # UTC date; floors correctly before 1970
+    ], schema=TABLE_SCHEMA)
+
+
 def parse_timestamps(texts: list[str]) -> np.ndarray | None:
     """ISO timestamps to int64 microseconds, vectorised; 7 fractional digits (PI's 100 ns ticks) are
     truncated as ``to_us`` does. None if any is not a timestamp."""
@@ -199,22 +216,8 @@ def extract(streams: list[StreamValues], received_us: list[int], index: TagIndex
         fallback = [s or index.uoms[i] for s, i in zip(stream_units, ids.tolist(), strict=True)]
         units = [u or f for u, f in zip(units, fallback, strict=True)]
 
-    webid_array, path_array = index.arrays()
-    id_array = pa.array(ids)
-    timestamps = pa.array(ts, pa.int64()).cast(TIMESTAMP_US)
-    batch = pa.RecordBatch.from_arrays([
-        path_array.take(id_array),
-        webid_array.take(id_array),
-        timestamps,
-        value_col,
-        text_col,
-        code_col,
-        system_col,
-        pa.array(units, pa.string()),
-        *flags,
-        pa.array(received, pa.int64()).cast(TIMESTAMP_US),
-        pc.cast(timestamps, _DATE),
-    ], schema=TABLE_SCHEMA)
+    batch = _table_batch(index, ids, ts, [value_col, text_col, code_col, system_col, pa.array(units, pa.string()),
+                                          *flags], received)
     return LiveColumns(ids, value_webids, ts, batch)
 
 
@@ -265,20 +268,6 @@ def extract_frames(frames: list[str | bytes], received_us: list[int], index: Tag
     uom = np.where(uom >= 0, uom, len(units) + ids)
     uom_col = pa.concat_arrays([pa.array(units, pa.string()), index.uom_array()]).take(pa.array(uom))
 
-    webid_array, path_array = index.arrays()
-    id_array = pa.array(ids)
-    timestamps = pa.array(ts).cast(TIMESTAMP_US)
-    batch = pa.RecordBatch.from_arrays([
-        path_array.take(id_array),
-        webid_array.take(id_array),
-        timestamps,
-        value_col,
-        text_col,
-        code_col,
-        system_col,
-        uom_col,
-        *flags,
-        pa.array(np.frombuffer(received_b, np.int64)).cast(TIMESTAMP_US),
-        pc.cast(timestamps, _DATE),
-    ], schema=TABLE_SCHEMA)
+    batch = _table_batch(index, ids, ts, [value_col, text_col, code_col, system_col, uom_col, *flags],
+                         np.frombuffer(received_b, np.int64))
     return LiveColumns(ids, list(map(index.webids.__getitem__, ids.tolist())), ts, batch)
