@@ -16,8 +16,8 @@
 #include <string.h>
 
 #define MAX_DEPTH 64
-#define MAX_UNITS 4096
-#define UNIT_SLOTS 8192 /* open addressing, at most half full */
+#define MAX_INTERNED 4096
+#define INTERN_SLOTS 8192 /* open addressing, at most half full */
 
 typedef struct {
     char *data;
@@ -59,43 +59,49 @@ static inline int eat(Cur *c, char ch) {
     return 0;
 }
 
-/* A string at the cursor: its raw content (between the quotes) and whether it has escapes. */
+/* Escapes must be JSON's: \" \\ \/ \b \f \n \r \t \uXXXX. */
+static int valid_escapes(const char *s, const char *end) {
+    for (const char *p = memchr(s, '\\', end - s); p; p = memchr(p, '\\', end - p)) {
+        char next = p + 1 < end ? p[1] : 0;
+        if (next == 'u') {
+            if (end - p < 6) return 0;
+            for (int i = 2; i < 6; i++)
+                if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f') || (p[i] >= 'A' && p[i] <= 'F')))
+                    return 0;
+            p += 6;
+        } else if (next && strchr("\"\\/bfnrt", next)) {
+            p += 2;
+        } else {
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* A string at the cursor: its raw content (between the quotes) and whether it has escapes. Control
+ * characters inside are let through (strict JSON forbids them; nothing here depends on it). */
 static int scan_string(Cur *c, const char **s, Py_ssize_t *len, int *escaped) {
     skip_ws(c);
     if (c->p >= c->end || *c->p != '"') return 0;
-    const char *start = ++c->p;
+    const char *start = c->p + 1, *q = start;
     int esc = 0;
-    while (c->p < c->end) {
-        char ch = *c->p;
-        if (ch == '"') {
-            *s = start;
-            *len = c->p - start;
-            *escaped = esc;
-            c->p++;
-            return 1;
-        }
-        if (ch == '\\') {
-            esc = 1;
-            if (c->p + 1 >= c->end) return 0;
-            char next = c->p[1];
-            if (next == 'u') {
-                if (c->end - c->p < 6) return 0;
-                for (int i = 2; i < 6; i++)
-                    if (!((c->p[i] >= '0' && c->p[i] <= '9') || (c->p[i] >= 'a' && c->p[i] <= 'f') ||
-                          (c->p[i] >= 'A' && c->p[i] <= 'F')))
-                        return 0;
-                c->p += 6;
-            } else if (next && strchr("\"\\/bfnrt", next)) {
-                c->p += 2;
-            } else {
-                return 0;
-            }
-            continue;
-        }
-        if ((unsigned char)ch < 0x20) return 0;
-        c->p++;
+    for (;;) {
+        q = memchr(q, '"', c->end - q);
+        if (!q) return 0;
+        /* an escaped quote has an odd number of backslashes before it */
+        const char *b = q;
+        while (b > start && b[-1] == '\\') b--;
+        if ((q - b) % 2 == 0) break;
+        esc = 1;
+        q++;
     }
-    return 0;
+    if (!esc && memchr(start, '\\', q - start)) esc = 1;
+    if (esc && !valid_escapes(start, q)) return 0;
+    *s = start;
+    *len = q - start;
+    *escaped = esc;
+    c->p = q + 1;
+    return 1;
 }
 
 static int skip_value(Cur *c, int depth);
@@ -313,39 +319,53 @@ bad:
 
 /* -- the parser ------------------------------------------------------------------------------------- */
 
+/* Distinct strings (units, state names, text values) become one Python str each; columns hold indexes.
+ * Pointers point into the frames, which live for the whole call. Once the table is full, further
+ * strings are still added, just without looking for an earlier copy. */
 typedef struct {
-    Buf ids, ts, received, value, value_null, good, questionable, substituted, annotated, uom, stream_uom;
-    PyObject *raw;        /* list of (row, bytes) for values Python must classify */
-    PyObject *units;      /* list of distinct unit strings; uom columns hold indexes into it, -1 = none */
-    const char *unit_ptr[MAX_UNITS]; /* into the frames, which live for the whole call */
-    Py_ssize_t unit_len[MAX_UNITS];
-    int unit_count;
-    int16_t unit_slot[UNIT_SLOTS]; /* hash of the raw text -> index + 1, 0 = empty */
+    const char *ptr[MAX_INTERNED];
+    Py_ssize_t len[MAX_INTERNED];
+    int count;
+    int16_t slot[INTERN_SLOTS]; /* hash of the raw text -> index + 1, 0 = empty */
+    PyObject *list;
+} Interner;
+
+typedef struct {
+    Buf ids, ts, received, value, value_null, good, questionable, substituted, annotated, uom, stream_uom, text,
+        code, code_null, system;
+    PyObject *raw; /* list of (row, bytes) for values Python must classify */
+    Interner units, texts;
     Py_ssize_t rows;
-    PyObject *ids_of;     /* dict: webid (bytes) -> int id */
+    PyObject *ids_of; /* dict: webid (bytes) -> int id */
 } Out;
 
-/* The index of a unit string in out->units, adding it (-1 for none; -2 on failure). */
-static int unit_index(Out *out, const char *s, Py_ssize_t n, int escaped) {
-    if (n == 0) return -1;
+/* The index of a string in in->list, adding it (-1 for an empty unit; -2 on failure). */
+static Py_ssize_t intern(Interner *in, const char *s, Py_ssize_t n, int escaped) {
     uint32_t h = 2166136261u; /* FNV-1a */
     for (Py_ssize_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 16777619u;
-    for (uint32_t slot = h % UNIT_SLOTS;; slot = (slot + 1) % UNIT_SLOTS) {
-        int k = out->unit_slot[slot] - 1;
-        if (k < 0) {
-            if (out->unit_count >= MAX_UNITS) return -2;
-            PyObject *text = json_str(s, n, escaped);
-            if (!text) return -2;
-            int ok = PyList_Append(out->units, text) == 0;
-            Py_DECREF(text);
-            if (!ok) return -2;
-            out->unit_ptr[out->unit_count] = s;
-            out->unit_len[out->unit_count] = n;
-            out->unit_slot[slot] = (int16_t)(out->unit_count + 1);
-            return out->unit_count++;
-        }
-        if (out->unit_len[k] == n && memcmp(out->unit_ptr[k], s, n) == 0) return k;
+    uint32_t slot = h % INTERN_SLOTS;
+    for (;; slot = (slot + 1) % INTERN_SLOTS) {
+        int k = in->slot[slot] - 1;
+        if (k < 0) break;
+        if (in->len[k] == n && memcmp(in->ptr[k], s, n) == 0) return k;
     }
+    PyObject *text = json_str(s, n, escaped);
+    if (!text) return -2;
+    Py_ssize_t index = PyList_GET_SIZE(in->list);
+    int failed = PyList_Append(in->list, text);
+    Py_DECREF(text);
+    if (failed) return -2;
+    if (in->count < MAX_INTERNED) {
+        in->ptr[in->count] = s;
+        in->len[in->count] = n;
+        in->slot[slot] = (int16_t)(in->count + 1);
+        in->count++;
+    }
+    return index;
+}
+
+static Py_ssize_t unit_index(Out *out, const char *s, Py_ssize_t n, int escaped) {
+    return n == 0 ? -1 : intern(&out->units, s, n, escaped);
 }
 
 /* An optional string field: 1 = string (s, n, escaped set), 0 = null, -1 = something else. */
@@ -366,14 +386,169 @@ static int read_flag(Cur *c, int8_t *flag) {
 
 enum { OK = 1, SLOW = 0, NOMEM = -1 };
 
+/* An integer literal that fits int32 (state codes); 0 if it is anything else. */
+static int read_int32(Cur *c, int32_t *out) {
+    skip_ws(c);
+    const char *start = c->p;
+    if (!skip_number(c)) return 0;
+    long long v = 0;
+    int negative = *start == '-';
+    for (const char *q = start + negative; q < c->p; q++) {
+        if (*q < '0' || *q > '9') return 0;
+        v = v * 10 + (*q - '0');
+        if (v > 2147483648LL) return 0;
+    }
+    v = negative ? -v : v;
+    if (v > 2147483647LL) return 0;
+    *out = (int32_t)v;
+    return 1;
+}
+
+/* A digital or system state {"Name": text, "Value": int, "IsSystem": bool}, in any order and nothing
+ * else; 0 if the object is anything else (the caller hands it to Python whole). */
+static int read_state(Cur *c, const char **name, Py_ssize_t *name_len, int *name_escaped, int32_t *code,
+                      uint8_t *system) {
+    int have_name = 0, have_code = 0;
+    *system = 0;
+    if (!eat(c, '{')) return 0;
+    if (eat(c, '}')) return 0;
+    for (;;) {
+        const char *k;
+        Py_ssize_t kn;
+        int ke;
+        if (!scan_string(c, &k, &kn, &ke) || !eat(c, ':')) return 0;
+        if (key_is(k, kn, ke, "Name")) {
+            if (!scan_string(c, name, name_len, name_escaped)) return 0;
+            have_name = 1;
+        } else if (key_is(k, kn, ke, "Value")) {
+            if (!read_int32(c, code)) return 0;
+            have_code = 1;
+        } else if (key_is(k, kn, ke, "IsSystem")) {
+            int8_t flag;
+            if (!read_flag(c, &flag)) return 0;
+            *system = flag == 1;
+        } else {
+            return 0;
+        }
+        if (eat(c, ',')) continue;
+        if (eat(c, '}')) break;
+        return 0;
+    }
+    return have_name && have_code;
+}
+
+/* Clinger's fast path: up to 15 significant digits and a power of ten within 10^22 are exact in double
+ * arithmetic, so the result is the correctly rounded one strtod would give. 0 if it does not apply. */
+static int fast_double(const char *p, const char *end, double *out) {
+    static const double pow10[] = {1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11,
+                                   1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+    int negative = 0, digits = 0, scale = 0;
+    uint64_t mantissa = 0;
+    if (p < end && *p == '-') { negative = 1; p++; }
+    for (; p < end && *p >= '0' && *p <= '9'; p++) {
+        if (mantissa || *p != '0') digits++;
+        mantissa = mantissa * 10 + (uint64_t)(*p - '0');
+        if (digits > 15) return 0;
+    }
+    if (p < end && *p == '.') {
+        for (p++; p < end && *p >= '0' && *p <= '9'; p++) {
+            if (mantissa || *p != '0') digits++;
+            mantissa = mantissa * 10 + (uint64_t)(*p - '0');
+            scale++;
+            if (digits > 15) return 0;
+        }
+    }
+    if (p != end || scale > 22) return 0; /* exponents: the general path */
+    double value = (double)mantissa / pow10[scale];
+    *out = negative ? -value : value;
+    return 1;
+}
+
+typedef struct {
+    double number;
+    uint8_t is_null, code_null, system;
+    int32_t code;
+    Py_ssize_t text;
+    const char *raw_start, *raw_end;
+} Value;
+
+/* The "Value" field: a number, null, bool, text or state here; anything else as a raw slice. */
+static int read_value(Cur *c, Out *out, Value *v) {
+    v->number = 0.0;
+    v->is_null = 1;
+    v->code_null = 1;
+    v->system = 0;
+    v->code = 0;
+    v->text = -1;
+    v->raw_start = NULL;
+    skip_ws(c);
+    if (c->p >= c->end) return SLOW;
+    const char *start = c->p, *s;
+    Py_ssize_t n;
+    int e;
+    char ch = *c->p;
+    if (ch == '-' || (ch >= '0' && ch <= '9')) {
+        if (!skip_number(c)) return SLOW;
+        int integral = 1, ndigits = 0;
+        for (const char *q = start; q < c->p; q++) {
+            if (*q == '.' || *q == 'e' || *q == 'E') integral = 0;
+            else if (*q >= '0' && *q <= '9') ndigits++;
+        }
+        if (integral && ndigits > 15) { /* may not be exact as a double: Python decides */
+            v->raw_start = start;
+            v->raw_end = c->p;
+            return OK;
+        }
+        if (fast_double(start, c->p, &v->number)) {
+            v->is_null = 0;
+            return OK;
+        }
+        char *endp;
+        v->number = PyOS_string_to_double(start, &endp, NULL);
+        if (v->number == -1.0 && PyErr_Occurred()) {
+            PyErr_Clear();
+            return SLOW;
+        }
+        if (endp != c->p) return SLOW;
+        v->is_null = 0;
+        return OK;
+    }
+    if (ch == 'n') return skip_literal(c, "null") ? OK : SLOW;
+    if (ch == 't' || ch == 'f') {
+        int truth = ch == 't';
+        if (!skip_literal(c, truth ? "true" : "false")) return SLOW;
+        v->number = truth;
+        v->is_null = 0;
+        v->text = intern(&out->texts, truth ? "true" : "false", truth ? 4 : 5, 0);
+        return v->text == -2 ? (PyErr_Occurred() ? NOMEM : SLOW) : OK;
+    }
+    if (ch == '"') {
+        if (!scan_string(c, &s, &n, &e)) return SLOW;
+        v->text = intern(&out->texts, s, n, e);
+        return v->text == -2 ? (PyErr_Occurred() ? NOMEM : SLOW) : OK;
+    }
+    if (ch == '{') {
+        Cur probe = *c;
+        if (read_state(&probe, &s, &n, &e, &v->code, &v->system)) {
+            *c = probe;
+            v->code_null = 0;
+            v->text = intern(&out->texts, s, n, e);
+            return v->text == -2 ? (PyErr_Occurred() ? NOMEM : SLOW) : OK;
+        }
+    }
+    if (!skip_value(c, 2)) return SLOW;
+    v->raw_start = start;
+    v->raw_end = c->p;
+    return OK;
+}
+
 static int parse_value_object(Cur *c, Out *out, int64_t received) {
     if (!eat(c, '{')) return SLOW;
-    int have_ts = 0, uom = -1;
+    int have_ts = 0, r;
+    Py_ssize_t uom = -1;
     int64_t ts = 0;
-    double number = 0.0;
-    uint8_t is_null = 1;
     int8_t flags[4] = {-1, -1, -1, -1};
-    const char *raw_start = NULL, *raw_end = NULL;
+    Value v = {0.0, 1, 1, 0, 0, -1, NULL, NULL};
     if (!eat(c, '}')) {
         for (;;) {
             const char *k, *s;
@@ -384,40 +559,7 @@ static int parse_value_object(Cur *c, Out *out, int64_t received) {
                 if (!scan_string(c, &s, &n, &e) || e || !parse_timestamp(s, n, &ts)) return SLOW;
                 have_ts = 1;
             } else if (key_is(k, kn, ke, "Value")) {
-                skip_ws(c);
-                if (c->p >= c->end) return SLOW;
-                char ch = *c->p;
-                if (ch == '-' || (ch >= '0' && ch <= '9')) {
-                    const char *start = c->p;
-                    if (!skip_number(c)) return SLOW;
-                    int integral = 1, ndigits = 0;
-                    for (const char *q = start; q < c->p; q++) {
-                        if (*q == '.' || *q == 'e' || *q == 'E') integral = 0;
-                        else if (*q >= '0' && *q <= '9') ndigits++;
-                    }
-                    if (integral && ndigits > 15) { /* may not be exact as a double: Python decides */
-                        raw_start = start;
-                        raw_end = c->p;
-                        is_null = 1;
-                    } else {
-                        char *endp;
-                        number = PyOS_string_to_double(start, &endp, NULL);
-                        if (number == -1.0 && PyErr_Occurred()) { PyErr_Clear(); return SLOW; }
-                        if (endp != c->p) return SLOW;
-                        is_null = 0;
-                        raw_start = NULL;
-                    }
-                } else if (ch == 'n') {
-                    if (!skip_literal(c, "null")) return SLOW;
-                    is_null = 1;
-                    raw_start = NULL;
-                } else {
-                    const char *start = c->p;
-                    if (!skip_value(c, 2)) return SLOW;
-                    raw_start = start;
-                    raw_end = c->p;
-                    is_null = 1;
-                }
+                if ((r = read_value(c, out, &v)) != OK) return r;
             } else if (key_is(k, kn, ke, "UnitsAbbreviation")) {
                 int kind = string_or_null(c, &s, &n, &e);
                 if (kind < 0) return SLOW;
@@ -445,8 +587,8 @@ static int parse_value_object(Cur *c, Out *out, int64_t received) {
         }
     }
     if (!have_ts) return SLOW;
-    if (raw_start) {
-        PyObject *slice = PyBytes_FromStringAndSize(raw_start, raw_end - raw_start);
+    if (v.raw_start) {
+        PyObject *slice = PyBytes_FromStringAndSize(v.raw_start, v.raw_end - v.raw_start);
         if (!slice) return NOMEM;
         PyObject *pair = Py_BuildValue("(nN)", out->rows, slice);
         if (!pair) return NOMEM;
@@ -456,8 +598,12 @@ static int parse_value_object(Cur *c, Out *out, int64_t received) {
     }
     PUSH(out->ts, int64_t, ts);
     PUSH(out->received, int64_t, received);
-    PUSH(out->value, double, number);
-    PUSH(out->value_null, uint8_t, is_null);
+    PUSH(out->value, double, v.number);
+    PUSH(out->value_null, uint8_t, v.is_null);
+    PUSH(out->text, int32_t, v.text);
+    PUSH(out->code, int32_t, v.code);
+    PUSH(out->code_null, uint8_t, v.code_null);
+    PUSH(out->system, uint8_t, v.system);
     PUSH(out->good, int8_t, flags[0]);
     PUSH(out->questionable, int8_t, flags[1]);
     PUSH(out->substituted, int8_t, flags[2]);
@@ -573,14 +719,17 @@ static PyObject *take_bytes(Buf *b) {
 
 static void free_out(Out *out) {
     Buf *bufs[] = {&out->ids, &out->ts, &out->received, &out->value, &out->value_null, &out->good,
-                   &out->questionable, &out->substituted, &out->annotated, &out->uom, &out->stream_uom};
+                   &out->questionable, &out->substituted, &out->annotated, &out->uom, &out->stream_uom,
+                   &out->text, &out->code, &out->code_null, &out->system};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]->data);
     Py_XDECREF(out->raw);
-    Py_XDECREF(out->units);
+    Py_XDECREF(out->units.list);
+    Py_XDECREF(out->texts.list);
+    free(out);
 }
 
 static PyObject *parse(PyObject *self, PyObject *args) {
-    PyObject *frames, *received, *ids_of;
+    PyObject *frames, *received, *ids_of, *result = NULL;
     if (!PyArg_ParseTuple(args, "O!O!O!", &PyList_Type, &frames, &PyList_Type, &received, &PyDict_Type, &ids_of))
         return NULL;
     Py_ssize_t count = PyList_GET_SIZE(frames);
@@ -588,45 +737,45 @@ static PyObject *parse(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "frames and received_us differ in length");
         return NULL;
     }
-    Out out;
-    memset(&out, 0, sizeof(out));
-    out.ids_of = ids_of;
-    out.raw = PyList_New(0);
-    out.units = PyList_New(0);
-    if (!out.raw || !out.units) goto fail;
+    Out *out = calloc(1, sizeof(Out)); /* ~200 KB: not on the stack */
+    if (!out) return PyErr_NoMemory();
+    out->ids_of = ids_of;
+    out->raw = PyList_New(0);
+    out->units.list = PyList_New(0);
+    out->texts.list = PyList_New(0);
+    if (!out->raw || !out->units.list || !out->texts.list) goto done;
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *frame = PyList_GET_ITEM(frames, i);
         const char *text;
         Py_ssize_t size;
         if (PyUnicode_Check(frame)) {
             text = PyUnicode_AsUTF8AndSize(frame, &size);
-            if (!text) goto fail;
+            if (!text) goto done;
         } else if (PyBytes_Check(frame)) {
             text = PyBytes_AS_STRING(frame);
             size = PyBytes_GET_SIZE(frame);
         } else {
             PyErr_SetString(PyExc_TypeError, "frames must be str or bytes");
-            goto fail;
+            goto done;
         }
         int64_t when = PyLong_AsLongLong(PyList_GET_ITEM(received, i));
-        if (when == -1 && PyErr_Occurred()) goto fail;
-        int r = parse_frame(text, size, &out, when);
-        if (r == NOMEM) goto fail;
+        if (when == -1 && PyErr_Occurred()) goto done;
+        int r = parse_frame(text, size, out, when);
+        if (r == NOMEM) goto done;
         if (r == SLOW) {
-            free_out(&out);
-            Py_RETURN_NONE;
+            result = Py_NewRef(Py_None);
+            goto done;
         }
     }
-    PyObject *result = Py_BuildValue(
-        "(nNNNNNNNNNNNOO)", out.rows, take_bytes(&out.ids), take_bytes(&out.ts), take_bytes(&out.received),
-        take_bytes(&out.value), take_bytes(&out.value_null), take_bytes(&out.good), take_bytes(&out.questionable),
-        take_bytes(&out.substituted), take_bytes(&out.annotated), take_bytes(&out.uom), take_bytes(&out.stream_uom),
-        out.units, out.raw);
-    free_out(&out);
+    result = Py_BuildValue(
+        "(nNNNNNNNNNNNNNNNOOO)", out->rows, take_bytes(&out->ids), take_bytes(&out->ts), take_bytes(&out->received),
+        take_bytes(&out->value), take_bytes(&out->value_null), take_bytes(&out->text), take_bytes(&out->code),
+        take_bytes(&out->code_null), take_bytes(&out->system), take_bytes(&out->good),
+        take_bytes(&out->questionable), take_bytes(&out->substituted), take_bytes(&out->annotated),
+        take_bytes(&out->uom), take_bytes(&out->stream_uom), out->units.list, out->texts.list, out->raw);
+done:
+    free_out(out);
     return result;
-fail:
-    free_out(&out);
-    return NULL;
 }
 
 static PyMethodDef methods[] = {

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from itertools import repeat
-from operator import gt
 from typing import Any
 
 import msgspec
@@ -72,6 +71,10 @@ class ColumnBuffer:
         self.malformed = 0  # raw frames that did not decode (logged)
         for webid, info in streams.items():
             self.index.add(webid, info.path, info.uom)
+        # The filter's floors by tag id, for checks in bulk; the bulk path updates only this array, and
+        # ``sync_filter`` brings the filter's dict up to date before anything else reads it.
+        self._floors = np.full(0, _NO_FLOOR, np.int64)
+        self._stale: list[np.ndarray] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -131,20 +134,48 @@ class ColumnBuffer:
         """Accept a batch as a whole if it is steady state: no gap open for its tags, every value newer
         than its tag's floor and in order. Otherwise nothing is accepted and the caller goes value by value."""
         filt = self.filter
-        if filt.any_in_gap(columns.webids):
+        ids, ts = columns.ids, columns.ts
+        if filt.open_gaps() and filt.any_in_gap(list(map(self.index.webids.__getitem__, np.unique(ids).tolist()))):
             return False
-        ts = columns.ts.tolist()
-        floors = filt.floors
-        if not all(map(gt, ts, map(floors.get, columns.webids, repeat(_NO_FLOOR)))):
+        floors = self._floor_array()
+        if not (ts > floors[ids]).all() or not _in_order(ids, ts):
             return False
-        if not _in_order(columns.ids, columns.ts):
-            return False
-        floors.update(zip(columns.webids, ts, strict=True))
-        rows = RecentRows(columns.ids, columns.ts, columns.batch)
+        np.maximum.at(floors, ids, ts)
+        self._stale.append(ids)
+        rows = RecentRows(ids, ts, columns.batch)
         filt.add_recent(rows)
         self._bulk.append(rows)
         self._bulk_rows += len(rows)
         return True
+
+    def _floor_array(self) -> np.ndarray:
+        """Floors by tag id, grown to the index (tags first seen value by value)."""
+        have, need = len(self._floors), len(self.index.webids)
+        if have < need:
+            floors = self.filter.floors
+            grown = [floors.get(w, _NO_FLOOR) for w in self.index.webids[have:]]
+            self._floors = np.concatenate([self._floors, np.array(grown, np.int64)])
+        return self._floors
+
+    def sync_filter(self) -> None:
+        """The floors the bulk path raised, and its recent events, into the filter's own records."""
+        if self._stale:
+            ids = np.unique(np.concatenate(self._stale)).tolist()
+            self._stale = []
+            webids = map(self.index.webids.__getitem__, ids)
+            self.filter.floors.update(zip(webids, self._floors[ids].tolist(), strict=True))
+        self.filter.sync_recent()
+
+    def _refresh_floor(self, webid: str) -> None:
+        """After the value-by-value path: its floor for the bulk checks."""
+        tag_id = self.index.ids.get(webid)
+        if tag_id is not None and tag_id < len(self._floors):
+            self._floors[tag_id] = self.filter.floors.get(webid, _NO_FLOOR)
+
+    def connected(self, webids: list[str]) -> None:
+        """A channel (re)connected: its tags wait for their first live value (see ``EventFilter``)."""
+        self.sync_filter()
+        self.filter.connected(webids)
 
     def _decode(self, item: Live) -> StreamSetMessage | None:
         """A raw frame the codec did not take: decoded here, as the reader does for small frames."""
@@ -189,24 +220,29 @@ class ColumnBuffer:
         """Append a channel's values; the first ones after a reconnect may open a gap to read back."""
         webid = stream.web_id or ""
         path, uom = self._describe(webid, stream)
-        self.filter.sync_recent()
-        if not self.filter.in_gap(webid):
-            self._add_live_steady(webid, path, uom, stream, received_us)
-            return None
-        rows = self._rows(path, stream)
-        gap = self.filter.first_live(webid, [r.key for r in rows]) if self.filter.awaiting(webid) else None
-        for row in rows:
-            if self.filter.accept_live(webid, row.key):
-                self._append(webid, path, row, uom, received_us)
-        return gap
+        self.sync_filter()
+        try:
+            if not self.filter.in_gap(webid):
+                self._add_live_steady(webid, path, uom, stream, received_us)
+                return None
+            rows = self._rows(path, stream)
+            gap = self.filter.first_live(webid, [r.key for r in rows]) if self.filter.awaiting(webid) else None
+            for row in rows:
+                if self.filter.accept_live(webid, row.key):
+                    self._append(webid, path, row, uom, received_us)
+            return gap
+        finally:
+            self._refresh_floor(webid)
 
     def add_gap(self, stream: StreamValues, received_us: int) -> None:
         """Append recorded values read back for a gap; only those inside the gap's window count."""
         webid = stream.web_id or ""
         path, uom = self._describe(webid, stream)
+        self.sync_filter()
         for row in self._rows(path, stream):
             if self.filter.accept_gap(webid, row.key):
                 self._append(webid, path, row, uom, received_us)
+        self._refresh_floor(webid)
 
     def _add_live_steady(self, webid: str, path: str, uom: str | None, stream: StreamValues,
                          received_us: int) -> None:
@@ -311,6 +347,7 @@ class ColumnBuffer:
         if self.tag:
             parts.append(self._take_rows())
         batch = pa.concat_batches([p.data for p in parts]) if len(parts) > 1 else parts[0].data
+        self.sync_filter()
         filt = self.filter
         recent = newest_rows(parts, filt.lookback_us)
         if recent is not None:

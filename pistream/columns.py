@@ -90,12 +90,11 @@ class LiveColumns:
     """A batch of live values as table columns, plus what the exactly-once filter checks in bulk."""
 
     ids: np.ndarray  # int32 tag id per value
-    webids: list[str]  # per value
     ts: np.ndarray  # int64 microseconds per value
     batch: pa.RecordBatch  # in TABLE_SCHEMA
 
     def __len__(self) -> int:
-        return len(self.webids)
+        return len(self.ts)
 
 
 def _table_batch(index: TagIndex, ids: np.ndarray, ts: np.ndarray, middle: list[pa.Array],
@@ -163,13 +162,11 @@ def extract(streams: list[StreamValues], received_us: list[int], index: TagIndex
     if counts.count(1) == len(counts):
         flat = list(map(_first, lists))
         ids = np.array(stream_ids, np.int32)
-        value_webids = webids
         received = np.array(received_us, np.int64)
         stream_units = list(map(_units, streams))
     else:
         flat = list(chain.from_iterable(lists))
         ids = np.repeat(np.array(stream_ids, np.int32), counts)
-        value_webids = list(chain.from_iterable(map(repeat, webids, counts)))
         received = np.repeat(np.array(received_us, np.int64), counts)
         stream_units = list(chain.from_iterable(map(repeat, map(_units, streams), counts)))
     n = len(flat)
@@ -218,7 +215,7 @@ def extract(streams: list[StreamValues], received_us: list[int], index: TagIndex
 
     batch = _table_batch(index, ids, ts, [value_col, text_col, code_col, system_col, pa.array(units, pa.string()),
                                           *flags], received)
-    return LiveColumns(ids, value_webids, ts, batch)
+    return LiveColumns(ids, ts, batch)
 
 
 def extract_frames(frames: list[str | bytes], received_us: list[int], index: TagIndex) -> LiveColumns | None:
@@ -229,22 +226,19 @@ def extract_frames(frames: list[str | bytes], received_us: list[int], index: Tag
     parsed = _framecodec.parse(frames, received_us, index.by_bytes())
     if parsed is None or parsed[0] == 0:
         return None
-    n, ids_b, ts_b, received_b, value_b, null_b, good_b, quest_b, subst_b, annot_b, uom_b, stream_uom_b, units, raw = \
-        parsed
+    (n, ids_b, ts_b, received_b, value_b, value_null_b, text_b, code_b, code_null_b, system_b, good_b, quest_b,
+     subst_b, annot_b, uom_b, stream_uom_b, units, texts, raw) = parsed
     ids = np.frombuffer(ids_b, np.int32)
     ts = np.frombuffer(ts_b, np.int64)
-    value_mask = np.frombuffer(null_b, np.bool_)
-    good_default = np.ones(n, np.bool_)
-    if not raw:
-        value_col = pa.array(np.frombuffer(value_b, np.float64), mask=value_mask)
-        text_col = pa.nulls(n, pa.string())
-        code_col = pa.nulls(n, pa.int32())
-        system_col = pa.array(np.zeros(n, np.bool_))
-    else:  # text, states, bools, arrays, big integers: classified as the decoding path does
-        numbers: list[float | None] = pa.array(np.frombuffer(value_b, np.float64), mask=value_mask).to_pylist()
-        text: list[str | None] = [None] * n
-        code: list[int | None] = [None] * n
-        system = np.zeros(n, np.bool_)
+    value = pa.array(np.frombuffer(value_b, np.float64), mask=np.frombuffer(value_null_b, np.bool_))
+    text_index = np.frombuffer(text_b, np.int32)
+    text_col = pa.array(texts, pa.string()).take(pa.array(text_index, mask=text_index < 0))
+    code_col = pa.array(np.frombuffer(code_b, np.int32), mask=np.frombuffer(code_null_b, np.bool_))
+    system = np.frombuffer(system_b, np.bool_)
+    good_default = ~system
+    if raw:  # errors, arrays, big integers, odd states: classified as the decoding path does
+        numbers, text, code = value.to_pylist(), text_col.to_pylist(), code_col.to_pylist()
+        system = system.copy()
         for row, chunk in raw:
             try:
                 decoded = msgspec.json.decode(chunk)
@@ -252,10 +246,10 @@ def extract_frames(frames: list[str | bytes], received_us: list[int], index: Tag
                 return None  # the decoding path reports the frame
             numbers[row], text[row], code[row], system[row], is_error = classify_value(decoded)
             good_default[row] = not (system[row] or is_error)
-        value_col = pa.array(numbers, pa.float64())
+        value = pa.array(numbers, pa.float64())
         text_col = pa.array(text, pa.string())
         code_col = pa.array(code, pa.int32())
-        system_col = pa.array(system)
+    value_col, system_col = value, pa.array(system)
 
     flags = []
     for raw_flags, default in ((good_b, good_default), (quest_b, False), (subst_b, False), (annot_b, False)):
@@ -270,4 +264,4 @@ def extract_frames(frames: list[str | bytes], received_us: list[int], index: Tag
 
     batch = _table_batch(index, ids, ts, [value_col, text_col, code_col, system_col, uom_col, *flags],
                          np.frombuffer(received_b, np.int64))
-    return LiveColumns(ids, list(map(index.webids.__getitem__, ids.tolist())), ts, batch)
+    return LiveColumns(ids, ts, batch)

@@ -121,7 +121,7 @@ class Flusher:
                 self.buffer.add_gap(stream, item.received_us)
         elif isinstance(item, Connected):
             if self.gap_queue is not None:
-                self.buffer.filter.connected(list(item.webids))
+                self.buffer.connected(list(item.webids))
         elif isinstance(item, GapDone):
             for request in item.requests:
                 self.buffer.filter.gap_done(request)

@@ -202,7 +202,7 @@ def test_commit_of_a_recorded_transaction_version_writes_nothing(tmp_path):
 def test_buffer_accepts_gap_values_only_inside_an_open_window():
     buffer = ColumnBuffer({})
     buffer.filter.advance("W", key(100))
-    buffer.filter.connected(["W"])
+    buffer.connected(["W"])
     gap = buffer.add_live(StreamValues(web_id="W", items=[tv(300)]), 0)
     assert gap == GapRequest("W", 100, 300)
     buffer.add_gap(StreamValues(web_id="W", items=[tv(100), tv(200), tv(300), tv(400)]), 0)
@@ -229,6 +229,7 @@ def test_bulk_accepted_events_are_known_to_the_value_by_value_checks():
     buffer = bulk_buffer(lookback_us=50)
     count, _ = buffer.add_live_batch([live(("A", 100, 1.0), ("B", 100, 1.0)), live(("A", 140, 2.0))])
     assert count == 3 and buffer._bulk_rows == 3 and not buffer.tag  # taken in bulk
+    buffer.sync_filter()
     assert buffer.filter.floors == {"A": 140, "B": 100}
     # A repeat and a late value in the next batch: the batch goes value by value and tells them apart.
     buffer.add_live_batch([live(("A", 100, 1.0), ("A", 120, 5.0), ("B", 100, 1.0))])
@@ -242,7 +243,7 @@ def test_a_reconnect_after_bulk_events_reads_back_from_the_floor_and_drops_what_
     buffer = bulk_buffer(lookback_us=0)
     buffer.add_live_batch([live(("A", 100, 1.0))])
     assert buffer._bulk_rows == 1
-    buffer.filter.connected(["A"])
+    buffer.connected(["A"])
     count, gaps = buffer.add_live_batch([live(("A", 300, 3.0))])
     assert gaps == [GapRequest("A", 100, 300)]
     buffer.add_gap(StreamValues(web_id="A", items=[TimedValue(timestamp=format_iso(t), value=v, good=True)
