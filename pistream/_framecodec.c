@@ -616,6 +616,99 @@ nomem:
     return NOMEM;
 }
 
+/* webid -> id without a Python object per stream: a table of the raw webid bytes seen before, filled
+ * from the `ids` dict on a miss and emptied whenever a different dict (or one of another size) comes.
+ * The dict must not change once passed (TagIndex builds a new one when it grows). */
+typedef struct {
+    char *key; /* malloc'd copy, NULL = empty */
+    Py_ssize_t len;
+    uint64_t hash;
+    long id;
+} IdSlot;
+
+static IdSlot *id_slots;
+static size_t id_capacity, id_used;
+static PyObject *id_dict; /* a strong reference: its address cannot be reused while the table is for it */
+static Py_ssize_t id_dict_size;
+
+static uint64_t hash_bytes(const char *s, Py_ssize_t n) {
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ (uint64_t)n;
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, s, 8);
+        h = (h ^ w) * 0xFF51AFD7ED558CCDull;
+        h ^= h >> 32;
+        s += 8;
+        n -= 8;
+    }
+    uint64_t w = 0;
+    memcpy(&w, s, (size_t)n);
+    h = (h ^ w) * 0xC4CEB9FE1A85EC53ull;
+    return h ^ (h >> 29);
+}
+
+static void id_cache_clear(void) {
+    for (size_t i = 0; i < id_capacity; i++) free(id_slots[i].key);
+    free(id_slots);
+    id_slots = NULL;
+    id_capacity = id_used = 0;
+}
+
+static int id_cache_insert(const char *s, Py_ssize_t n, uint64_t h, long id) {
+    if (2 * (id_used + 1) > id_capacity) { /* grow: rehash the copies */
+        size_t capacity = id_capacity ? 2 * id_capacity : 1024;
+        IdSlot *slots = calloc(capacity, sizeof(IdSlot));
+        if (!slots) return 0;
+        for (size_t i = 0; i < id_capacity; i++) {
+            if (!id_slots[i].key) continue;
+            size_t j = id_slots[i].hash & (capacity - 1);
+            while (slots[j].key) j = (j + 1) & (capacity - 1);
+            slots[j] = id_slots[i];
+        }
+        free(id_slots);
+        id_slots = slots;
+        id_capacity = capacity;
+    }
+    char *key = malloc((size_t)n + 1);
+    if (!key) return 0;
+    memcpy(key, s, (size_t)n);
+    size_t j = h & (id_capacity - 1);
+    while (id_slots[j].key) j = (j + 1) & (id_capacity - 1);
+    id_slots[j] = (IdSlot){key, n, h, id};
+    id_used++;
+    return 1;
+}
+
+static int lookup_id(PyObject *ids_of, const char *s, Py_ssize_t n, long *id) {
+    if (ids_of != id_dict || PyDict_GET_SIZE(ids_of) != id_dict_size) {
+        id_cache_clear();
+        Py_INCREF(ids_of);
+        Py_XSETREF(id_dict, ids_of);
+        id_dict_size = PyDict_GET_SIZE(ids_of);
+    }
+    uint64_t h = hash_bytes(s, n);
+    if (id_capacity) {
+        for (size_t j = h & (id_capacity - 1); id_slots[j].key; j = (j + 1) & (id_capacity - 1)) {
+            if (id_slots[j].hash == h && id_slots[j].len == n && memcmp(id_slots[j].key, s, (size_t)n) == 0) {
+                *id = id_slots[j].id;
+                return OK;
+            }
+        }
+    }
+    PyObject *key = PyBytes_FromStringAndSize(s, n);
+    if (!key) return NOMEM;
+    PyObject *found = PyDict_GetItemWithError(ids_of, key);
+    Py_DECREF(key);
+    if (!found) return PyErr_Occurred() ? NOMEM : SLOW;
+    *id = PyLong_AsLong(found);
+    if (*id == -1 && PyErr_Occurred()) return NOMEM;
+    if (!id_cache_insert(s, n, h, *id)) {
+        PyErr_NoMemory();
+        return NOMEM;
+    }
+    return OK;
+}
+
 static int parse_stream(Cur *c, Out *out, int64_t received) {
     if (!eat(c, '{')) return SLOW;
     Py_ssize_t first = out->rows;
@@ -629,13 +722,7 @@ static int parse_stream(Cur *c, Out *out, int64_t received) {
             if (!scan_string(c, &k, &kn, &ke) || !eat(c, ':')) return SLOW;
             if (key_is(k, kn, ke, "WebId")) {
                 if (!scan_string(c, &s, &n, &e) || e) return SLOW;
-                PyObject *key = PyBytes_FromStringAndSize(s, n);
-                if (!key) return NOMEM;
-                PyObject *found = PyDict_GetItemWithError(out->ids_of, key);
-                Py_DECREF(key);
-                if (!found) return PyErr_Occurred() ? NOMEM : SLOW;
-                id = PyLong_AsLong(found);
-                if (id == -1 && PyErr_Occurred()) return NOMEM;
+                if ((r = lookup_id(out->ids_of, s, n, &id)) != OK) return r;
             } else if (key_is(k, kn, ke, "UnitsAbbreviation")) {
                 int kind = string_or_null(c, &s, &n, &e);
                 if (kind < 0) return SLOW;

@@ -159,12 +159,15 @@ class ColumnBuffer:
 
     def sync_filter(self) -> None:
         """The floors the bulk path raised, and its recent events, into the filter's own records."""
+        self._sync_floors()
+        self.filter.sync_recent()
+
+    def _sync_floors(self) -> None:
         if self._stale:
             ids = np.unique(np.concatenate(self._stale)).tolist()
             self._stale = []
             webids = map(self.index.webids.__getitem__, ids)
             self.filter.floors.update(zip(webids, self._floors[ids].tolist(), strict=True))
-        self.filter.sync_recent()
 
     def _refresh_floor(self, webid: str) -> None:
         """After the value-by-value path: its floor for the bulk checks."""
@@ -347,7 +350,7 @@ class ColumnBuffer:
         if self.tag:
             parts.append(self._take_rows())
         batch = pa.concat_batches([p.data for p in parts]) if len(parts) > 1 else parts[0].data
-        self.sync_filter()
+        self._sync_floors()  # the recent events stay pending until a value-by-value step needs them
         filt = self.filter
         recent = newest_rows(parts, filt.lookback_us)
         if recent is not None:
