@@ -11,6 +11,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <pythread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -321,25 +322,44 @@ bad:
 
 /* Distinct strings (units, state names, text values) become one Python str each; columns hold indexes.
  * Pointers point into the frames, which live for the whole call. Once the table is full, further
- * strings are still added, just without looking for an earlier copy. */
+ * strings are still added, just without looking for an earlier copy. No Python objects here: they are
+ * made after the scan, with the GIL (see parse). */
 typedef struct {
-    const char *ptr[MAX_INTERNED];
-    Py_ssize_t len[MAX_INTERNED];
+    const char *ptr;
+    Py_ssize_t len;
+    int escaped;
+} Span;
+
+typedef struct {
+    Buf spans; /* Span per index */
+    int16_t slot[INTERN_SLOTS]; /* hash of the raw text -> index + 1 (first MAX_INTERNED), 0 = empty */
     int count;
-    int16_t slot[INTERN_SLOTS]; /* hash of the raw text -> index + 1, 0 = empty */
-    PyObject *list;
 } Interner;
+
+typedef struct {
+    Py_ssize_t row;
+    const char *ptr;
+    Py_ssize_t len;
+} RawValue;
+
+typedef struct {
+    const char *ptr;
+    Py_ssize_t len;
+    Py_ssize_t first_row, end_row;
+} Miss;
 
 typedef struct {
     Buf ids, ts, received, value, value_null, good, questionable, substituted, annotated, uom, stream_uom, text,
         code, code_null, system;
-    PyObject *raw; /* list of (row, bytes) for values Python must classify */
+    Buf raw;    /* RawValue: values Python must classify */
+    Buf misses; /* Miss: webids not in the id table yet, resolved with the GIL */
     Interner units, texts;
     Py_ssize_t rows;
-    PyObject *ids_of; /* dict: webid (bytes) -> int id */
 } Out;
 
-/* The index of a string in in->list, adding it (-1 for an empty unit; -2 on failure). */
+static inline Span *spans_of(Interner *in) { return (Span *)in->spans.data; }
+
+/* The index of a string in the interner, adding it (-2 when out of memory). */
 static Py_ssize_t intern(Interner *in, const char *s, Py_ssize_t n, int escaped) {
     uint32_t h = 2166136261u; /* FNV-1a */
     for (Py_ssize_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 16777619u;
@@ -347,21 +367,36 @@ static Py_ssize_t intern(Interner *in, const char *s, Py_ssize_t n, int escaped)
     for (;; slot = (slot + 1) % INTERN_SLOTS) {
         int k = in->slot[slot] - 1;
         if (k < 0) break;
-        if (in->len[k] == n && memcmp(in->ptr[k], s, n) == 0) return k;
+        Span *known = &spans_of(in)[k];
+        if (known->len == n && memcmp(known->ptr, s, n) == 0) return k;
     }
-    PyObject *text = json_str(s, n, escaped);
-    if (!text) return -2;
-    Py_ssize_t index = PyList_GET_SIZE(in->list);
-    int failed = PyList_Append(in->list, text);
-    Py_DECREF(text);
-    if (failed) return -2;
+    Py_ssize_t index = (Py_ssize_t)(in->spans.len / sizeof(Span));
+    if (!buf_grow(&in->spans, sizeof(Span))) return -2;
+    spans_of(in)[index] = (Span){s, n, escaped};
+    in->spans.len += sizeof(Span);
     if (in->count < MAX_INTERNED) {
-        in->ptr[in->count] = s;
-        in->len[in->count] = n;
         in->slot[slot] = (int16_t)(in->count + 1);
         in->count++;
     }
     return index;
+}
+
+/* The Python list of an interner's strings (NULL with an exception set on failure). */
+static PyObject *interned_list(Interner *in) {
+    Py_ssize_t count = (Py_ssize_t)(in->spans.len / sizeof(Span));
+    PyObject *list = PyList_New(count);
+    if (!list) return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        Span *span = &spans_of(in)[i];
+        PyObject *text = json_str(span->ptr, span->len, span->escaped);
+        if (!text) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "bad escape in a JSON string");
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, text);
+    }
+    return list;
 }
 
 static Py_ssize_t unit_index(Out *out, const char *s, Py_ssize_t n, int escaped) {
@@ -503,13 +538,16 @@ static int read_value(Cur *c, Out *out, Value *v) {
             v->is_null = 0;
             return OK;
         }
-        char *endp;
-        v->number = PyOS_string_to_double(start, &endp, NULL);
-        if (v->number == -1.0 && PyErr_Occurred()) {
-            PyErr_Clear();
-            return SLOW;
+        char copy[64], *endp;
+        if (c->p - start >= (Py_ssize_t)sizeof(copy)) { /* an absurdly long number: Python decides */
+            v->raw_start = start;
+            v->raw_end = c->p;
+            return OK;
         }
-        if (endp != c->p) return SLOW;
+        memcpy(copy, start, (size_t)(c->p - start));
+        copy[c->p - start] = 0;
+        v->number = strtod(copy, &endp); /* numbers here are ASCII digits, '.', 'e': locale-proof */
+        if (endp != copy + (c->p - start)) return SLOW;
         v->is_null = 0;
         return OK;
     }
@@ -520,12 +558,12 @@ static int read_value(Cur *c, Out *out, Value *v) {
         v->number = truth;
         v->is_null = 0;
         v->text = intern(&out->texts, truth ? "true" : "false", truth ? 4 : 5, 0);
-        return v->text == -2 ? (PyErr_Occurred() ? NOMEM : SLOW) : OK;
+        return v->text == -2 ? NOMEM : OK;
     }
     if (ch == '"') {
         if (!scan_string(c, &s, &n, &e)) return SLOW;
         v->text = intern(&out->texts, s, n, e);
-        return v->text == -2 ? (PyErr_Occurred() ? NOMEM : SLOW) : OK;
+        return v->text == -2 ? NOMEM : OK;
     }
     if (ch == '{') {
         Cur probe = *c;
@@ -533,7 +571,7 @@ static int read_value(Cur *c, Out *out, Value *v) {
             *c = probe;
             v->code_null = 0;
             v->text = intern(&out->texts, s, n, e);
-            return v->text == -2 ? (PyErr_Occurred() ? NOMEM : SLOW) : OK;
+            return v->text == -2 ? NOMEM : OK;
         }
     }
     if (!skip_value(c, 2)) return SLOW;
@@ -565,7 +603,7 @@ static int parse_value_object(Cur *c, Out *out, int64_t received) {
                 if (kind < 0) return SLOW;
                 if (kind == 1) {
                     uom = unit_index(out, s, n, e);
-                    if (uom == -2) return PyErr_Occurred() ? NOMEM : SLOW;
+                    if (uom == -2) return NOMEM;
                 }
             } else if (key_is(k, kn, ke, "Good")) {
                 if (!read_flag(c, &flags[0])) return SLOW;
@@ -588,13 +626,9 @@ static int parse_value_object(Cur *c, Out *out, int64_t received) {
     }
     if (!have_ts) return SLOW;
     if (v.raw_start) {
-        PyObject *slice = PyBytes_FromStringAndSize(v.raw_start, v.raw_end - v.raw_start);
-        if (!slice) return NOMEM;
-        PyObject *pair = Py_BuildValue("(nN)", out->rows, slice);
-        if (!pair) return NOMEM;
-        int failed = PyList_Append(out->raw, pair);
-        Py_DECREF(pair);
-        if (failed) return NOMEM;
+        if (!buf_grow(&out->raw, sizeof(RawValue))) return NOMEM;
+        *(RawValue *)(out->raw.data + out->raw.len) = (RawValue){out->rows, v.raw_start, v.raw_end - v.raw_start};
+        out->raw.len += sizeof(RawValue);
     }
     PUSH(out->ts, int64_t, ts);
     PUSH(out->received, int64_t, received);
@@ -612,7 +646,6 @@ static int parse_value_object(Cur *c, Out *out, int64_t received) {
     out->rows++;
     return OK;
 nomem:
-    PyErr_NoMemory();
     return NOMEM;
 }
 
@@ -679,22 +712,18 @@ static int id_cache_insert(const char *s, Py_ssize_t n, uint64_t h, long id) {
     return 1;
 }
 
-static int lookup_id(PyObject *ids_of, const char *s, Py_ssize_t n, long *id) {
-    if (ids_of != id_dict || PyDict_GET_SIZE(ids_of) != id_dict_size) {
-        id_cache_clear();
-        Py_INCREF(ids_of);
-        Py_XSETREF(id_dict, ids_of);
-        id_dict_size = PyDict_GET_SIZE(ids_of);
-    }
+/* The table's id for a webid, or -1 (no GIL needed; the table only changes under the parse lock). */
+static long cached_id(const char *s, Py_ssize_t n) {
+    if (!id_capacity) return -1;
     uint64_t h = hash_bytes(s, n);
-    if (id_capacity) {
-        for (size_t j = h & (id_capacity - 1); id_slots[j].key; j = (j + 1) & (id_capacity - 1)) {
-            if (id_slots[j].hash == h && id_slots[j].len == n && memcmp(id_slots[j].key, s, (size_t)n) == 0) {
-                *id = id_slots[j].id;
-                return OK;
-            }
-        }
-    }
+    for (size_t j = h & (id_capacity - 1); id_slots[j].key; j = (j + 1) & (id_capacity - 1))
+        if (id_slots[j].hash == h && id_slots[j].len == n && memcmp(id_slots[j].key, s, (size_t)n) == 0)
+            return id_slots[j].id;
+    return -1;
+}
+
+/* With the GIL: a webid the table did not have, from the dict (SLOW if it is not there either). */
+static int resolve_id(PyObject *ids_of, const char *s, Py_ssize_t n, long *id) {
     PyObject *key = PyBytes_FromStringAndSize(s, n);
     if (!key) return NOMEM;
     PyObject *found = PyDict_GetItemWithError(ids_of, key);
@@ -702,17 +731,29 @@ static int lookup_id(PyObject *ids_of, const char *s, Py_ssize_t n, long *id) {
     if (!found) return PyErr_Occurred() ? NOMEM : SLOW;
     *id = PyLong_AsLong(found);
     if (*id == -1 && PyErr_Occurred()) return NOMEM;
-    if (!id_cache_insert(s, n, h, *id)) {
+    if (!id_cache_insert(s, n, hash_bytes(s, n), *id)) {
         PyErr_NoMemory();
         return NOMEM;
     }
     return OK;
 }
 
+/* The id cache belongs to one dict at a time. */
+static void use_ids(PyObject *ids_of) {
+    if (ids_of != id_dict || PyDict_GET_SIZE(ids_of) != id_dict_size) {
+        id_cache_clear();
+        Py_INCREF(ids_of);
+        Py_XSETREF(id_dict, ids_of);
+        id_dict_size = PyDict_GET_SIZE(ids_of);
+    }
+}
+
 static int parse_stream(Cur *c, Out *out, int64_t received) {
     if (!eat(c, '{')) return SLOW;
     Py_ssize_t first = out->rows;
     long id = -1;
+    const char *miss_ptr = NULL;
+    Py_ssize_t miss_len = 0;
     int stream_uom = -1, have_items = 0, r;
     if (!eat(c, '}')) {
         for (;;) {
@@ -722,13 +763,18 @@ static int parse_stream(Cur *c, Out *out, int64_t received) {
             if (!scan_string(c, &k, &kn, &ke) || !eat(c, ':')) return SLOW;
             if (key_is(k, kn, ke, "WebId")) {
                 if (!scan_string(c, &s, &n, &e) || e) return SLOW;
-                if ((r = lookup_id(out->ids_of, s, n, &id)) != OK) return r;
+                id = cached_id(s, n);
+                if (id < 0) { /* resolved after the scan */
+                    miss_ptr = s;
+                    miss_len = n;
+                    id = 0;
+                }
             } else if (key_is(k, kn, ke, "UnitsAbbreviation")) {
                 int kind = string_or_null(c, &s, &n, &e);
                 if (kind < 0) return SLOW;
                 if (kind == 1) {
                     stream_uom = unit_index(out, s, n, e);
-                    if (stream_uom == -2) return PyErr_Occurred() ? NOMEM : SLOW;
+                    if (stream_uom == -2) return NOMEM;
                 }
             } else if (key_is(k, kn, ke, "Items")) {
                 if (!eat(c, '[')) return SLOW;
@@ -752,13 +798,17 @@ static int parse_stream(Cur *c, Out *out, int64_t received) {
         }
     }
     if (id < 0 || !have_items) return SLOW;
+    if (miss_ptr) {
+        if (!buf_grow(&out->misses, sizeof(Miss))) return NOMEM;
+        *(Miss *)(out->misses.data + out->misses.len) = (Miss){miss_ptr, miss_len, first, out->rows};
+        out->misses.len += sizeof(Miss);
+    }
     for (Py_ssize_t row = first; row < out->rows; row++) {
         PUSH(out->ids, int32_t, id);
         PUSH(out->stream_uom, int32_t, stream_uom);
     }
     return OK;
 nomem:
-    PyErr_NoMemory();
     return NOMEM;
 }
 
@@ -807,13 +857,54 @@ static PyObject *take_bytes(Buf *b) {
 static void free_out(Out *out) {
     Buf *bufs[] = {&out->ids, &out->ts, &out->received, &out->value, &out->value_null, &out->good,
                    &out->questionable, &out->substituted, &out->annotated, &out->uom, &out->stream_uom,
-                   &out->text, &out->code, &out->code_null, &out->system};
+                   &out->text, &out->code, &out->code_null, &out->system, &out->raw, &out->misses,
+                   &out->units.spans, &out->texts.spans};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]->data);
-    Py_XDECREF(out->raw);
-    Py_XDECREF(out->units.list);
-    Py_XDECREF(out->texts.list);
     free(out);
 }
+
+/* With the GIL, after the scan: webids first seen, values for Python, the interned strings, the tuple. */
+static PyObject *finish(Out *out, PyObject *ids_of) {
+    Miss *misses = (Miss *)out->misses.data;
+    for (size_t i = 0; i < out->misses.len / sizeof(Miss); i++) {
+        long id;
+        int r = resolve_id(ids_of, misses[i].ptr, misses[i].len, &id);
+        if (r == NOMEM) return NULL;
+        if (r == SLOW) Py_RETURN_NONE;
+        for (Py_ssize_t row = misses[i].first_row; row < misses[i].end_row; row++)
+            ((int32_t *)out->ids.data)[row] = (int32_t)id;
+    }
+    Py_ssize_t raw_count = (Py_ssize_t)(out->raw.len / sizeof(RawValue));
+    PyObject *raw = PyList_New(raw_count);
+    if (!raw) return NULL;
+    for (Py_ssize_t i = 0; i < raw_count; i++) {
+        RawValue *value = &((RawValue *)out->raw.data)[i];
+        PyObject *pair = Py_BuildValue("(ny#)", value->row, value->ptr, value->len);
+        if (!pair) {
+            Py_DECREF(raw);
+            return NULL;
+        }
+        PyList_SET_ITEM(raw, i, pair);
+    }
+    PyObject *units = interned_list(&out->units), *texts = units ? interned_list(&out->texts) : NULL;
+    if (!texts) {
+        Py_DECREF(raw);
+        Py_XDECREF(units);
+        if (PyErr_ExceptionMatches(PyExc_ValueError)) { /* bad UTF-8 or escapes: the decoding path reports it */
+            PyErr_Clear();
+            Py_RETURN_NONE;
+        }
+        return NULL;
+    }
+    return Py_BuildValue(
+        "(nNNNNNNNNNNNNNNNNNN)", out->rows, take_bytes(&out->ids), take_bytes(&out->ts), take_bytes(&out->received),
+        take_bytes(&out->value), take_bytes(&out->value_null), take_bytes(&out->text), take_bytes(&out->code),
+        take_bytes(&out->code_null), take_bytes(&out->system), take_bytes(&out->good),
+        take_bytes(&out->questionable), take_bytes(&out->substituted), take_bytes(&out->annotated),
+        take_bytes(&out->uom), take_bytes(&out->stream_uom), units, texts, raw);
+}
+
+static PyThread_type_lock parse_lock; /* one parse at a time: the id table is shared */
 
 static PyObject *parse(PyObject *self, PyObject *args) {
     PyObject *frames, *received, *ids_of, *result = NULL;
@@ -824,44 +915,54 @@ static PyObject *parse(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "frames and received_us differ in length");
         return NULL;
     }
-    Out *out = calloc(1, sizeof(Out)); /* ~200 KB: not on the stack */
-    if (!out) return PyErr_NoMemory();
-    out->ids_of = ids_of;
-    out->raw = PyList_New(0);
-    out->units.list = PyList_New(0);
-    out->texts.list = PyList_New(0);
-    if (!out->raw || !out->units.list || !out->texts.list) goto done;
-    for (Py_ssize_t i = 0; i < count; i++) {
+    Out *out = calloc(1, sizeof(Out)); /* ~50 KB: not on the stack */
+    PyObject **held = calloc((size_t)count + 1, sizeof(PyObject *));
+    const char **texts = calloc((size_t)count + 1, sizeof(char *));
+    Py_ssize_t *sizes = calloc((size_t)count + 1, sizeof(Py_ssize_t));
+    int64_t *when = calloc((size_t)count + 1, sizeof(int64_t));
+    if (!out || !held || !texts || !sizes || !when) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) { /* with the GIL: the frames' UTF-8 text, kept alive */
         PyObject *frame = PyList_GET_ITEM(frames, i);
-        const char *text;
-        Py_ssize_t size;
         if (PyUnicode_Check(frame)) {
-            text = PyUnicode_AsUTF8AndSize(frame, &size);
-            if (!text) goto done;
+            texts[i] = PyUnicode_AsUTF8AndSize(frame, &sizes[i]);
+            if (!texts[i]) goto done;
         } else if (PyBytes_Check(frame)) {
-            text = PyBytes_AS_STRING(frame);
-            size = PyBytes_GET_SIZE(frame);
+            texts[i] = PyBytes_AS_STRING(frame);
+            sizes[i] = PyBytes_GET_SIZE(frame);
         } else {
             PyErr_SetString(PyExc_TypeError, "frames must be str or bytes");
             goto done;
         }
-        int64_t when = PyLong_AsLongLong(PyList_GET_ITEM(received, i));
-        if (when == -1 && PyErr_Occurred()) goto done;
-        int r = parse_frame(text, size, out, when);
-        if (r == NOMEM) goto done;
-        if (r == SLOW) {
-            result = Py_NewRef(Py_None);
-            goto done;
-        }
+        held[i] = Py_NewRef(frame);
+        when[i] = PyLong_AsLongLong(PyList_GET_ITEM(received, i));
+        if (when[i] == -1 && PyErr_Occurred()) goto done;
     }
-    result = Py_BuildValue(
-        "(nNNNNNNNNNNNNNNNOOO)", out->rows, take_bytes(&out->ids), take_bytes(&out->ts), take_bytes(&out->received),
-        take_bytes(&out->value), take_bytes(&out->value_null), take_bytes(&out->text), take_bytes(&out->code),
-        take_bytes(&out->code_null), take_bytes(&out->system), take_bytes(&out->good),
-        take_bytes(&out->questionable), take_bytes(&out->substituted), take_bytes(&out->annotated),
-        take_bytes(&out->uom), take_bytes(&out->stream_uom), out->units.list, out->texts.list, out->raw);
+    int r = OK;
+    {
+        Py_BEGIN_ALLOW_THREADS
+        PyThread_acquire_lock(parse_lock, WAIT_LOCK);
+        Py_END_ALLOW_THREADS
+    }
+    use_ids(ids_of);
+    {
+        Py_BEGIN_ALLOW_THREADS /* the scan itself: other threads (the readers) run meanwhile */
+        for (Py_ssize_t i = 0; i < count && r == OK; i++) r = parse_frame(texts[i], sizes[i], out, when[i]);
+        Py_END_ALLOW_THREADS
+    }
+    if (r == OK) result = finish(out, ids_of);
+    else if (r == SLOW) result = Py_NewRef(Py_None);
+    else PyErr_NoMemory();
+    PyThread_release_lock(parse_lock);
 done:
-    free_out(out);
+    for (Py_ssize_t i = 0; held && i < count; i++) Py_XDECREF(held[i]);
+    free(held);
+    free(texts);
+    free(sizes);
+    free(when);
+    if (out) free_out(out);
     return result;
 }
 
@@ -873,4 +974,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_framecodec", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__framecodec(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__framecodec(void) {
+    parse_lock = PyThread_allocate_lock();
+    if (!parse_lock) return PyErr_NoMemory();
+    return PyModule_Create(&module);
+}

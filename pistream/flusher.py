@@ -66,17 +66,19 @@ class Flusher:
         async with self.receive_channel, self.send_channel:
             deadline = math.inf
             while True:
-                with trio.move_on_at(deadline):
+                items: list[Incoming] = []
+                with trio.move_on_at(deadline):  # only the wait: what was received is always taken in
                     try:
-                        items = [await self.receive_channel.receive()]
+                        items.append(await self.receive_channel.receive())
                     except trio.EndOfChannel:
                         break
+                if items:
                     self._drain(items)
                     was_empty = len(self.buffer) == 0
                     self._take_in(items)
                     if was_empty and len(self.buffer):
                         deadline = trio.current_time() + self.max_age
-                    if len(self.buffer) < self.max_rows:
+                    if len(self.buffer) < self.max_rows and trio.current_time() < deadline:
                         continue
                 await self._flush()
                 deadline = math.inf
