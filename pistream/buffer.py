@@ -169,10 +169,17 @@ class ColumnBuffer:
 
     def _sync_floors(self) -> None:
         if self._stale:
-            ids = np.unique(np.concatenate(self._stale)).tolist()
+            ids = self._distinct_ids(self._stale)
             self._stale = []
             webids = map(self.index.webids.__getitem__, ids)
             self.filter.floors.update(zip(webids, self._floors[ids].tolist(), strict=True))
+
+    def _distinct_ids(self, chunks: list[np.ndarray]) -> list[int]:
+        """The tag ids in ``chunks``, each once (a mark per id: linear, unlike sorting)."""
+        seen = np.zeros(len(self.index.webids), np.bool_)
+        for ids in chunks:
+            seen[ids] = True
+        return np.flatnonzero(seen).tolist()
 
     def _refresh_floor(self, webid: str) -> None:
         """After the value-by-value path: its floor for the bulk checks."""
@@ -357,14 +364,15 @@ class ColumnBuffer:
         batch = pa.concat_batches([p.data for p in parts]) if len(parts) > 1 else parts[0].data
         self._sync_floors()  # the recent events stay pending until a value-by-value step needs them
         filt = self.filter
-        recent = newest_rows(parts, filt.lookback_us)
+        floors_by_id = self._floor_array()
+        recent = newest_rows(parts, filt.lookback_us, floors_by_id)
         if recent is not None:
             recent = RecentRows(recent.ids, recent.ts, recent.data.select(list(EVENT_KEY)))
-        touched = np.unique(np.concatenate([p.ids for p in parts])).tolist()
+        touched = self._distinct_ids([p.ids for p in parts])
         webids = list(map(self.index.webids.__getitem__, touched))
         floors = dict(zip(webids, map(filt.floors.__getitem__, webids), strict=True))
         flush = Flush(batch, filt.stats.repeats_dropped - self._repeats_at_reset, self._rejected, floors, recent)
-        filt.prune_pending()
+        filt.prune_pending(floors_by_id)
         self._reset()
         return flush
 

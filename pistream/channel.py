@@ -1,4 +1,4 @@
-"""A PI Web API ``streamsets/channel`` reader: the only module that imports trio_websocket.
+"""A PI Web API ``streamsets/channel`` reader, on pistream's own WebSocket client (``websocket``).
 
 It connects with the auth headers computed up front (WebSocket clients cannot answer a 401 challenge),
 decodes each frame with msgspec and hands ``(received_us, message)`` downstream through a bounded channel,
@@ -18,19 +18,13 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 import msgspec
 import structlog
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionRejected,
-    HandshakeError,
-    WebSocketConnection,
-    wrap_client_stream,
-)
 
 from .auth import AuthProvider, NoAuth
 from .columns import FRAME_CODEC
 from .errors import AuthError, ChannelRefusedError
 from .flow import Connected, Incoming, Live
 from .messages import StreamSetMessage, channel_decoder
+from .websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocket, connect
 
 log = structlog.get_logger(__name__)
 
@@ -201,47 +195,32 @@ class ChannelReader:
             ) from exc
 
     async def _connect_and_read(self) -> None:
-        """One connection's life. pistream owns the TCP/TLS stream and always closes it: trio-websocket
-        0.12 leaks it after a close the server started or a refused handshake."""
+        """One connection's life. pistream owns the TCP/TLS stream and always closes it."""
         parts = urlsplit(self.url)
         secure = parts.scheme == "wss"
         host = parts.hostname or "localhost"
         port = parts.port or (443 if secure else 80)
         resource = parts.path + (f"?{parts.query}" if parts.query else "")
         host_header = host if port in (80, 443) else f"{host}:{port}"
+        with trio.fail_after(CONNECT_TIMEOUT):
+            if secure:
+                stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
+                    host, port, ssl_context=self.ssl_context or ssl.create_default_context(),
+                    https_compatible=True)
+            else:
+                stream = await trio.open_tcp_stream(host, port)
         try:
-            await self._connect_and_read_on(host, port, secure, host_header, resource)
-        except BaseExceptionGroup as group:
-            # The nursery wraps what ended the connection; the retry logic wants the one cause.
-            leaves = _leaves(group)
-            if len(leaves) == 1:
-                raise leaves[0] from None
-            raise
-
-    async def _connect_and_read_on(self, host: str, port: int, secure: bool, host_header: str,
-                                   resource: str) -> None:
-        async with trio.open_nursery() as nursery:
+            # Computed afresh for each connection: Negotiate tokens are single-use, OIDC ones expire.
+            headers = [(k.encode(), v.encode()) for k, v in (await self.auth.headers(self.url)).items()]
             with trio.fail_after(CONNECT_TIMEOUT):
-                if secure:
-                    stream: trio.abc.Stream = await trio.open_ssl_over_tcp_stream(
-                        host, port, ssl_context=self.ssl_context or ssl.create_default_context(),
-                        https_compatible=True)
-                else:
-                    stream = await trio.open_tcp_stream(host, port)
-            try:
-                # Computed afresh for each connection: Negotiate tokens are single-use, OIDC ones expire.
-                headers = [(k.encode(), v.encode()) for k, v in (await self.auth.headers(self.url)).items()]
-                with trio.fail_after(CONNECT_TIMEOUT):
-                    ws = await wrap_client_stream(
-                        nursery, stream, host_header, resource, extra_headers=headers,  # type: ignore[arg-type]
-                        max_message_size=MAX_MESSAGE_SIZE, receive_buffer_size=self.receive_buffer)
-                await self._read(ws)
-            finally:
-                # No close handshake: on a stop or a failure the socket just goes; the server copes.
-                await trio.aclose_forcefully(stream)
-                nursery.cancel_scope.cancel()
+                ws = await connect(stream, host_header, resource, headers, max_message_size=MAX_MESSAGE_SIZE,
+                                   receive_buffer_size=self.receive_buffer)
+            await self._read(ws)
+        finally:
+            # No close handshake: on a stop or a failure the socket just goes; the server copes.
+            await trio.aclose_forcefully(stream)
 
-    async def _read(self, ws: WebSocketConnection) -> None:
+    async def _read(self, ws: WebSocket) -> None:
         self.stats.connects += 1
         log.info("channel_connected", channel=self.name, streams=len(self.webids))
         await self._send_or_pause(Connected(tuple(self.webids)))
@@ -307,13 +286,6 @@ def _rejection_text(exc: ConnectionRejected) -> str:
 
 class _Errors(msgspec.Struct):
     Errors: list[object] | None = None
-
-
-def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
 
 
 def _reason(exc: BaseException) -> str:

@@ -70,16 +70,18 @@ class RecentRows:
         return len(self.ts)
 
 
-def newest_rows(rows: list[RecentRows], lookback_us: int) -> RecentRows | None:
-    """The rows within ``lookback_us`` of their tag's newest row: the only ones that can still be recent
-    events (a tag's floor is at least its newest row)."""
+def newest_rows(rows: list[RecentRows], lookback_us: int, floors: np.ndarray | None = None) -> RecentRows | None:
+    """The rows within ``lookback_us`` of their tag's floor (``floors`` by tag id; else the newest of
+    the rows, which a floor is at least): the only ones that can still be recent events."""
     rows = [r for r in rows if len(r)]
     if not rows:
         return None
     ids = np.concatenate([r.ids for r in rows]) if len(rows) > 1 else rows[0].ids
     ts = np.concatenate([r.ts for r in rows]) if len(rows) > 1 else rows[0].ts
-    newest = np.full(int(ids.max()) + 1, np.iinfo(np.int64).min, np.int64)
-    np.maximum.at(newest, ids, ts)
+    newest = floors
+    if newest is None:
+        newest = np.full(int(ids.max()) + 1, np.iinfo(np.int64).min, np.int64)
+        np.maximum.at(newest, ids, ts)
     keep = ts >= newest[ids] - lookback_us
     data = pa.concat_batches([r.data for r in rows]) if len(rows) > 1 else rows[0].data
     if keep.all():
@@ -132,8 +134,9 @@ class EventFilter:
         if self._pending_rows > self._prune_at:
             self.prune_pending()
 
-    def prune_pending(self) -> None:
-        newest = newest_rows(self._pending, self.lookback_us)
+    def prune_pending(self, floors: np.ndarray | None = None) -> None:
+        """Drop pending rows that fell out of the look-back (``floors`` by tag id, if the caller has them)."""
+        newest = newest_rows(self._pending, self.lookback_us, floors)
         self._pending = [newest] if newest is not None else []
         self._pending_rows = len(newest) if newest is not None else 0
         self._prune_at = max(1 << 16, 2 * self._pending_rows)
