@@ -45,7 +45,7 @@ class StreamInfo:
 class Flush:
     """One batch ready to commit, with the counts the summary line reports."""
 
-    batch: pa.RecordBatch
+    batch: pa.Table  # the buffered chunks as they are (not copied into one)
     repeats_dropped: int
     rejected: int
     # Floors, at take(), of the streams this batch touched, and its rows that may be recent events: once
@@ -361,7 +361,7 @@ class ColumnBuffer:
         parts = list(self._bulk)
         if self.tag:
             parts.append(self._take_rows())
-        batch = pa.concat_batches([p.data for p in parts]) if len(parts) > 1 else parts[0].data
+        batch = pa.Table.from_batches([p.data for p in parts], schema=TABLE_SCHEMA)
         self._sync_floors()  # the recent events stay pending until a value-by-value step needs them
         filt = self.filter
         floors_by_id = self._floor_array()

@@ -64,7 +64,7 @@ class RecentRows:
 
     ids: np.ndarray  # int32 tag id per row, as given by the buffer's TagIndex
     ts: np.ndarray  # int64 microseconds per row
-    data: pa.RecordBatch
+    data: pa.RecordBatch | pa.Table
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -83,10 +83,14 @@ def newest_rows(rows: list[RecentRows], lookback_us: int, floors: np.ndarray | N
         newest = np.full(int(ids.max()) + 1, np.iinfo(np.int64).min, np.int64)
         np.maximum.at(newest, ids, ts)
     keep = ts >= newest[ids] - lookback_us
-    data = pa.concat_batches([r.data for r in rows]) if len(rows) > 1 else rows[0].data
+    data = pa.concat_tables([_table(r.data) for r in rows]) if len(rows) > 1 else rows[0].data
     if keep.all():
         return RecentRows(ids, ts, data)
     return RecentRows(ids[keep], ts[keep], data.filter(pa.array(keep)))
+
+
+def _table(data: pa.RecordBatch | pa.Table) -> pa.Table:
+    return pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
 
 
 @dataclass
