@@ -101,3 +101,11 @@ def test_truncated_and_mangled_frames_never_crash_or_half_parse():
             json.loads(mangled)
         except ValueError:
             assert result is None  # malformed JSON is never taken
+
+
+def test_a_malformed_raw_frame_is_logged_and_counted_and_the_rest_of_the_batch_goes_on():
+    frame = '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1.5}]}]}'
+    buffer = ColumnBuffer({"W1": StreamInfo("\\\\S\\T", "W1")})
+    count, _ = buffer.add_live_batch([Live(1, None, b'{"Items":[{"WebId":', "ch-1"), Live(2, None, frame.encode())])
+    assert count == 1 and buffer.malformed == 1
+    assert buffer.take().batch.column("value").to_pylist() == [1.5]
