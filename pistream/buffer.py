@@ -30,6 +30,7 @@ log = structlog.get_logger(__name__)
 
 _DATE = pa.date32()
 _NO_FLOOR = -(2**63)
+ROW_BYTES_ESTIMATE = 120  # Arrow bytes of a typical row (tag path, webid, value, flags, times)
 
 
 @dataclass(frozen=True)
@@ -95,9 +96,15 @@ class ColumnBuffer:
         self._rejected = 0
         self._bulk: list[RecentRows] = []  # steady-state batches, in table columns
         self._bulk_rows = 0
+        self._bulk_bytes = 0
 
     def __len__(self) -> int:
         return len(self.tag) + self._bulk_rows
+
+    @property
+    def nbytes(self) -> int:
+        """The buffer's size in Arrow bytes (values taken one by one counted at a typical row's size)."""
+        return self._bulk_bytes + len(self.tag) * ROW_BYTES_ESTIMATE
 
     def read_frames(self, items: list[Live]) -> LiveColumns | None:
         """Raw channel frames as columns with the C codec, or None (no codec, decoded messages among them,
@@ -151,6 +158,7 @@ class ColumnBuffer:
         filt.add_recent(rows)
         self._bulk.append(rows)
         self._bulk_rows += len(rows)
+        self._bulk_bytes += columns.batch.nbytes
         return True
 
     def _floor_array(self) -> np.ndarray:

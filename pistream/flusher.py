@@ -1,5 +1,6 @@
 """The flush policy: collect decoded messages into the column buffer and hand a batch to the writer when
-it holds ``max_rows`` rows or its oldest row is ``max_age`` seconds old, and once more at shutdown.
+it holds ``max_rows`` rows or ``max_bytes`` bytes of columns, or its oldest row is ``max_age`` seconds
+old, and once more at shutdown.
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ class Flusher:
         *,
         max_rows: int,
         max_age: float,
+        max_bytes: int = 1 << 62,
         gap_queue: GapQueue | None = None,
     ):
         self.buffer = buffer
         self.receive_channel = receive_channel
         self.send_channel = send_channel
         self.max_rows = max_rows
+        self.max_bytes = max_bytes
         self.max_age = max_age
         self.gap_queue = gap_queue
         self.stats = FlushStats()
@@ -78,11 +81,14 @@ class Flusher:
                     self._take_in(items)
                     if was_empty and len(self.buffer):
                         deadline = trio.current_time() + self.max_age
-                    if len(self.buffer) < self.max_rows and trio.current_time() < deadline:
+                    if not self._full() and trio.current_time() < deadline:
                         continue
                 await self._flush()
                 deadline = math.inf
             await self._flush()
+
+    def _full(self) -> bool:
+        return len(self.buffer) >= self.max_rows or self.buffer.nbytes >= self.max_bytes
 
     def _drain(self, items: list[Incoming]) -> None:
         """Whatever else is waiting, up to the flush size: many messages go through the buffer at once."""

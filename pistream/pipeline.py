@@ -205,7 +205,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
             flush_send, flush_recv = trio.open_memory_channel[Flush](1)
             gap_queue = GapQueue()
             flusher = Flusher(ColumnBuffer(streams, committed.copy()), message_recv, flush_send,
-                              max_rows=settings.flush_rows, max_age=settings.flush_seconds, gap_queue=gap_queue)
+                              max_rows=settings.flush_rows, max_bytes=settings.flush_bytes,
+                              max_age=settings.flush_seconds, gap_queue=gap_queue)
             writer = CommitWriter(sink, flush_recv, txn_version=txn_version, committed=committed, state=store)
             gap_filler = GapFiller(api, gap_queue, message_send.clone())
             readers = [

@@ -4,7 +4,7 @@ import pytest
 import trio
 import trio.testing
 
-from pistream.buffer import ColumnBuffer
+from pistream.buffer import ColumnBuffer, StreamInfo
 from pistream.flow import Live
 from pistream.flusher import Flusher
 from pistream.messages import StreamSetMessage, StreamValues, TimedValue
@@ -21,11 +21,12 @@ def autojump_clock():
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-async def run_flusher(script, *, max_rows: int, max_age: float):
+async def run_flusher(script, *, max_rows: int, max_age: float, max_bytes: int = 1 << 40):
     """Feed messages per ``script`` and return (virtual time, rows) of each batch the writer got."""
     msg_send, msg_recv = trio.open_memory_channel(10)
     flush_send, flush_recv = trio.open_memory_channel(1)
-    flusher = Flusher(ColumnBuffer({}), msg_recv, flush_send, max_rows=max_rows, max_age=max_age)
+    buffer = ColumnBuffer({"W": StreamInfo("\\\\S\\T", "W")})  # a known stream: the bulk path
+    flusher = Flusher(buffer, msg_recv, flush_send, max_rows=max_rows, max_age=max_age, max_bytes=max_bytes)
     got = []
 
     async def writer():
@@ -70,3 +71,18 @@ async def test_no_batch_when_nothing_arrives(autojump_clock):
 
     got, _ = await run_flusher(script, max_rows=10, max_age=1)
     assert got == []
+
+
+async def test_flush_on_bytes_before_rows_or_age(autojump_clock):
+    one_message = ColumnBuffer({"W": StreamInfo("\\\\S\\T", "W")})
+    one_message.add_live_batch([Live(0, message(4))])
+    size = one_message.nbytes
+    assert size > 0 and len(one_message) == 4 and not one_message.tag  # measured on the bulk path
+
+    async def script(send):
+        for i in range(5):
+            await send.send(Live(0, message(4, start=i * 4)))
+            await trio.sleep(1)
+
+    got, _ = await run_flusher(script, max_rows=1000, max_age=60, max_bytes=2 * size)
+    assert [rows for _, rows in got] == [8, 8, 4]  # two messages' bytes each, the rest at shutdown
