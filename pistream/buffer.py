@@ -1,9 +1,10 @@
-"""The columnar buffer: decoded values as Arrow columns, handed over as one RecordBatch per flush. Every
-value passes the exactly-once filter (``dedup``) on the way in.
+"""The columnar buffer: values as Arrow columns, handed over as one Table per flush. Every value passes
+the exactly-once filter (``dedup``) on the way in.
 
 Two paths: batches of channel messages in the steady state (every value newer than its tag's floor, in
-order, no gap open) become columns in bulk (``columns.extract``) and pass the filter as arrays; anything
-else goes value by value into plain column lists, with the same decisions either way.
+order, no gap open) become columns in bulk (``columns.extract_frames`` with the C codec, else
+``columns.extract`` on msgspec) and pass the filter as arrays; anything else goes value by value into
+plain column lists, with the same decisions either way.
 """
 
 from __future__ import annotations

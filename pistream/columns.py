@@ -1,8 +1,9 @@
-"""Decoded channel values to table columns in bulk: C-level ``map`` over msgspec's Structs and Arrow
-conversions per batch of messages, instead of a Python loop per value. This is the steady-state path;
-anything it does not expect (an unknown stream, ``Errors``, quality flags sent as text, an unparseable
-timestamp, ``Value`` instead of ``Items``) makes it return None, and the caller takes the value-by-value
-path, which handles everything.
+"""Channel values to table columns in bulk, for the steady state: ``extract_frames`` reads raw frames
+with the C codec (``_framecodec.c``); ``extract`` takes decoded msgspec Structs with C-level ``map`` and
+Arrow conversions where the codec is not built or did not take the frames. Either way no Python loop per
+value. Anything they do not expect (an unknown stream, ``Errors``, quality flags sent as text, an
+unparseable timestamp, ``Value`` instead of ``Items``) makes them return None, and the caller takes the
+value-by-value path, which handles everything.
 """
 
 from __future__ import annotations
