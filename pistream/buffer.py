@@ -31,6 +31,7 @@ log = structlog.get_logger(__name__)
 
 _DATE = pa.date32()
 _NO_FLOOR = -(2**63)
+_KEY_COLUMNS = list(EVENT_KEY)
 ROW_BYTES_ESTIMATE = 120  # Arrow bytes of a typical row (tag path, webid, value, flags, times)
 
 
@@ -156,7 +157,7 @@ class ColumnBuffer:
         np.maximum.at(floors, ids, ts)
         self._stale.append(ids)
         rows = RecentRows(ids, ts, columns.batch)
-        filt.add_recent(rows)
+        filt.add_recent(RecentRows(ids, ts, columns.batch.select(_KEY_COLUMNS)))  # no copy
         self._bulk.append(rows)
         self._bulk_rows += len(rows)
         self._bulk_bytes += columns.batch.nbytes
@@ -374,9 +375,8 @@ class ColumnBuffer:
         self._sync_floors()  # the recent events stay pending until a value-by-value step needs them
         filt = self.filter
         floors_by_id = self._floor_array()
-        recent = newest_rows(parts, filt.lookback_us, floors_by_id)
-        if recent is not None:
-            recent = RecentRows(recent.ids, recent.ts, recent.data.select(list(EVENT_KEY)))
+        keys_only = [RecentRows(p.ids, p.ts, p.data.select(_KEY_COLUMNS)) for p in parts]  # filter fewer columns
+        recent = newest_rows(keys_only, filt.lookback_us, floors_by_id)
         touched = self._distinct_ids([p.ids for p in parts])
         webids = list(map(self.index.webids.__getitem__, touched))
         floors = dict(zip(webids, map(filt.floors.__getitem__, webids), strict=True))
