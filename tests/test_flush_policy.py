@@ -5,9 +5,11 @@ import trio
 import trio.testing
 
 from pistream.buffer import ColumnBuffer, StreamInfo
-from pistream.flow import Live
+from pistream.flow import Connected, Live
 from pistream.flusher import Flusher
+from pistream.gapfill import GapQueue
 from pistream.messages import StreamSetMessage, StreamValues, TimedValue
+from pistream.timeutil import parse_iso_us
 
 
 def message(n: int, start: int = 0) -> StreamSetMessage:
@@ -86,3 +88,23 @@ async def test_flush_on_bytes_before_rows_or_age(autojump_clock):
 
     got, _ = await run_flusher(script, max_rows=1000, max_age=60, max_bytes=2 * size)
     assert [rows for _, rows in got] == [8, 8, 4]  # two messages' bytes each, the rest at shutdown
+
+
+async def test_gathered_live_messages_go_in_before_a_reconnect_that_follows_them(autojump_clock):
+    """A value received before a reconnect raises the floor the gap is read from; taken in after the
+    Connected marker it would instead end the gap window early."""
+    msg_send, msg_recv = trio.open_memory_channel(10)
+    flush_send, flush_recv = trio.open_memory_channel(10)
+    buffer = ColumnBuffer({"W": StreamInfo("\\\\S\\T", "W")})
+    buffer.add_live_batch([Live(0, message(1, start=0))])  # W's floor: second 0
+    gaps = GapQueue()
+    flusher = Flusher(buffer, msg_recv, flush_send, max_rows=1000, max_age=60, gap_queue=gaps)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(flusher.run)
+        async with msg_send:
+            for item in (Live(0, message(1, start=5)), Connected(("W",)), Live(0, message(1, start=9))):
+                msg_send.send_nowait(item)  # all queued: the flusher takes them in one drain
+            await trio.sleep(1)
+        requests = await gaps.take_all()
+    start = parse_iso_us("2024-01-01T00:00:05.000005Z")
+    assert [(r.start_us, r.end_us - r.start_us) for r in requests] == [(start, 4_000_004)]
