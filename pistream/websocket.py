@@ -18,7 +18,7 @@ import h11
 import trio
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
-MAX_HANDSHAKE_BYTES = 64 * 1024  # response head and a refusal's body, which is read for its message
+MAX_HANDSHAKE_BYTES = 64 * 1024  # of a refusal's body, which is read for its message
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
@@ -55,18 +55,17 @@ async def connect(stream: trio.abc.Stream, host: str, resource: str, extra_heade
         (b"Host", host.encode()), (b"Upgrade", b"websocket"), (b"Connection", b"Upgrade"),
         (b"Sec-WebSocket-Key", key), (b"Sec-WebSocket-Version", b"13"), *extra_headers])
     await stream.send_all(client.send(request))
-    received = 0
     response: h11.Response | h11.InformationalResponse | None = None
     body = bytearray()
     while True:
         try:
-            event = client.next_event()
+            event = client.next_event()  # h11 bounds the response head (16 KiB)
         except h11.RemoteProtocolError as exc:
             raise HandshakeError(f"invalid HTTP response to the upgrade: {exc}") from exc
         if event is h11.NEED_DATA:
+            # The first read may well hold the 101 and the first frames after it: they are kept.
             data = await stream.receive_some(receive_buffer_size)
-            received += len(data)
-            if not data or received > MAX_HANDSHAKE_BYTES:
+            if not data:
                 if isinstance(response, h11.Response):
                     break  # a refusal cut short: report what came
                 raise HandshakeError("connection closed during the WebSocket handshake")
@@ -78,6 +77,8 @@ async def connect(stream: trio.abc.Stream, host: str, resource: str, extra_heade
             response = event
         elif isinstance(event, h11.Data):
             body += event.data
+            if len(body) > MAX_HANDSHAKE_BYTES:
+                break  # enough of a refusal's body for its message
         elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed) or event is h11.PAUSED:
             break
     if response is None:

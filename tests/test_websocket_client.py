@@ -51,7 +51,8 @@ def accept_for(request: bytes) -> bytes:
 
 
 async def with_server(script: Script, client: Callable[[WebSocket], Awaitable[None]], *,
-                      max_message_size: int = 1 << 20, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+                      max_message_size: int = 1 << 20, headers: list[tuple[bytes, bytes]] | None = None,
+                      receive_buffer_size: int = 7) -> None:
     async def serve(stream: trio.SocketStream) -> None:
         await script(stream, await read_request(stream))
 
@@ -64,7 +65,8 @@ async def with_server(script: Script, client: Callable[[WebSocket], Awaitable[No
             async with stream:
                 try:
                     ws = await connect(stream, f"127.0.0.1:{port}", "/piwebapi/streamsets/channel?webId=W",
-                                       headers or [], max_message_size=max_message_size, receive_buffer_size=7)
+                                       headers or [], max_message_size=max_message_size,
+                                       receive_buffer_size=receive_buffer_size)
                     await client(ws)
                 except (ConnectionRejected, HandshakeError) as exc:
                     failure = exc  # raised outside the nursery, not in an exception group
@@ -93,6 +95,21 @@ async def test_messages_whole_fragmented_and_after_pings_arrive_in_order():
     [pong] = pongs
     assert pong[0] == 0x8A and pong[1] == 0x80 | 2  # a masked pong with the ping's payload
     assert bytes(b ^ pong[2 + i % 4] for i, b in enumerate(pong[6:8])) == b"hi"
+
+
+async def test_frames_sent_right_behind_the_101_in_the_same_read_are_kept():
+    """A server that starts streaming at once: the first read holds the 101 and ~300 KB of frames."""
+    payloads = [bytes([65 + i]) * 60_000 for i in range(5)]
+
+    async def script(stream, request):
+        await stream.send_all(accept_for(request) + b"".join(frame(0x1, p) for p in payloads))
+        await trio.sleep(0.5)  # all of it is in the client's socket before it reads
+
+    async def client(ws):
+        for payload in payloads:
+            assert await ws.get_message() == payload
+
+    await with_server(script, client, receive_buffer_size=1 << 20)
 
 
 async def test_close_frame_ends_with_the_servers_code_and_reason():
