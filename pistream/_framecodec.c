@@ -410,6 +410,18 @@ static int string_or_null(Cur *c, const char **s, Py_ssize_t *n, int *escaped) {
     return scan_string(c, s, n, escaped) ? 1 : -1;
 }
 
+enum { OK = 1, SLOW = 0, NOMEM = -1 };
+
+/* A "UnitsAbbreviation" value: its interned index, or -1 for null or empty. */
+static int read_units(Cur *c, Out *out, Py_ssize_t *index) {
+    const char *s;
+    Py_ssize_t n;
+    int e, kind = string_or_null(c, &s, &n, &e);
+    if (kind < 0) return SLOW;
+    *index = kind == 1 ? unit_index(out, s, n, e) : -1;
+    return *index == -2 ? NOMEM : OK;
+}
+
 /* A flag: 1/0, or -1 when null (the default applies); 0 on anything else (text flags: the slow path). */
 static int read_flag(Cur *c, int8_t *flag) {
     skip_ws(c);
@@ -418,8 +430,6 @@ static int read_flag(Cur *c, int8_t *flag) {
     if (skip_literal(c, "null")) { *flag = -1; return 1; }
     return 0;
 }
-
-enum { OK = 1, SLOW = 0, NOMEM = -1 };
 
 /* An integer literal that fits int32 (state codes); 0 if it is anything else. */
 static int read_int32(Cur *c, int32_t *out) {
@@ -599,12 +609,7 @@ static int parse_value_object(Cur *c, Out *out, int64_t received) {
             } else if (key_is(k, kn, ke, "Value")) {
                 if ((r = read_value(c, out, &v)) != OK) return r;
             } else if (key_is(k, kn, ke, "UnitsAbbreviation")) {
-                int kind = string_or_null(c, &s, &n, &e);
-                if (kind < 0) return SLOW;
-                if (kind == 1) {
-                    uom = unit_index(out, s, n, e);
-                    if (uom == -2) return NOMEM;
-                }
+                if ((r = read_units(c, out, &uom)) != OK) return r;
             } else if (key_is(k, kn, ke, "Good")) {
                 if (!read_flag(c, &flags[0])) return SLOW;
             } else if (key_is(k, kn, ke, "Questionable")) {
@@ -754,7 +759,8 @@ static int parse_stream(Cur *c, Out *out, int64_t received) {
     long id = -1;
     const char *miss_ptr = NULL;
     Py_ssize_t miss_len = 0;
-    int stream_uom = -1, have_items = 0, r;
+    Py_ssize_t stream_uom = -1;
+    int have_items = 0, r;
     if (!eat(c, '}')) {
         for (;;) {
             const char *k, *s;
@@ -770,12 +776,7 @@ static int parse_stream(Cur *c, Out *out, int64_t received) {
                     id = 0;
                 }
             } else if (key_is(k, kn, ke, "UnitsAbbreviation")) {
-                int kind = string_or_null(c, &s, &n, &e);
-                if (kind < 0) return SLOW;
-                if (kind == 1) {
-                    stream_uom = unit_index(out, s, n, e);
-                    if (stream_uom == -2) return NOMEM;
-                }
+                if ((r = read_units(c, out, &stream_uom)) != OK) return r;
             } else if (key_is(k, kn, ke, "Items")) {
                 if (!eat(c, '[')) return SLOW;
                 have_items = 1;

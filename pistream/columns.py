@@ -119,18 +119,22 @@ def parse_timestamps(texts: list[str]) -> np.ndarray | None:
     """ISO timestamps to int64 microseconds, vectorised; 7 fractional digits (PI's 100 ns ticks) are
     truncated as ``to_us`` does. None if any is not a timestamp."""
     arr = pa.array(texts, pa.string())
-    try:
-        return pc.cast(arr, TIMESTAMP_US).cast(pa.int64()).to_numpy()
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
-    try:
-        trimmed = pc.replace_substring_regex(arr, _SEVEN_DIGITS.pattern, r"\1")
-        return pc.cast(trimmed, TIMESTAMP_US).cast(pa.int64()).to_numpy()
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-        pass
+    parsed = _cast_us(arr)
+    if parsed is None:  # 7 digits, or forms Arrow does not read: trimmed, then one by one
+        parsed = _cast_us(pc.replace_substring_regex(arr, _SEVEN_DIGITS.pattern, r"\1"))
+    if parsed is not None:
+        return parsed
     try:
         return np.fromiter(map(to_us, texts), np.int64, len(texts))
     except (ValueError, OverflowError, TypeError):
+        return None
+
+
+def _cast_us(arr: pa.Array) -> np.ndarray | None:
+    """Arrow's ISO 8601 cast to microseconds, or None where it cannot read one of them."""
+    try:
+        return pc.cast(arr, TIMESTAMP_US).cast(pa.int64()).to_numpy()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
 
 
