@@ -4,6 +4,11 @@ Every commit carries an app transaction ``(app_id, version)``. delta-rs does not
 the log, so ``commit`` checks first: a commit retried after a crash or a timeout that in fact succeeded is
 not written twice. Calls are blocking; the pipeline runs them in a worker thread (writes release the GIL).
 
+A commit writes its Parquet files with pyarrow (``datafiles``) through delta-rs's own object store (the same
+storage options and credentials) and then commits their add actions with the app transaction in one log
+entry. ``write_deltalake`` did the same in one call but held 3-4x the batch in memory while writing (a 1 M
+row batch of 133 MB: +360-500 MB RSS, against +50-80 MB this way).
+
 Cloud tables (``s3://``, ``az://``, ``abfss://``, ``gs://``, ...) get storage-option defaults that bound a
 storage outage: each request times out after 30 s and delta-rs gives up retrying after 60 s (its own default
 is 180 s), so a commit stuck on unreachable storage fails within about 90 s, is logged, and is retried by the
@@ -24,10 +29,14 @@ from dataclasses import dataclass
 from datetime import date
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import structlog
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
+from deltalake.fs import DeltaStorageHandler
+from deltalake.transaction import AddAction, RemoveAction
 
+from .datafiles import write_partitions
 from .errors import SinkError, TableConflictError
 from .schema import EVENT_KEY, PARTITION_COLUMN, TABLE_SCHEMA
 
@@ -137,6 +146,7 @@ class DeltaSink:
         self.app_id = app_id
         self.storage_options = effective_storage_options(uri, storage_options)
         self._table: DeltaTable | None = None
+        self._files: pafs.FileSystem | None = None  # the table's root, through delta-rs's object store
 
     @property
     def display_uri(self) -> str:
@@ -170,6 +180,7 @@ class DeltaSink:
                     storage_options=self.storage_options or None,
                 )
                 log.info("table_created", table=self.display_uri)
+            self._files = pafs.PyFileSystem(DeltaStorageHandler(self.uri, self.storage_options or None))
         except (DeltaError, OSError) as exc:
             text, cause = self._describe(exc)
             raise SinkError(
@@ -181,7 +192,7 @@ class DeltaSink:
         """Open again, e.g. with refreshed cloud credentials; the transaction state lives in the table."""
         if storage_options is not None:
             self.storage_options = effective_storage_options(self.uri, storage_options)
-        self._table = None
+        self._table = self._files = None
         self.open()
 
     def _check_schema(self) -> None:
@@ -246,16 +257,21 @@ class DeltaSink:
             if done >= txn_version:
                 log.warning("commit_skipped", txn_version=txn_version, committed=done, app_id=self.app_id)
                 return CommitResult(table.version(), txn_version, 0, skipped=True)
-            write_deltalake(
-                table,
-                batch,
+            assert self._files is not None
+            actions = write_partitions(self._files, batch)
+            table.create_write_transaction(
+                list[AddAction | RemoveAction](actions),
                 mode="append",
+                schema=TABLE_SCHEMA,
                 partition_by=[PARTITION_COLUMN],
                 commit_properties=CommitProperties(
                     app_transactions=[Transaction(self.app_id, txn_version)],
                     custom_metadata={"pistream.app_id": self.app_id},
                 ),
             )
+            # The object stays at its old version otherwise. Should this read fail, the retry finds the
+            # transaction in the log and skips it.
+            table.update_incremental()
         except CommitFailedError as exc:
             text, cause = self._describe(exc)
             raise SinkError(f"commit to {self.display_uri} failed: {text}") from cause

@@ -1,0 +1,102 @@
+"""Data files for one commit: a batch split by partition date, each part written as one Parquet file with
+pyarrow, described by a Delta add action with the statistics readers use to skip files.
+
+The files look like delta-rs's own (``partition_date=YYYY-MM-DD/part-00000-<uuid>-c000.snappy.parquet``,
+snappy, the partition column only in the path, string columns dictionary-encoded, statistics in the
+log as delta-rs writes them: timestamps to the millisecond). pyarrow streams the file out column chunk
+by column chunk, so a commit holds little beyond its batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from deltalake.transaction import AddAction
+
+from .schema import PARTITION_COLUMN, TABLE_SCHEMA
+
+FILE_SCHEMA = TABLE_SCHEMA.remove(TABLE_SCHEMA.get_field_index(PARTITION_COLUMN))
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def write_partitions(files: pafs.FileSystem, batch: pa.Table | pa.RecordBatch) -> list[AddAction]:
+    """Write ``batch`` (in the table schema) as one file per partition date under the table root that
+    ``files`` points at; the add actions to commit them."""
+    table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+    dates = table.column(PARTITION_COLUMN)
+    data = table.drop_columns([PARTITION_COLUMN])
+    distinct = pc.unique(dates)
+    if len(distinct) == 1:
+        return [_write_file(files, distinct[0].as_py().isoformat(), data)]
+    return [_write_file(files, day.as_py().isoformat(), data.filter(pc.equal(dates, day))) for day in distinct]
+
+
+def _write_file(files: pafs.FileSystem, day: str, data: pa.Table) -> AddAction:
+    path = f"{PARTITION_COLUMN}={day}/part-00000-{uuid.uuid4()}-c000.snappy.parquet"
+    if _needs_cast(data.schema):
+        data = data.cast(FILE_SCHEMA)
+    with files.open_output_stream(path) as out:
+        pq.write_table(data, out, compression="snappy", store_schema=False, write_statistics=True)
+        size = out.tell()
+    return AddAction(path, size, {PARTITION_COLUMN: day}, int(time.time() * 1000), True, file_stats(data))
+
+
+def _needs_cast(schema: pa.Schema) -> bool:
+    """Whether a column's type differs from the table's other than by dictionary encoding of strings (which
+    Parquet stores as plain strings)."""
+    for field in schema:
+        want = FILE_SCHEMA.field(field.name).type
+        have = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
+        if not have.equals(want):
+            return True
+    return False
+
+
+def file_stats(data: pa.Table) -> str:
+    """The add action's ``stats`` JSON: row count, and per column the null count and, where defined, the
+    minimum and maximum (left out for a float column holding NaN or infinities, as JSON has no such numbers
+    and a NaN would make a range lie)."""
+    minimum: dict[str, object] = {}
+    maximum: dict[str, object] = {}
+    nulls: dict[str, int] = {}
+    for name, column in zip(data.column_names, data.columns, strict=True):
+        nulls[name] = column.null_count
+        if column.null_count == len(column):
+            continue
+        bounds = _min_max(column)
+        if bounds is not None:
+            minimum[name], maximum[name] = bounds
+    stats = {"numRecords": data.num_rows, "minValues": minimum, "maxValues": maximum, "nullCount": nulls}
+    return json.dumps(stats, separators=(",", ":"))
+
+
+def _min_max(column: pa.ChunkedArray) -> tuple[object, object] | None:
+    kind = column.type
+    if pa.types.is_dictionary(kind):  # the bounds of the values in use
+        used = pa.chunked_array([chunk.dictionary.take(pc.unique(chunk.indices)) for chunk in column.chunks],
+                                kind.value_type)
+        return _min_max(used)
+    if pa.types.is_floating(kind) and pc.any(pc.is_nan(column)).as_py():
+        return None
+    bounds = pc.min_max(column)
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    if pa.types.is_floating(kind) and (math.isinf(low) or math.isinf(high)):
+        return None
+    if pa.types.is_timestamp(kind):
+        micros = pc.min_max(column.cast(pa.int64()))
+        low, high = _millis_text(micros["min"].as_py()), _millis_text(micros["max"].as_py())
+    return low, high
+
+
+def _millis_text(micros: int) -> str:
+    """A timestamp statistic as delta-rs writes it: UTC, to the millisecond (truncated)."""
+    moment = _EPOCH + timedelta(milliseconds=micros // 1000)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
