@@ -9,7 +9,6 @@ plain column lists, with the same decisions either way.
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
@@ -20,11 +19,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from .columns import FRAME_CODEC, LiveColumns, TagIndex, extract, extract_frames
-from .dedup import EventFilter, EventKey, GapRequest, RecentRows, event_key, newest_rows
+from .columns import FRAME_CODEC, LiveColumns, TagIndex, buffered_bytes, extract, extract_frames
+from .dedup import EventFilter, EventKey, GapRequest, RecentRows, drop_older, event_key, newest_rows
 from .flow import Live
 from .messages import StreamSetMessage, StreamValues, TimedValue, channel_decoder, classify_value, flag
-from .schema import EVENT_KEY, TABLE_SCHEMA
+from .schema import BUFFER_SCHEMA, EVENT_KEY
 from .timeutil import TIMESTAMP_US, to_us
 
 log = structlog.get_logger(__name__)
@@ -32,7 +31,7 @@ log = structlog.get_logger(__name__)
 _DATE = pa.date32()
 _NO_FLOOR = -(2**63)
 _KEY_COLUMNS = list(EVENT_KEY)
-ROW_BYTES_ESTIMATE = 120  # Arrow bytes of a typical row (tag path, webid, value, flags, times)
+ROW_BYTES_ESTIMATE = 64  # Arrow bytes of a typical row (tag ids, times, value, units, flags)
 
 
 @dataclass(frozen=True)
@@ -160,7 +159,7 @@ class ColumnBuffer:
         filt.add_recent(RecentRows(ids, ts, columns.batch.select(_KEY_COLUMNS)))  # no copy
         self._bulk.append(rows)
         self._bulk_rows += len(rows)
-        self._bulk_bytes += columns.batch.nbytes
+        self._bulk_bytes += buffered_bytes(columns.batch)
         return True
 
     def _floor_array(self) -> np.ndarray:
@@ -277,7 +276,7 @@ class ColumnBuffer:
         floor = filt.floors.get(webid)
         recent = filt.recent.get(webid)
         if recent is None:
-            recent = filt.recent[webid] = deque()
+            recent = filt.recent[webid] = []
         lookback = filt.lookback_us
         for tv in stream.timed_values():
             raw_ts = tv.timestamp
@@ -311,8 +310,7 @@ class ColumnBuffer:
                 horizon = ts - lookback
                 if lookback == 0:
                     recent.clear()
-                while recent and recent[0][0] < horizon:
-                    recent.popleft()
+                drop_older(recent, horizon)
                 recent.append(key)
             elif key in recent:
                 filt.stats.repeats_dropped += 1
@@ -371,7 +369,7 @@ class ColumnBuffer:
         parts = list(self._bulk)
         if self.tag:
             parts.append(self._take_rows())
-        batch = pa.Table.from_batches([p.data for p in parts], schema=TABLE_SCHEMA)
+        batch = pa.Table.from_batches([p.data for p in parts], schema=BUFFER_SCHEMA)
         self._sync_floors()  # the recent events stay pending until a value-by-value step needs them
         filt = self.filter
         floors_by_id = self._floor_array()
@@ -387,10 +385,10 @@ class ColumnBuffer:
 
     def _take_rows(self) -> RecentRows:
         """The rows that came value by value, as columns."""
+        ids = np.fromiter(map(self.index.ids.__getitem__, self.tag_webid), np.int32, len(self.tag_webid))
         timestamps = pa.array(self.timestamp, pa.int64()).cast(TIMESTAMP_US)
         columns = [
-            pa.array(self.tag, pa.string()),
-            pa.array(self.tag_webid, pa.string()),
+            *self.index.tag_columns(ids),
             timestamps,
             pa.array(self.value, pa.float64()),
             pa.array(self.value_text, pa.string()),
@@ -404,9 +402,8 @@ class ColumnBuffer:
             pa.array(self.received_us, pa.int64()).cast(TIMESTAMP_US),
             pc.cast(timestamps, _DATE),  # UTC date; floors correctly before 1970
         ]
-        ids = np.fromiter(map(self.index.ids.__getitem__, self.tag_webid), np.int32, len(self.tag_webid))
         return RecentRows(ids, np.array(self.timestamp, np.int64),
-                          pa.RecordBatch.from_arrays(columns, schema=TABLE_SCHEMA))
+                          pa.RecordBatch.from_arrays(columns, schema=BUFFER_SCHEMA))
 
 
 def _in_order(ids: np.ndarray, ts: np.ndarray) -> bool:

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .messages import StreamValues, classify_value, flag
-from .schema import TABLE_SCHEMA
+from .schema import BUFFER_SCHEMA
 from .timeutil import TIMESTAMP_US, to_us
 
 _DATE = pa.date32()
@@ -79,11 +79,15 @@ class TagIndex:
             self._uom_array = pa.array(self.uoms, pa.string())
         return self._uom_array
 
-    def arrays(self) -> tuple[pa.Array, pa.Array]:
-        """(webid, path) as Arrow string arrays indexed by id, for ``take``."""
+    def tag_columns(self, ids: np.ndarray) -> tuple[pa.DictionaryArray, pa.DictionaryArray]:
+        """The tag and tag_webid columns of rows with these ids (int32): the ids over the index's paths
+        and webids, no text copied."""
         if self._arrays is None:
-            self._arrays = (pa.array(self.webids, pa.string()), pa.array(self.paths, pa.string()))
-        return self._arrays
+            self._arrays = (pa.array(self.paths, pa.string()), pa.array(self.webids, pa.string()))
+        paths, webids = self._arrays
+        id_array = pa.array(ids, pa.int32())
+        return (pa.DictionaryArray.from_arrays(id_array, paths, safe=False),
+                pa.DictionaryArray.from_arrays(id_array, webids, safe=False))
 
 
 @dataclass
@@ -92,27 +96,34 @@ class LiveColumns:
 
     ids: np.ndarray  # int32 tag id per value
     ts: np.ndarray  # int64 microseconds per value
-    batch: pa.RecordBatch  # in TABLE_SCHEMA
+    batch: pa.RecordBatch  # in BUFFER_SCHEMA
 
     def __len__(self) -> int:
         return len(self.ts)
+
+
+def buffered_bytes(batch: pa.RecordBatch) -> int:
+    """A batch's own Arrow bytes: its dictionary columns' ids, not the resolved tags they point into."""
+    return sum(
+        column.indices.nbytes if isinstance(column, pa.DictionaryArray) else column.nbytes
+        for column in batch.columns
+    )
 
 
 def _table_batch(index: TagIndex, ids: np.ndarray, ts: np.ndarray, middle: list[pa.Array],
                  received: np.ndarray) -> pa.RecordBatch:
     """The table's columns: tag and webid by id, the timestamp, ``middle`` (value .. annotated), the
     receive time and the partition date."""
-    webid_array, path_array = index.arrays()
-    id_array = pa.array(ids)
+    tags, webids = index.tag_columns(ids)
     timestamps = pa.array(ts, pa.int64()).cast(TIMESTAMP_US)
     return pa.RecordBatch.from_arrays([
-        path_array.take(id_array),
-        webid_array.take(id_array),
+        tags,
+        webids,
         timestamps,
         *middle,
         pa.array(received, pa.int64()).cast(TIMESTAMP_US),
         pc.cast(timestamps, _DATE),  # UTC date; floors correctly before 1970
-    ], schema=TABLE_SCHEMA)
+    ], schema=BUFFER_SCHEMA)
 
 
 def parse_timestamps(texts: list[str]) -> np.ndarray | None:

@@ -15,6 +15,7 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.fs as pafs
@@ -41,12 +42,37 @@ def write_partitions(files: pafs.FileSystem, batch: pa.Table | pa.RecordBatch) -
 
 def _write_file(files: pafs.FileSystem, day: str, data: pa.Table) -> AddAction:
     path = f"{PARTITION_COLUMN}={day}/part-00000-{uuid.uuid4()}-c000.snappy.parquet"
+    data = _compact_dictionaries(data)
     if _needs_cast(data.schema):
         data = data.cast(FILE_SCHEMA)
     with files.open_output_stream(path) as out:
         pq.write_table(data, out, compression="snappy", store_schema=False, write_statistics=True)
         size = out.tell()
     return AddAction(path, size, {PARTITION_COLUMN: day}, int(time.time() * 1000), True, file_stats(data))
+
+
+def _compact_dictionaries(data: pa.Table) -> pa.Table:
+    """Dictionary columns (the buffer's tag ids) with a dictionary of only the entries the rows use: Parquet
+    writes an Arrow dictionary whole, and the buffer's holds every resolved tag. Chunks over different
+    dictionaries (tags found while the batch filled), or with nulls, become plain strings."""
+    for position, name in enumerate(data.column_names):
+        column = data.column(position)
+        if not pa.types.is_dictionary(column.type) or not column.num_chunks:
+            continue
+        dictionaries = {tuple(b.address if b else 0 for b in chunk.dictionary.buffers()) for chunk in column.chunks}
+        if len(dictionaries) > 1 or column.null_count:
+            data = data.set_column(position, name, column.cast(column.type.value_type))
+            continue
+        dictionary = column.chunk(0).dictionary
+        ids = np.concatenate([chunk.indices.to_numpy(zero_copy_only=False) for chunk in column.chunks])
+        used = np.zeros(len(dictionary), np.bool_)
+        used[ids] = True
+        kept = np.flatnonzero(used)
+        renumber = np.zeros(len(dictionary), np.int32)
+        renumber[kept] = np.arange(len(kept), dtype=np.int32)
+        compact = pa.DictionaryArray.from_arrays(pa.array(renumber[ids]), dictionary.take(pa.array(kept)))
+        data = data.set_column(position, name, compact)
+    return data
 
 
 def _needs_cast(schema: pa.Schema) -> bool:

@@ -17,7 +17,6 @@ distinct event at a time already in the recent set that arrives only after a res
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,6 +92,15 @@ def _table(data: pa.RecordBatch | pa.Table) -> pa.Table:
     return pa.Table.from_batches([data]) if isinstance(data, pa.RecordBatch) else data
 
 
+def drop_older(recent: list[EventKey], horizon: int) -> None:
+    """Remove the events before ``horizon`` from the front of a tag's time-ordered recent events."""
+    if recent and recent[0][0] < horizon:
+        drop = 1
+        while drop < len(recent) and recent[drop][0] < horizon:
+            drop += 1
+        del recent[:drop]
+
+
 @dataclass
 class FilterStats:
     repeats_dropped: int = 0
@@ -106,7 +114,8 @@ class EventFilter:
 
     lookback_us: int = 0
     floors: dict[str, int] = field(default_factory=dict)
-    recent: dict[str, deque[EventKey]] = field(default_factory=dict)
+    # Lists, not deques: a deque is ~600 bytes even when it holds 2 events, and there is one per tag.
+    recent: dict[str, list[EventKey]] = field(default_factory=dict)
     _awaiting: dict[str, _Window] = field(default_factory=dict)
     _windows: dict[str, list[_Window]] = field(default_factory=dict)  # several if it reconnected again
     # While a tag has open windows: every event accepted inside them, so that overlapping windows (a
@@ -121,7 +130,7 @@ class EventFilter:
     def copy(self) -> EventFilter:
         """Floors and recent events only (no windows): the flusher starts from the committed state."""
         self.sync_recent()
-        return EventFilter(self.lookback_us, dict(self.floors), {w: deque(k) for w, k in self.recent.items()})
+        return EventFilter(self.lookback_us, dict(self.floors), {w: list(k) for w, k in self.recent.items()})
 
     def merge(self, floors: dict[str, int], recent: RecentRows | None) -> None:
         """Take over a committed batch's floors (of the streams it touched) and its newest rows."""
@@ -167,10 +176,8 @@ class EventFilter:
                     key[1] = "NaN"
                 recent = recent_of.get(webid)
                 if recent is None:
-                    recent = recent_of[webid] = deque()
-                horizon = self.floors[webid] - lookback
-                while recent and recent[0][0] < horizon:
-                    recent.popleft()
+                    recent = recent_of[webid] = []
+                drop_older(recent, self.floors[webid] - lookback)
                 recent.append(tuple(key))
 
     # -- connections and gaps -------------------------------------------------------------------------
@@ -257,12 +264,10 @@ class EventFilter:
         ts = key[0]
         recent = self.recent.get(webid)
         if recent is None:
-            recent = self.recent[webid] = deque()
+            recent = self.recent[webid] = []
         if floor is None or ts > floor:
             self.floors[webid] = floor = ts
-            horizon = floor - self.lookback_us
-            while recent and recent[0][0] < horizon:
-                recent.popleft()
+            drop_older(recent, floor - self.lookback_us)
             if self.lookback_us == 0:
                 recent.clear()
         if ts >= floor - self.lookback_us:

@@ -32,3 +32,10 @@ EVENT_KEY = (
     "tag_webid", "timestamp", "value", "value_text", "state_code",
     "good", "questionable", "substituted", "annotated",
 )
+
+# The buffer's layout of the same columns: tag and tag_webid as ids into the resolved tags (dictionary
+# encoded), so a buffered row holds 8 bytes for them instead of their text; Parquet stores them as strings.
+TAG_IDS = pa.dictionary(pa.int32(), pa.string())
+BUFFER_SCHEMA = pa.schema([
+    field.with_type(TAG_IDS) if field.name in ("tag", "tag_webid") else field for field in TABLE_SCHEMA
+])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -32,17 +31,11 @@ class _StateFile(msgspec.Struct, forbid_unknown_fields=True):
     lookback_us: int
     # webid -> [floor_us, recent events: [[timestamp_us, value, value_text, state_code, good, questionable,
     # substituted, annotated], ...]]
-    floors: dict[str, tuple[int, Any]]  # recent events: deques of key tuples on save, lists on load
+    floors: dict[str, tuple[int, Any]]  # recent events: lists of key tuples
 
 
-def _enc_hook(obj: Any) -> Any:
-    if isinstance(obj, deque):
-        return tuple(obj)
-    raise TypeError(f"cannot encode {type(obj).__name__}")
-
-
-# The deques of key tuples go to msgspec as they are: no per-key Python work on every save.
-_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+# The lists of key tuples go to msgspec as they are: no per-key Python work on every save.
+_encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(_StateFile)
 
 
@@ -91,6 +84,6 @@ class StateStore:
         result = EventFilter(lookback_us)
         for webid, (ts, keys) in state.floors.items():
             result.floors[webid] = ts
-            result.recent[webid] = deque(event_key(*k) for k in sorted(keys, key=lambda k: k[0])
+            result.recent[webid] = list(event_key(*k) for k in sorted(keys, key=lambda k: k[0])
                                          if k[0] >= ts - lookback_us)
         return result, state.txn_version

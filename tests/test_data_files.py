@@ -138,3 +138,28 @@ def test_pre_1970_timestamps_get_statistics_that_bound_them():
     stats = json.loads(file_stats(pa.table({"timestamp": pa.array([moment], TABLE_SCHEMA.field("timestamp").type)})))
     assert stats["minValues"]["timestamp"] == "1969-12-31T23:59:59.999Z"
     assert date(1969, 12, 31).isoformat() in stats["maxValues"]["timestamp"]
+
+
+def test_files_hold_only_the_tags_their_rows_use(tmp_path):
+    """The buffer's tag columns point into every resolved tag; a file's dictionary holds only its own."""
+    every_tag = pa.array([f"\\\\pi\\tag{i:06d}" for i in range(50_000)])
+    batch = odd_batch()
+    for name in ("tag", "tag_webid"):
+        ids = pa.array([7, 49_999, 7, 123, 7, 7], pa.int32())
+        batch = batch.set_column(batch.schema.get_field_index(name), name,
+                                 pa.DictionaryArray.from_arrays(ids, every_tag))
+    grown = pa.concat_arrays([every_tag, pa.array(["\\\\pi\\new"])])  # a tag found while the batch filled
+    mixed = pa.chunked_array([
+        pa.DictionaryArray.from_arrays(pa.array([7, 50_000, 7], pa.int32()), grown),
+        pa.DictionaryArray.from_arrays(pa.array([123, 7, 7], pa.int32()), every_tag),
+    ])
+    batch = batch.set_column(0, "tag", mixed)
+    sink = DeltaSink(str(tmp_path / "t"), "app")
+    sink.open()
+    sink.commit(batch, 1)
+    got = DeltaTable(str(tmp_path / "t")).to_pyarrow_table().sort_by("timestamp")
+    assert got.column("tag").to_pylist() == ["\\\\pi\\tag000007", "\\\\pi\\new", "\\\\pi\\tag000007",
+                                             "\\\\pi\\tag000123", "\\\\pi\\tag000007", "\\\\pi\\tag000007"]
+    assert got.column("tag_webid").to_pylist() == batch.column("tag_webid").cast(pa.string()).to_pylist()
+    total = sum(add["size"] for add in log_adds(tmp_path / "t", 1))
+    assert total < 20_000  # 50,000 tags' text would be ~800 kB

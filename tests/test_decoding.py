@@ -8,7 +8,7 @@ import pytest
 from pistream.buffer import ColumnBuffer, StreamInfo
 from pistream.flow import Live
 from pistream.messages import channel_decoder, classify_value
-from pistream.schema import TABLE_SCHEMA
+from pistream.schema import BUFFER_SCHEMA
 from pistream.timeutil import format_iso, parse_iso_us
 
 WEBID = "P1DPU0lNU1JWXFRBRw"
@@ -31,7 +31,7 @@ def decode_rows(items_json: str, stream_extra: str = "") -> list[dict]:
                 buffer.add_live(stream, received_us=1_700_000_000_000_000)
         flush = buffer.take()
         assert flush is not None
-        assert flush.batch.schema == TABLE_SCHEMA
+        assert flush.batch.schema == BUFFER_SCHEMA  # written to the table as TABLE_SCHEMA
         by_path.append(flush.batch.to_pylist())
     frame_rows, bulk_rows, value_rows = by_path
     assert _same_rows(bulk_rows, value_rows) and _same_rows(frame_rows, value_rows)
