@@ -24,7 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .schema import EVENT_KEY
+from .schema import EVENT_KEY, TABLE_SCHEMA
+from .timeutil import TIMESTAMP_US
+
+# Recent events as columns (the state file's): the table's types, tag_webid as text.
+RECENT_SCHEMA = pa.schema([TABLE_SCHEMA.field(name).with_nullable(True) for name in EVENT_KEY])
 
 # An event's identity besides its tag: (timestamp_us, value, value_text, state_code, good, questionable,
 # substituted, annotated). NaN is replaced so that a repeated NaN compares equal.
@@ -153,6 +157,32 @@ class EventFilter:
         self._pending = [newest] if newest is not None else []
         self._pending_rows = len(newest) if newest is not None else 0
         self._prune_at = max(1 << 16, 2 * self._pending_rows)
+
+    def recent_rows(self) -> pa.Table:
+        """Every tag's recent events as columns (EVENT_KEY, tag_webid as text), for the state file, without
+        a Python object per event: the rows accepted in bulk are pruned in columns, and the events already
+        in ``recent`` that fell out of the look-back are dropped on the way."""
+        lookback, floors = self.lookback_us, self.floors
+        keys: list[EventKey] = []
+        webids: list[str] = []
+        for webid in list(self.recent):
+            horizon = floors.get(webid, -(2**63)) - lookback
+            drop_older(self.recent[webid], horizon)
+            events = self.recent[webid]
+            if not events:
+                del self.recent[webid]
+                continue
+            keys.extend(events)
+            webids.extend([webid] * len(events))
+        columns: list[Any] = list(zip(*keys, strict=True)) if keys else [() for _ in EVENT_KEY[1:]]
+        value = [float("nan") if v == "NaN" else v for v in columns[1]]
+        listed = pa.table([pa.array(webids, pa.string()), pa.array(columns[0], pa.int64()).cast(TIMESTAMP_US),
+                           pa.array(value, pa.float64()), *(pa.array(c, RECENT_SCHEMA.field(n).type)
+                                                            for n, c in zip(EVENT_KEY[3:], columns[2:], strict=True))],
+                          schema=RECENT_SCHEMA)
+        self.prune_pending()
+        parts = [listed] + [_table(rows.data).select(list(EVENT_KEY)).cast(RECENT_SCHEMA) for rows in self._pending]
+        return pa.concat_tables(parts)
 
     def sync_recent(self) -> None:
         """Sort the rows accepted in bulk into ``recent`` (each tag's are in time order already)."""
