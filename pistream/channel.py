@@ -22,7 +22,7 @@ import trio
 from .auth import AuthProvider, NoAuth
 from .columns import FRAME_CODEC
 from .errors import AuthError, ChannelRefusedError
-from .flow import Connected, Incoming, Live
+from .flow import Connected, Incoming, Live, LiveBatch
 from .messages import StreamSetMessage, channel_decoder
 from .websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocket, connect
 
@@ -55,7 +55,7 @@ class PipelineStalled(Exception):
     """The flusher took nothing for ``stall_timeout`` seconds: the channel closes instead of letting the
     server (or the socket) hold an ever-growing backlog. Reconnecting later reads the pause back."""
 
-    def __init__(self, item: Live | Connected):
+    def __init__(self, item: Live | LiveBatch | Connected):
         super().__init__("pipeline stalled")
         self.item = item
 
@@ -224,6 +224,7 @@ class ChannelReader:
         self.stats.connects += 1
         log.info("channel_connected", channel=self.name, streams=len(self.webids))
         await self._send_or_pause(Connected(tuple(self.webids)))
+        frame: bytes | None
         while True:
             if self.read_timeout is not None:
                 with trio.fail_after(self.read_timeout):
@@ -232,16 +233,21 @@ class ChannelReader:
                 frame = await ws.get_message()
             received_us = time.time_ns() // 1000
             self.backoff.reset()
-            if FRAME_CODEC and len(frame) >= RAW_FRAME_MIN:
-                # Read into columns by the flusher, in bulk; heartbeats are small and decoded here.
-                self.stats.messages += 1
-                await self._send_or_pause(Live(received_us, None, frame, self.name))
-                continue
-            message = self._decode(frame)
-            if message is not None:
-                await self._send_or_pause(Live(received_us, message))
+            batch: list[Live] = []
+            while frame is not None:  # and every other frame the same read brought in whole
+                if FRAME_CODEC and len(frame) >= RAW_FRAME_MIN:
+                    # Read into columns by the flusher, in bulk; heartbeats are small and decoded here.
+                    self.stats.messages += 1
+                    batch.append(Live(received_us, None, frame, self.name))
+                else:
+                    message = self._decode(frame)
+                    if message is not None:
+                        batch.append(Live(received_us, message))
+                frame = ws.buffered_message()
+            if batch:
+                await self._send_or_pause(batch[0] if len(batch) == 1 else LiveBatch(batch))
 
-    async def _send_or_pause(self, item: Live | Connected) -> None:
+    async def _send_or_pause(self, item: Live | LiveBatch | Connected) -> None:
         """Hand a message on; if the pipeline stays full (storage down), stop reading this channel."""
         try:
             self.send_channel.send_nowait(item)

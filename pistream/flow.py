@@ -20,6 +20,14 @@ class Live:
 
 
 @dataclass(frozen=True, slots=True)
+class LiveBatch:
+    """The live messages one socket read brought in whole, in order: one queue slot and one hand-over for
+    all of them (a reader waiting for room once per frame cost more than the frame's values)."""
+
+    messages: list[Live]
+
+
+@dataclass(frozen=True, slots=True)
 class Connected:
     """A channel (re)connected for these streams: what it missed must be read back."""
 
@@ -41,4 +49,4 @@ class GapDone:
     requests: tuple[GapRequest, ...]
 
 
-Incoming = Live | Connected | GapValues | GapDone
+Incoming = Live | LiveBatch | Connected | GapValues | GapDone

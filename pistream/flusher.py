@@ -13,7 +13,7 @@ import structlog
 import trio
 
 from .buffer import ColumnBuffer, Flush
-from .flow import Connected, GapDone, GapValues, Incoming, Live
+from .flow import Connected, GapDone, GapValues, Incoming, Live, LiveBatch
 from .gapfill import GapQueue
 
 log = structlog.get_logger(__name__)
@@ -39,6 +39,8 @@ def _values(item: Incoming) -> int:
         if item.message is None:
             return len(item.frame or "") // RAW_BYTES_PER_VALUE
         return sum(map(len, filter(None, map(_items, item.message.items or ()))))
+    if isinstance(item, LiveBatch):
+        return sum(map(_values, item.messages))
     return 0
 
 
@@ -110,8 +112,8 @@ class Flusher:
         """In order. Live messages gather until LIVE_BATCH values (or a quiet moment, or anything else
         arriving, or a flush): the bulk path's cost per call is then shared by many values."""
         for item in items:
-            if isinstance(item, Live):
-                self._live.append(item)
+            if isinstance(item, Live | LiveBatch):
+                self._live.extend(item.messages if isinstance(item, LiveBatch) else (item,))
                 self._live_values += _values(item)
                 if self._live_values >= LIVE_BATCH:
                     self._take_in_live()

@@ -116,6 +116,31 @@ class WebSocket:
             if message is not None:
                 return message
 
+    def buffered_message(self) -> bytes | None:
+        """The next message if it is already received whole, as one final text or binary frame that is
+        not part of a fragmented message; else None (``get_message`` then reads it, with every check).
+        Lets a reader take all the frames one socket read brought in without awaiting each."""
+        buf = self._buffer
+        if len(buf) < 2 or self._fragments:
+            return None
+        first, length = buf[0], buf[1]
+        if first not in (0x81, 0x82) or length & 0x80:  # FIN + text/binary, no reserved bits; unmasked
+            return None
+        head = 2
+        if length == 126:
+            if len(buf) < 4:
+                return None
+            head, length = 4, struct.unpack_from("!H", buf, 2)[0]
+        elif length == 127:
+            if len(buf) < 10:
+                return None
+            head, length = 10, struct.unpack_from("!Q", buf, 2)[0]
+        if length > self._max or len(buf) < head + length:
+            return None
+        payload = bytes(buf[head:head + length])
+        del buf[:head + length]
+        return payload
+
     async def _next_frame(self) -> bytes | None:
         buf = self._buffer
         while len(buf) < 2:

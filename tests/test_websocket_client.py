@@ -112,6 +112,38 @@ async def test_frames_sent_right_behind_the_101_in_the_same_read_are_kept():
     await with_server(script, client, receive_buffer_size=1 << 20)
 
 
+async def test_messages_already_received_whole_are_taken_without_awaiting():
+    """``buffered_message`` hands out what one read brought in, in order, and leaves everything else
+    (pings, fragments, partial or oversized frames) to ``get_message``."""
+    sizes = [10, 200, 70_000, 5]
+
+    async def script(stream, request):
+        frames = [frame(0x1, bytes([65 + i]) * n) for i, n in enumerate(sizes)]
+        await stream.send_all(accept_for(request) + b"".join(frames) + frame(0x9, b"p") + frame(0x1, b"after")
+                              + frame(0x1, b"frag", final=False) + frame(0x0, b"ment") + frame(0x2, b"z" * 300))
+        await trio.sleep(0.3)
+        await stream.send_all(frame(0x1, b"y" * 1000)[:500])
+        await trio.sleep(0.3)
+        await stream.send_all(frame(0x1, b"y" * 1000)[500:])
+        await trio.sleep(0.3)
+
+    async def client(ws):
+        await trio.sleep(0.2)  # everything up to the partial frame is in the socket
+        got = [await ws.get_message()]
+        while (more := ws.buffered_message()) is not None:
+            got.append(more)
+        assert got == [bytes([65 + i]) * n for i, n in enumerate(sizes)]  # stopped at the ping
+        assert await ws.get_message() == b"after"  # the ping answered on the way
+        assert ws.buffered_message() is None  # a fragmented message is get_message's
+        assert await ws.get_message() == b"fragment"
+        assert ws.buffered_message() == b"z" * 300
+        await trio.sleep(0.4)
+        assert ws.buffered_message() is None  # half a frame
+        assert await ws.get_message() == b"y" * 1000
+
+    await with_server(script, client, receive_buffer_size=1 << 20)
+
+
 async def test_close_frame_ends_with_the_servers_code_and_reason():
     async def script(stream, request):
         await stream.send_all(accept_for(request) + frame(0x8, struct.pack("!H", 1001) + b"going away"))
