@@ -80,7 +80,7 @@ def entry() -> None:
               help="PEM file of CA certificates to trust besides the operating system's store.")
 @click.option("--insecure", is_flag=True, default=None,
               help="Do not verify TLS certificates (logged loudly; prefer --ca-bundle).")
-@click.option("--flush-rows", type=int, help="Commit when this many values are buffered.  [default: 100000]")
+@click.option("--flush-rows", type=int, help="Commit when this many values are buffered.  [default: 1000000]")
 @click.option("--flush-bytes", type=int, help="Commit when the buffered columns take this many bytes (at least "
                                               "1 MiB).  [default: 67108864 = 64 MiB]")
 @click.option("--flush-seconds", type=float, help="Commit when the oldest buffered value is this old.  "

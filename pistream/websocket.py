@@ -97,6 +97,15 @@ async def connect(stream: trio.abc.Stream, host: str, resource: str, extra_heade
                      receive_buffer_size=receive_buffer_size)
 
 
+def _take(buf: bytearray, head: int, length: int) -> bytes:
+    """A frame's payload out of the front of the buffer, copied once (a bytearray slice would copy twice);
+    deleting from the front of a bytearray does not move the rest."""
+    with memoryview(buf) as view:
+        payload = bytes(view[head:head + length])
+    del buf[:head + length]
+    return payload
+
+
 class WebSocket:
     """Messages in, pings answered, closes reported. Frames from the server are never masked."""
 
@@ -137,8 +146,7 @@ class WebSocket:
             head, length = 10, struct.unpack_from("!Q", buf, 2)[0]
         if length > self._max or len(buf) < head + length:
             return None
-        payload = bytes(buf[head:head + length])
-        del buf[:head + length]
+        payload = _take(buf, head, length)
         return payload
 
     async def _next_frame(self) -> bytes | None:
@@ -166,8 +174,7 @@ class WebSocket:
             raise await self._fail(1009, f"message larger than {self._max} bytes")
         while len(buf) < head + length:
             await self._fill(head + length - len(buf))
-        payload = bytes(buf[head:head + length])
-        del buf[:head + length]
+        payload = _take(buf, head, length)
         opcode = first & 0x0F
         final = bool(first & 0x80)
         if opcode in (OP_TEXT, OP_BINARY, OP_CONTINUATION):
