@@ -70,7 +70,8 @@ static int valid_escapes(const char *s, const char *end) {
                 if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f') || (p[i] >= 'A' && p[i] <= 'F')))
                     return 0;
             p += 6;
-        } else if (next && strchr("\"\\/bfnrt", next)) {
+        } else if (next == '"' || next == '\\' || next == '/' || next == 'b' || next == 'f' || next == 'n' ||
+                   next == 'r' || next == 't') {
             p += 2;
         } else {
             return 0;
@@ -84,19 +85,22 @@ static int valid_escapes(const char *s, const char *end) {
 static int scan_string(Cur *c, const char **s, Py_ssize_t *len, int *escaped) {
     skip_ws(c);
     if (c->p >= c->end || *c->p != '"') return 0;
-    const char *start = c->p + 1, *q = start;
+    /* One pass to the closing quote (keys and values are short: a loop beats two memchr calls); an
+     * escape's next character is skipped here and the escapes are checked below. */
+    const char *start = c->p + 1, *q = start, *end = c->end;
     int esc = 0;
     for (;;) {
-        q = memchr(q, '"', c->end - q);
-        if (!q) return 0;
-        /* an escaped quote has an odd number of backslashes before it */
-        const char *b = q;
-        while (b > start && b[-1] == '\\') b--;
-        if ((q - b) % 2 == 0) break;
-        esc = 1;
+        if (q >= end) return 0;
+        char ch = *q;
+        if (ch == '"') break;
+        if (ch == '\\') {
+            if (end - q < 2) return 0;
+            esc = 1;
+            q += 2;
+            continue;
+        }
         q++;
     }
-    if (!esc && memchr(start, '\\', q - start)) esc = 1;
     if (esc && !valid_escapes(start, q)) return 0;
     *s = start;
     *len = q - start;

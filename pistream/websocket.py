@@ -117,6 +117,7 @@ class WebSocket:
         self._receive_size = receive_buffer_size
         self._fragments: list[bytes] = []
         self._fragment_bytes = 0
+        self._scratch = bytearray(receive_buffer_size) if isinstance(stream, trio.SocketStream) else None
 
     async def get_message(self) -> bytes:
         """The next text or binary message's payload."""
@@ -205,7 +206,17 @@ class WebSocket:
 
     async def _fill(self, wanted: int = 0) -> None:
         # A big message's remainder in larger reads, but never one allocation of the whole maximum.
-        data = await self._stream.receive_some(max(self._receive_size, min(wanted, 16 << 20)))
+        size = max(self._receive_size, min(wanted, 16 << 20))
+        if self._scratch is not None and size <= len(self._scratch):
+            # Plain TCP: into one reused buffer. A fresh 1 MB bytes object per read cost page faults
+            # and zeroing (~6 % of the process at 1 M values/s).
+            got = await self._stream.socket.recv_into(self._scratch, size)  # type: ignore[attr-defined]
+            if not got:
+                raise ConnectionClosed(1006, "connection lost")
+            with memoryview(self._scratch) as view:
+                self._buffer += view[:got]
+            return
+        data = await self._stream.receive_some(size)
         if not data:
             raise ConnectionClosed(1006, "connection lost")
         self._buffer += data
