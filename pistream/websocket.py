@@ -97,6 +97,9 @@ async def connect(stream: trio.abc.Stream, host: str, resource: str, extra_heade
                      receive_buffer_size=receive_buffer_size)
 
 
+SCRATCH_MIN = 256 * 1024  # a fresh bytes object this large per read is mapped and zeroed by the kernel
+
+
 def _take(buf: bytearray, head: int, length: int) -> bytes:
     """A frame's payload out of the front of the buffer, copied once (a bytearray slice would copy twice);
     deleting from the front of a bytearray does not move the rest."""
@@ -117,7 +120,10 @@ class WebSocket:
         self._receive_size = receive_buffer_size
         self._fragments: list[bytes] = []
         self._fragment_bytes = 0
-        self._scratch = bytearray(receive_buffer_size) if isinstance(stream, trio.SocketStream) else None
+        # Plain TCP with large reads (few channels) reads into one buffer kept for the connection; smaller
+        # reads come from malloc's heap cheaply, and kept buffers would add up over many channels.
+        self._scratch = bytearray(receive_buffer_size) if isinstance(stream, trio.SocketStream) \
+            and receive_buffer_size >= SCRATCH_MIN else None
 
     async def get_message(self) -> bytes:
         """The next text or binary message's payload."""
@@ -208,8 +214,8 @@ class WebSocket:
         # A big message's remainder in larger reads, but never one allocation of the whole maximum.
         size = max(self._receive_size, min(wanted, 16 << 20))
         if self._scratch is not None and size <= len(self._scratch):
-            # Plain TCP: into one reused buffer. A fresh 1 MB bytes object per read cost page faults
-            # and zeroing (~6 % of the process at 1 M values/s).
+            # Into the kept buffer: a fresh 1 MB bytes object per read cost page faults and zeroing
+            # (~6 % of the process at 1 M values/s).
             got = await self._stream.socket.recv_into(self._scratch, size)  # type: ignore[attr-defined]
             if not got:
                 raise ConnectionClosed(1006, "connection lost")
