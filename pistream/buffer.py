@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import structlog
 
 from .columns import FRAME_CODEC, LiveColumns, TagIndex, buffered_bytes, extract, extract_frames
-from .dedup import EventFilter, EventKey, GapRequest, RecentRows, drop_older, event_key, newest_rows
+from .dedup import EventFilter, EventKey, GapRequest, RecentRows, drop_older, event_key, recent_chunks
 from .flow import Live
 from .messages import StreamSetMessage, StreamValues, TimedValue, channel_decoder, classify_value, flag
 from .schema import BUFFER_SCHEMA, EVENT_KEY
@@ -53,7 +53,7 @@ class Flush:
     # Floors, at take(), of the streams this batch touched, and its rows that may be recent events: once
     # it is committed, these are the committed ones (every accepted value is in this batch or an earlier one).
     floors: dict[str, int]
-    recent: RecentRows | None
+    recent: list[RecentRows]
 
 
 @dataclass
@@ -374,7 +374,7 @@ class ColumnBuffer:
         filt = self.filter
         floors_by_id = self._floor_array()
         keys_only = [RecentRows(p.ids, p.ts, p.data.select(_KEY_COLUMNS)) for p in parts]  # filter fewer columns
-        recent = newest_rows(keys_only, filt.lookback_us, floors_by_id)
+        recent = recent_chunks(keys_only, filt.lookback_us, floors_by_id)
         touched = self._distinct_ids([p.ids for p in parts])
         webids = list(map(self.index.webids.__getitem__, touched))
         floors = dict(zip(webids, map(filt.floors.__getitem__, webids), strict=True))
