@@ -80,7 +80,6 @@ class ColumnBuffer:
         self._reset()
 
     def _reset(self) -> None:
-        self.tag: list[str] = []
         self.tag_webid: list[str] = []
         self.timestamp: list[int] = []
         self.value: list[float | None] = []
@@ -100,12 +99,12 @@ class ColumnBuffer:
         self._bulk_bytes = 0
 
     def __len__(self) -> int:
-        return len(self.tag) + self._bulk_rows
+        return len(self.tag_webid) + self._bulk_rows
 
     @property
     def nbytes(self) -> int:
         """The buffer's size in Arrow bytes (values taken one by one counted at a typical row's size)."""
-        return self._bulk_bytes + len(self.tag) * ROW_BYTES_ESTIMATE
+        return self._bulk_bytes + len(self.tag_webid) * ROW_BYTES_ESTIMATE
 
     def read_frames(self, items: list[Live]) -> LiveColumns | None:
         """Raw channel frames as columns with the C codec, or None (no codec, decoded messages among them,
@@ -253,7 +252,7 @@ class ColumnBuffer:
             gap = self.filter.first_live(webid, [r.key for r in rows]) if self.filter.awaiting(webid) else None
             for row in rows:
                 if self.filter.accept_live(webid, row.key):
-                    self._append(webid, path, row, uom, received_us)
+                    self._append(webid, row, uom, received_us)
             return gap
         finally:
             self._refresh_floor(webid)
@@ -265,7 +264,7 @@ class ColumnBuffer:
         self.sync_filter()
         for row in self._rows(path, stream):
             if self.filter.accept_gap(webid, row.key):
-                self._append(webid, path, row, uom, received_us)
+                self._append(webid, row, uom, received_us)
         self._refresh_floor(webid)
 
     def _add_live_steady(self, webid: str, path: str, uom: str | None, stream: StreamValues,
@@ -320,7 +319,6 @@ class ColumnBuffer:
                     filt.stats.late_accepted += 1
                 else:
                     recent.append(key)
-            self.tag.append(path)
             self.tag_webid.append(webid)
             self.timestamp.append(ts)
             self.value.append(raw if value == "NaN" else value)
@@ -345,10 +343,9 @@ class ColumnBuffer:
             return path, stream.units_abbreviation
         return info.path, stream.units_abbreviation or info.uom
 
-    def _append(self, webid: str, path: str, row: _Row, uom: str | None, received_us: int) -> None:
+    def _append(self, webid: str, row: _Row, uom: str | None, received_us: int) -> None:
         self.filter.advance(webid, row.key)
         ts, value, text, code, good, questionable, substituted, annotated = row.key
-        self.tag.append(path)
         self.tag_webid.append(webid)
         self.timestamp.append(ts)
         self.value.append(float("nan") if value == "NaN" else value)
@@ -367,7 +364,7 @@ class ColumnBuffer:
         if not len(self):
             return None
         parts = list(self._bulk)
-        if self.tag:
+        if self.tag_webid:
             parts.append(self._take_rows())
         batch = pa.Table.from_batches([p.data for p in parts], schema=BUFFER_SCHEMA)
         self._sync_floors()  # the recent events stay pending until a value-by-value step needs them

@@ -59,13 +59,13 @@ def test_bulk_path_takes_every_value_kind_and_agrees_with_the_value_by_value_pat
     frame = '{"Items":[%s]}' % ",".join(streams)
     bulk = ColumnBuffer(infos)
     count, gaps = bulk.add_live_batch([Live(5, channel_decoder.decode(frame))])
-    assert count == len(streams) and gaps == [] and len(bulk.tag) == 0  # nothing went value by value
+    assert count == len(streams) and gaps == [] and len(bulk.tag_webid) == 0  # nothing went value by value
     by_value = ColumnBuffer(infos)
     for stream in channel_decoder.decode(frame).items:
         by_value.add_live(stream, 5)
     raw = ColumnBuffer(infos)
     count, gaps = raw.add_live_batch([Live(5, None, frame)])  # the channel frame as text (C codec)
-    assert count == len(streams) and gaps == [] and len(raw.tag) == 0
+    assert count == len(streams) and gaps == [] and len(raw.tag_webid) == 0
     bulk_rows, value_rows = bulk.take().batch.to_pylist(), by_value.take().batch.to_pylist()
     assert len(bulk_rows) == len(streams) and _same_rows(bulk_rows, value_rows)
     assert _same_rows(raw.take().batch.to_pylist(), value_rows)

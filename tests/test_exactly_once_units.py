@@ -228,7 +228,7 @@ def bulk_buffer(lookback_us: int) -> ColumnBuffer:
 def test_bulk_accepted_events_are_known_to_the_value_by_value_checks():
     buffer = bulk_buffer(lookback_us=50)
     count, _ = buffer.add_live_batch([live(("A", 100, 1.0), ("B", 100, 1.0)), live(("A", 140, 2.0))])
-    assert count == 3 and buffer._bulk_rows == 3 and not buffer.tag  # taken in bulk
+    assert count == 3 and buffer._bulk_rows == 3 and not buffer.tag_webid  # taken in bulk
     buffer.sync_filter()
     assert buffer.filter.floors == {"A": 140, "B": 100}
     # A repeat and a late value in the next batch: the batch goes value by value and tells them apart.

@@ -79,7 +79,7 @@ async def test_flush_on_bytes_before_rows_or_age(autojump_clock):
     one_message = ColumnBuffer({"W": StreamInfo("\\\\S\\T", "W")})
     one_message.add_live_batch([Live(0, message(4))])
     size = one_message.nbytes
-    assert size > 0 and len(one_message) == 4 and not one_message.tag  # measured on the bulk path
+    assert size > 0 and len(one_message) == 4 and not one_message.tag_webid  # measured on the bulk path
 
     async def script(send):
         for i in range(5):

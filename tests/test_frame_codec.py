@@ -47,7 +47,7 @@ def test_simulator_frames_of_every_value_kind_read_the_same_as_decoded():
         index = ColumnBuffer(infos).index
         assert extract_frames([text], [7], index) is not None  # the codec took it, not the fallback
         by_frame, by_value, buffer = rows_both_ways(text, infos)
-        assert not buffer.tag and len(by_frame) == 300
+        assert not buffer.tag_webid and len(by_frame) == 300
         assert normal(by_frame) == normal(by_value)
 
 
