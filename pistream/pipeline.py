@@ -27,6 +27,7 @@ from .errors import ConfigError
 from .flow import Incoming
 from .flusher import Flusher
 from .gapfill import GapFiller, GapQueue
+from .heap import use_returning_arrow_pool
 from .piwebapi import PiWebApi, ResolvedTag, unknown_tags_error
 from .sink import DeltaSink
 from .state import StateStore, state_path
@@ -166,6 +167,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
     ``sink`` replaces the Delta sink the settings describe (tests inject storage faults with it).
     """
     started = time.monotonic()
+    use_returning_arrow_pool()
     stop = stop if stop is not None else trio.Event()  # an Event has no truth value
     assert settings.tags is not None
     tag_list = read_tags_file(settings.tags, settings.server)

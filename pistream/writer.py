@@ -14,6 +14,7 @@ from .buffer import Flush
 from .channel import Backoff
 from .dedup import EventFilter
 from .errors import SinkError, TableConflictError
+from .heap import release_free_memory
 from .sink import DeltaSink
 from .state import StateStore
 
@@ -49,6 +50,7 @@ class CommitWriter:
         async with self.receive_channel:
             async for flush in self.receive_channel:
                 await self._commit(flush)
+                del flush  # not held while the next batch fills: it is the size of a whole batch
         await trio.to_thread.run_sync(self.save_state)  # a clean stop leaves an up-to-date file
 
     async def _commit(self, flush: Flush) -> None:
@@ -86,6 +88,7 @@ class CommitWriter:
         the table's newer partitions."""
         result = self.sink.commit(flush.batch, version)
         self.committed.merge(flush.floors, flush.recent)
+        release_free_memory()  # the commit's Parquet pages are freed by now
         self._unsaved = version
         if time.monotonic() >= self._next_save:
             self.save_state()

@@ -1,0 +1,57 @@
+"""Hand freed heap memory back to the operating system after each commit.
+
+glibc's malloc keeps freed memory mapped: a commit frees a whole batch (tens of MB of columns, Parquet
+pages) in pieces scattered over the heap, and without a trim the process's RSS stays at its high-water
+mark, so a steady stream looks like it holds ~50-80 MB it does not use. Elsewhere (Windows, macOS, musl)
+this is a no-op: those allocators return memory on their own or have no such call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import sys
+import time
+from collections.abc import Callable
+
+
+def _find_trim() -> Callable[[int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_malloc_trim = _find_trim()
+
+
+def release_free_memory() -> float:
+    """Return freed heap pages to the OS; the seconds it took (a few ms for a few hundred MB)."""
+    if _malloc_trim is None:
+        return 0.0
+    started = time.perf_counter()
+    _malloc_trim(0)
+    return time.perf_counter() - started
+
+
+def use_returning_arrow_pool() -> str:
+    """Arrow's jemalloc pool where the wheel has it: it hands freed pages back after a second, where the
+    default (mimalloc) keeps each thread's freed pages mapped, so the commit thread's Parquet buffers
+    stayed in RSS (100,000 tags: peak 522 -> 487 MB, end 460 -> 434 MB). Arrow's own
+    ``ARROW_DEFAULT_MEMORY_POOL``, where set, wins. The pool's name."""
+    import pyarrow as pa
+
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+        return pa.default_memory_pool().backend_name
+    try:
+        pa.set_memory_pool(pa.jemalloc_memory_pool())
+    except NotImplementedError:  # not built in (e.g. Windows wheels): keep the default
+        pass
+    return pa.default_memory_pool().backend_name

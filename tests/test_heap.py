@@ -1,0 +1,45 @@
+"""Freed memory goes back to the operating system: glibc's heap after a trim, Arrow's pool by choice."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pytest
+
+from pistream import heap
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+@pytest.mark.skipif(heap._malloc_trim is None, reason="glibc's malloc_trim is not here")
+def test_freed_heap_pages_are_returned_by_the_trim():
+    blocks = [bytearray(1024) for _ in range(150_000)]  # ~150 MB of small malloc'd (not mmapped) blocks
+    keep = bytearray(1024)  # allocated last, so the heap cannot simply shrink from its top
+    del blocks
+    before = rss_mb()
+    took = heap.release_free_memory()
+    after = rss_mb()
+    assert before - after > 100, (before, after)
+    assert took >= 0
+    del keep
+
+
+def test_the_arrow_pool_returns_memory_unless_the_user_chose_one():
+    chosen = heap.use_returning_arrow_pool()
+    assert chosen == pa.default_memory_pool().backend_name
+    try:
+        pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        assert chosen == "mimalloc"  # the default where jemalloc is not built in
+    else:
+        assert chosen == "jemalloc"
+    script = "from pistream.heap import use_returning_arrow_pool as use; print(use())"
+    named = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                           env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"})
+    assert named.stdout.strip() == "system"
