@@ -672,8 +672,8 @@ nomem:
 }
 
 /* webid -> id without a Python object per stream: a table of the raw webid bytes seen before, filled
- * from the `ids` dict on a miss and emptied whenever a different dict (or one of another size) comes.
- * The dict must not change once passed (TagIndex builds a new one when it grows). */
+ * from the `ids` dict (webid text -> id) on a miss and emptied whenever a different dict (or one of
+ * another size) comes. Entries may be added to the dict (TagIndex grows), never changed or removed. */
 typedef struct {
     char *key; /* malloc'd copy, NULL = empty */
     Py_ssize_t len;
@@ -746,8 +746,12 @@ static long cached_id(const char *s, Py_ssize_t n) {
 
 /* With the GIL: a webid the table did not have, from the dict (SLOW if it is not there either). */
 static int resolve_id(PyObject *ids_of, const char *s, Py_ssize_t n, long *id) {
-    PyObject *key = PyBytes_FromStringAndSize(s, n);
-    if (!key) return NOMEM;
+    PyObject *key = PyUnicode_DecodeUTF8(s, n, "strict");
+    if (!key) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) return NOMEM;
+        PyErr_Clear(); /* not a webid of ours: the decoding path reports what it is */
+        return SLOW;
+    }
     PyObject *found = PyDict_GetItemWithError(ids_of, key);
     Py_DECREF(key);
     if (!found) return PyErr_Occurred() ? NOMEM : SLOW;

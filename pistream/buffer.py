@@ -34,7 +34,7 @@ _KEY_COLUMNS = list(EVENT_KEY)
 ROW_BYTES_ESTIMATE = 64  # Arrow bytes of a typical row (tag ids, times, value, units, flags)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StreamInfo:
     """What pistream knows of a subscribed stream before any value arrives (from tag resolution)."""
 

@@ -53,7 +53,6 @@ class TagIndex:
     paths: list[str] = field(default_factory=list)
     uoms: list[str | None] = field(default_factory=list)
     _arrays: tuple[pa.Array, pa.Array] | None = None
-    _by_bytes: dict[bytes, int] | None = None
     _uom_array: pa.Array | None = None
 
     def add(self, webid: str, path: str, uom: str | None) -> int:
@@ -64,14 +63,8 @@ class TagIndex:
         self.webids.append(webid)
         self.paths.append(path)
         self.uoms.append(uom)
-        self._arrays = self._by_bytes = self._uom_array = None
+        self._arrays = self._uom_array = None
         return n
-
-    def by_bytes(self) -> dict[bytes, int]:
-        """webid (UTF-8 bytes) -> id, as the frame codec looks streams up."""
-        if self._by_bytes is None:
-            self._by_bytes = {w.encode(): i for w, i in self.ids.items()}
-        return self._by_bytes
 
     def uom_array(self) -> pa.Array:
         """Each id's units from tag resolution, for values and streams that name none."""
@@ -239,7 +232,7 @@ def extract_frames(frames: list[str | bytes], received_us: list[int], index: Tag
     frames need the decoding path (it accepts only what it fully understands)."""
     if _framecodec is None:
         return None
-    parsed = _framecodec.parse(frames, received_us, index.by_bytes())
+    parsed = _framecodec.parse(frames, received_us, index.ids)
     if parsed is None or parsed[0] == 0:
         return None
     (n, ids_b, ts_b, received_b, value_b, value_null_b, text_b, code_b, code_null_b, system_b, good_b, quest_b,

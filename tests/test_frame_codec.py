@@ -82,6 +82,24 @@ def test_what_it_does_not_fully_understand_goes_back_to_the_decoding_path(frame)
     assert extract_frames([frame], [7], ColumnBuffer({"W1": StreamInfo("P", "W1")}).index) is None
 
 
+def test_a_webid_that_is_not_utf8_goes_back_to_the_decoding_path():
+    frame = b'{"Items":[{"WebId":"W\xff1","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1}]}]}'
+    assert extract_frames([frame], [7], ColumnBuffer({"W1": StreamInfo("P", "W1")}).index) is None
+
+
+def test_tags_added_to_the_index_after_a_parse_are_found():
+    """The codec keeps its own webid table for the index's dict; the dict grows in place (a tag found
+    while running), and the table must follow it."""
+    index = TagIndex()
+    index.add("W1", "P1", None)
+    frame = '{"Items":[{"WebId":"%s","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1}]}]}'
+    assert extract_frames([frame % "W1"], [7], index) is not None
+    assert extract_frames([frame % "W2"], [7], index) is None  # not a tag of ours (yet)
+    index.add("W2", "P2", None)
+    taken = extract_frames([frame % "W2", frame % "W1"], [7, 7], index)
+    assert taken is not None and taken.ids.tolist() == [1, 0]
+
+
 def test_truncated_and_mangled_frames_never_crash_or_half_parse():
     model = SimModel.generated(20, rate=1.0)
     infos = {t.webid: StreamInfo(t.path, t.webid, t.units) for t in model.tags}
