@@ -9,6 +9,7 @@ plain column lists, with the same decisions either way.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
@@ -31,6 +32,7 @@ log = structlog.get_logger(__name__)
 _DATE = pa.date32()
 _NO_FLOOR = -(2**63)
 _KEY_COLUMNS = list(EVENT_KEY)
+SWEEP_SECONDS = 10.0  # how often a flush also drops every tag's recent events older than the look-back
 ROW_BYTES_ESTIMATE = 64  # Arrow bytes of a typical row (tag ids, times, value, units, flags)
 
 
@@ -77,6 +79,7 @@ class ColumnBuffer:
         # ``sync_filter`` brings the filter's dict up to date before anything else reads it.
         self._floors = np.full(0, _NO_FLOOR, np.int64)
         self._stale: list[np.ndarray] = []
+        self._next_sweep = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -377,6 +380,9 @@ class ColumnBuffer:
         floors = dict(zip(webids, map(filt.floors.__getitem__, webids), strict=True))
         flush = Flush(batch, filt.stats.repeats_dropped - self._repeats_at_reset, self._rejected, floors, recent)
         filt.prune_pending(floors_by_id)
+        if time.monotonic() >= self._next_sweep:  # a pass over every tag: not at every flush
+            filt.forget_old_events()
+            self._next_sweep = time.monotonic() + SWEEP_SECONDS
         self._reset()
         return flush
 

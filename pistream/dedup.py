@@ -159,16 +159,10 @@ class EventFilter:
         """Every tag's recent events as columns (EVENT_KEY, tag_webid as text), for the state file, without
         a Python object per event: the rows accepted in bulk are pruned in columns, and the events already
         in ``recent`` that fell out of the look-back are dropped on the way."""
-        lookback, floors = self.lookback_us, self.floors
+        self.forget_old_events()
         keys: list[EventKey] = []
         webids: list[str] = []
-        for webid in list(self.recent):
-            horizon = floors.get(webid, -(2**63)) - lookback
-            drop_older(self.recent[webid], horizon)
-            events = self.recent[webid]
-            if not events:
-                del self.recent[webid]
-                continue
+        for webid, events in self.recent.items():
             keys.extend(events)
             webids.extend([webid] * len(events))
         columns: list[Any] = list(zip(*keys, strict=True)) if keys else [() for _ in EVENT_KEY[1:]]
@@ -180,6 +174,18 @@ class EventFilter:
         self.prune_pending()
         parts = [listed] + [_table(rows.data).select(list(EVENT_KEY)).cast(RECENT_SCHEMA) for rows in self._pending]
         return pa.concat_tables(parts)
+
+    def forget_old_events(self) -> None:
+        """Drop the recent events that fell out of the look-back, and the tags left with none. Events reach
+        ``recent`` in bulk (a reconnect sorts every pending row in) and leave only when their tag moves value
+        by value, so without this sweep the flusher kept every tag's startup events for good (100,000 tags:
+        ~100k lists of stale events, tens of MB)."""
+        lookback, floors = self.lookback_us, self.floors
+        for webid in list(self.recent):
+            events = self.recent[webid]
+            drop_older(events, floors.get(webid, -(2**63)) - lookback)
+            if not events:
+                del self.recent[webid]
 
     def sync_recent(self) -> None:
         """Sort the rows accepted in bulk into ``recent`` (each tag's are in time order already)."""

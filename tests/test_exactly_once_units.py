@@ -266,3 +266,28 @@ def test_committed_floors_from_a_bulk_batch_reach_the_state_file(tmp_path):
     assert list(loaded.recent["B"]) == [event_key(10, 4.0, None, None, True, False, False, False)]
     # and the buffer's own filter knows them too, after the take
     assert not buffer.filter.accept_live("A", event_key(200, 3.0, None, None, True, False, False, False))
+
+
+def test_recent_events_that_fell_out_of_the_look_back_are_forgotten_with_their_tags():
+    f = EventFilter(lookback_us=50)
+    for ts in (100, 120, 200):
+        f.advance("A", key(ts))
+    f.advance("B", key(10))
+    f.floors["B"] = 500  # B moved on in bulk: its event at 10 is long out of the look-back
+    f.forget_old_events()
+    assert f.recent == {"A": [key(200)]}
+    assert not f.accept_live("A", key(200))  # what stays still tells repeats apart
+
+
+def test_the_flusher_does_not_keep_every_tag_s_events_from_a_reconnect():
+    """A reconnect sorts every pending bulk event into per-tag lists; a tag that then moves on in bulk never
+    touches its list again, so a take sweeps it (100,000 tags kept ~100k stale lists before)."""
+    buffer = bulk_buffer(lookback_us=50)
+    buffer.add_live_batch([live(("A", 100, 1.0), ("B", 100, 1.0))])
+    buffer.connected(["A"])  # A's channel reconnected: every pending event is sorted in, B's too
+    assert set(buffer.filter.recent) == {"A", "B"}
+    buffer.add_live_batch([live(("B", 400, 3.0))])
+    assert buffer._bulk_rows == 3 and not buffer.tag_webid  # B moved on in bulk
+    buffer.take()
+    assert "B" not in buffer.filter.recent
+    assert buffer.filter.recent["A"] == [key(100)]  # A is awaiting its first live value: kept
