@@ -69,7 +69,6 @@ class ColumnBuffer:
     """Accumulates rows column by column; ``take()`` hands them over as a RecordBatch and starts afresh."""
 
     def __init__(self, streams: dict[str, StreamInfo], event_filter: EventFilter | None = None):
-        self.streams = streams
         self.filter = event_filter if event_filter is not None else EventFilter()
         self.index = TagIndex()
         self.malformed = 0  # raw frames that did not decode (logged)
@@ -339,12 +338,12 @@ class ColumnBuffer:
 
     def _describe(self, webid: str, stream: StreamValues) -> tuple[str, str | None]:
         """The tag's path and default units, from tag resolution (the message's own units win)."""
-        info = self.streams.get(webid)
-        if info is None:
+        known = self.index.ids.get(webid)
+        if known is None:
             path = stream.path or webid
             self.index.add(webid, path, stream.units_abbreviation)
             return path, stream.units_abbreviation
-        return info.path, stream.units_abbreviation or info.uom
+        return self.index.paths[known], stream.units_abbreviation or self.index.uoms[known]
 
     def _append(self, webid: str, row: _Row, uom: str | None, received_us: int) -> None:
         self.filter.advance(webid, row.key)
