@@ -29,7 +29,8 @@ class FlushStats:
 
 _items = attrgetter("items")
 LIVE_BATCH = 8192  # values gathered before the bulk path takes them in (its cost per call is ~100 us)
-LIVE_WAIT = 0.002  # seconds of quiet after which gathered messages are taken in anyway
+LIVE_WAIT = 0.05  # seconds of quiet after which gathered messages are taken in anyway. 2 ms made ~560-row
+# chunks at 100,000 values/s: 3.5 -> 2.2 CPU s per million values, peak RSS -30 MB (fewer, larger allocations)
 RAW_BYTES_PER_VALUE = 100  # a low guess (values take ~150-250 bytes of JSON): drains stop early, not late
 
 
