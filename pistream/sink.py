@@ -240,10 +240,10 @@ class DeltaSink:
     def read_event_keys(self, since: date | None = None) -> pa.Table:
         """The event-key columns of the table (from ``since`` on, by partition), to rebuild floors."""
         table = self.table
-        filters = [(PARTITION_COLUMN, ">=", since.isoformat())] if since else None
+        filters = [(PARTITION_COLUMN, ">=", since)] if since else None
         try:
             table.update_incremental()
-            return table.to_pyarrow_table(columns=list(EVENT_KEY), partitions=filters)
+            return table.to_pyarrow_table(columns=list(EVENT_KEY), filters=filters)
         except (DeltaError, OSError) as exc:
             text, cause = self._describe(exc)
             raise SinkError(f"cannot read Delta table {self.display_uri}: {text}") from cause
