@@ -56,6 +56,9 @@ class Flush:
     # it is committed, these are the committed ones (every accepted value is in this batch or an earlier one).
     floors: dict[str, int]
     recent: list[RecentRows]
+    # Every gap being read back at take(), complete: once this batch is committed, the gaps that a restart
+    # must read again (these floors may be past them). A few per reconnected tag, none in the steady state.
+    open_gaps: frozenset[GapRequest]
 
 
 @dataclass
@@ -377,7 +380,8 @@ class ColumnBuffer:
         touched = self._distinct_ids([p.ids for p in parts])
         webids = list(map(self.index.webids.__getitem__, touched))
         floors = dict(zip(webids, map(filt.floors.__getitem__, webids), strict=True))
-        flush = Flush(batch, filt.stats.repeats_dropped - self._repeats_at_reset, self._rejected, floors, recent)
+        flush = Flush(batch, filt.stats.repeats_dropped - self._repeats_at_reset, self._rejected, floors, recent,
+                      filt.open_windows())
         filt.prune_pending(floors_by_id)
         if time.monotonic() >= self._next_sweep:  # a pass over every tag: not at every flush
             filt.forget_old_events()

@@ -10,6 +10,10 @@ server delivered late, out of order, and lost with the connection. Live values n
 new; live values at or before it are dropped only if they repeat a recent event (older late values are
 kept: they cannot be told from repeats).
 
+The windows being read back go with every batch to the commit writer, which keeps them on disk
+(``state``): a stop or a crash before their read ends must not lose them, since the live values after the
+reconnect have moved the floors past them. The next start reopens them (``reopen``) and reads them again.
+
 Limits: a repeat of an event older than ``lookback`` before the newest is written again; a second,
 distinct event at a time already in the recent set that arrives only after a restart is taken as a repeat.
 """
@@ -17,6 +21,7 @@ distinct event at a time already in the recent set that arrives only after a res
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,6 +128,9 @@ class EventFilter:
     # While a tag has open windows: every event accepted inside them, so that overlapping windows (a
     # reconnect while an earlier gap is still being read) cannot both let the same event in.
     _seen: dict[str, set[EventKey]] = field(default_factory=dict)
+    # The windows of ``_windows`` as the requests that read them: the snapshot each batch takes along to
+    # the commit writer is a copy of this set (no Python work per window).
+    _open: set[GapRequest] = field(default_factory=set)
     stats: FilterStats = field(default_factory=FilterStats)
     # Accepted in bulk, not yet in ``recent``; ``sync_recent`` sorts them in before any key lookup.
     _pending: list[RecentRows] = field(default_factory=list)
@@ -234,7 +242,9 @@ class EventFilter:
             self._forget_seen(webid)
             return None
         self._windows.setdefault(webid, []).append(window)
-        return GapRequest(webid, window.start_us, end_us)
+        request = GapRequest(webid, window.start_us, end_us)
+        self._open.add(request)
+        return request
 
     def awaiting(self, webid: str) -> bool:
         return webid in self._awaiting
@@ -267,6 +277,7 @@ class EventFilter:
         windows[:] = [w for w in windows if (w.start_us, w.end_us) != (request.start_us, request.end_us)]
         if not windows:
             self._windows.pop(request.webid, None)
+        self._open.discard(request)
         self._forget_seen(request.webid)
 
     def _forget_seen(self, webid: str) -> None:
@@ -275,6 +286,19 @@ class EventFilter:
 
     def open_gaps(self) -> int:
         return len(self._windows) + len(self._awaiting)
+
+    def open_windows(self) -> frozenset[GapRequest]:
+        """The gaps being read back now. Their tags' floors may be past them already (the live values
+        after a reconnect), so these must outlive a stop or a crash; tags still awaiting their first live
+        value need not: their floors have not moved."""
+        return frozenset(self._open)
+
+    def reopen(self, request: GapRequest, known: Iterable[EventKey]) -> None:
+        """A gap left open by an earlier run, to read again: ``known`` are the events the table holds in
+        it already (its end, pages read before the stop), so the read adds only what is missing."""
+        window = _Window(request.start_us, frozenset(known), request.end_us)
+        self._windows.setdefault(request.webid, []).append(window)
+        self._open.add(request)
 
     # -- live values ----------------------------------------------------------------------------------
     def accept_live(self, webid: str, key: EventKey) -> bool:
@@ -328,9 +352,14 @@ def advance_from_rows(target: EventFilter, data: pa.Table | pa.RecordBatch) -> E
     ts = pc.cast(joined["timestamp"], pa.int64())
     horizon = pc.subtract(pc.cast(joined["timestamp_max"], pa.int64()), target.lookback_us)
     joined = joined.filter(pc.greater_equal(ts, horizon))
-    joined = joined.sort_by([("timestamp", "ascending")])
-    ts_list = pc.cast(joined["timestamp"], pa.int64()).to_pylist()
-    columns = [joined[c].to_pylist() for c in EVENT_KEY[2:]]
-    for i, webid in enumerate(joined["tag_webid"].to_pylist()):
-        target.advance(webid, event_key(ts_list[i], *(col[i] for col in columns)))
+    for webid, key in row_keys(joined.sort_by([("timestamp", "ascending")])):
+        target.advance(webid, key)
     return target
+
+
+def row_keys(data: pa.Table) -> list[tuple[str, EventKey]]:
+    """Each row's tag_webid and event key (``data`` has at least the EVENT_KEY columns)."""
+    ts = pc.cast(data["timestamp"], pa.int64()).to_pylist()
+    columns = [data[c].to_pylist() for c in EVENT_KEY[2:]]
+    return [(webid, event_key(*key)) for webid, *key in zip(data["tag_webid"].to_pylist(), ts, *columns,
+                                                            strict=True)]
