@@ -1,8 +1,15 @@
-"""Committed floors on local disk, so a restart knows where each tag stopped without scanning the table.
+"""Committed floors on local disk, so a restart knows where each tag stopped without scanning the table;
+and the gaps still being read back, so a restart reads them again.
 
-The file is rewritten atomically after every commit and names the Delta transaction version it matches.
+The floors file is rewritten atomically after commits and names the Delta transaction version it matches.
 On start, a file that matches the table is used as it is; otherwise (lost, stale after a crash between
 commit and save, or from another table) the floors are rebuilt from the table itself.
+
+The open-gaps file cannot be rebuilt from the table: a tag's floor moves past a gap as soon as the live
+values after its reconnect are committed, while the gap is still being read. So it is written *before* each
+commit that changes it, and holds the gaps open at the last commit and at the one about to land: whichever
+of the two the table ends up at, a crash leaves every gap it needs in the file (a gap read twice is
+harmless, the table's own events are known to the second read).
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from .dedup import RECENT_SCHEMA, EventFilter, event_key
+from .dedup import RECENT_SCHEMA, EventFilter, GapRequest, event_key
 from .schema import EVENT_KEY
 
 log = structlog.get_logger(__name__)
@@ -30,6 +38,10 @@ LEGACY_FORMAT = 2
 # (``floor`` null). Columns write without a Python object per event, which at 100,000 tags was ~250,000
 # key tuples and a 20 MB JSON text every save.
 FILE_SCHEMA = pa.schema([pa.field("floor", pa.int64()), *RECENT_SCHEMA])
+
+GAPS_FORMAT = 1
+GAPS_SCHEMA = pa.schema([pa.field("tag_webid", pa.string()), pa.field("start_us", pa.int64()),
+                         pa.field("end_us", pa.int64())])
 
 
 class _LegacyStateFile(msgspec.Struct):
@@ -64,6 +76,10 @@ class StateStore:
         """Where format 2 kept the same floors (read if there is no file of the current format)."""
         return self.path.with_name(self.path.name.removesuffix(".state.arrow") + ".json")
 
+    @property
+    def gaps_path(self) -> Path:
+        return self.path.with_name(self.path.name.removesuffix(".state.arrow") + ".gaps.arrow")
+
     def save(self, committed: EventFilter, txn_version: int) -> None:
         events = committed.recent_rows()
         floors = pa.table({"tag_webid": pa.array(list(committed.floors), pa.string()),
@@ -71,15 +87,37 @@ class StateStore:
         metadata = {"format": str(FORMAT), "table": self.table_uri, "app_id": self.app_id,
                     "txn_version": str(txn_version), "lookback_us": str(committed.lookback_us)}
         schema = FILE_SCHEMA.with_metadata(metadata)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            with pa.ipc.new_file(f, schema) as writer:
-                writer.write_table(_with_nulls(floors, schema))
-                writer.write_table(_with_nulls(events, schema))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        _write_atomically(self.path, schema, [_with_nulls(floors, schema), _with_nulls(events, schema)])
+
+    def save_gaps(self, gaps: Collection[GapRequest]) -> None:
+        """Replace the open-gaps file (see the module docstring for when)."""
+        data = pa.table([pa.array([g.webid for g in gaps], pa.string()),
+                         pa.array([g.start_us for g in gaps], pa.int64()),
+                         pa.array([g.end_us for g in gaps], pa.int64())], schema=GAPS_SCHEMA)
+        metadata = {"format": str(GAPS_FORMAT), "table": self.table_uri, "app_id": self.app_id}
+        _write_atomically(self.gaps_path, GAPS_SCHEMA.with_metadata(metadata), [data])
+
+    def load_gaps(self) -> list[GapRequest]:
+        """The gaps an earlier run left open, to read again; none if there is no usable file."""
+        try:
+            with pa.ipc.open_file(pa.BufferReader(self.gaps_path.read_bytes())) as reader:
+                data = reader.read_all()
+        except FileNotFoundError:
+            return []
+        except (OSError, pa.ArrowInvalid) as exc:
+            log.error("gaps_unreadable", path=str(self.gaps_path), error=str(exc),
+                      note="gaps open at the last stop are not read back")
+            return []
+        meta = {k.decode(): v.decode() for k, v in (data.schema.metadata or {}).items()}
+        if meta.get("format") != str(GAPS_FORMAT) or not data.schema.remove_metadata().equals(GAPS_SCHEMA):
+            log.error("gaps_unreadable", path=str(self.gaps_path), error="not a pistream open-gaps file of this "
+                      "version", note="gaps open at the last stop are not read back")
+            return []
+        if (meta.get("table"), meta.get("app_id")) != (self.table_uri, self.app_id):
+            log.warning("gaps_ignored", path=str(self.gaps_path), reason="written for another table or writer")
+            return []
+        return [GapRequest(*row) for row in zip(*(data.column(n).to_pylist() for n in GAPS_SCHEMA.names),
+                                                strict=True)]
 
     def load(self, lookback_us: int) -> tuple[EventFilter, int] | None:
         """The saved floors and the transaction version they match, or None if there is no usable file."""
@@ -141,6 +179,19 @@ class StateStore:
             result.recent[webid] = [event_key(*k) for k in sorted(keys, key=lambda k: k[0])
                                     if k[0] >= ts - lookback_us]
         return result, state.txn_version
+
+
+def _write_atomically(path: Path, schema: pa.Schema, parts: list[pa.Table]) -> None:
+    """An Arrow IPC file that is either the old one or the whole new one, also after a power cut."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        with pa.ipc.new_file(f, schema) as writer:
+            for part in parts:
+                writer.write_table(part)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _with_nulls(part: pa.Table, schema: pa.Schema) -> pa.Table:

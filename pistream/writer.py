@@ -5,6 +5,7 @@ one Delta transaction version per batch, retrying a failed commit with backoff u
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import structlog
@@ -12,7 +13,7 @@ import trio
 
 from .buffer import Flush
 from .channel import Backoff
-from .dedup import EventFilter
+from .dedup import EventFilter, GapRequest
 from .errors import SinkError, TableConflictError
 from .heap import release_free_memory
 from .sink import DeltaSink
@@ -33,7 +34,7 @@ class CommitWriter:
 
     def __init__(self, sink: DeltaSink, receive_channel: trio.MemoryReceiveChannel[Flush], *,
                  txn_version: int, committed: EventFilter, state: StateStore | None = None,
-                 save_interval: float = 10.0):
+                 save_interval: float = 10.0, open_gaps: Collection[GapRequest] = ()):
         self.sink = sink
         self.receive_channel = receive_channel
         self.stats = WriteStats()
@@ -44,6 +45,8 @@ class CommitWriter:
         self.save_interval = save_interval
         self._next_save = 0.0
         self._unsaved: int | None = None  # the txn version the saved file lags behind
+        self.open_gaps = frozenset(open_gaps)  # the gaps open at the last commit (at start: those restored)
+        self._gaps_saved = self.open_gaps  # what the open-gaps file holds
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -51,7 +54,8 @@ class CommitWriter:
             async for flush in self.receive_channel:
                 await self._commit(flush)
                 del flush  # not held while the next batch fills: it is the size of a whole batch
-        await trio.to_thread.run_sync(self.save_state)  # a clean stop leaves an up-to-date file
+        await trio.to_thread.run_sync(self.save_state)  # a clean stop leaves up-to-date files
+        await trio.to_thread.run_sync(self._save_gaps, self.open_gaps)
 
     async def _commit(self, flush: Flush) -> None:
         version = self.txn_version + 1
@@ -85,14 +89,29 @@ class CommitWriter:
         """In the worker thread: commit, then record the new floors — at most every ``save_interval``
         seconds, as the file holds every tag's recent events. A file older than the table (a crash in
         between) is detected on start by the version mismatch; the floors are then rebuilt from it and
-        the table's newer partitions."""
+        the table's newer partitions. The open gaps, which the table cannot tell, are saved first: those
+        of the last commit and of this one, as the commit may or may not land."""
+        self._save_gaps(self.open_gaps | flush.open_gaps)
         result = self.sink.commit(flush.batch, version)
         self.committed.merge(flush.floors, flush.recent)
+        self.open_gaps = flush.open_gaps
         release_free_memory()  # the commit's Parquet pages are freed by now
         self._unsaved = version
         if time.monotonic() >= self._next_save:
             self.save_state()
         return result
+
+    def _save_gaps(self, gaps: frozenset[GapRequest]) -> None:
+        """Rewrite the open-gaps file if it does not hold ``gaps`` (it changes only when gaps open or close)."""
+        if self.state is None or gaps == self._gaps_saved:
+            return
+        try:
+            self.state.save_gaps(gaps)
+        except OSError as exc:
+            log.error("gaps_not_saved", path=str(self.state.gaps_path), error=str(exc), gaps=len(gaps),
+                      note="gaps still open at a stop or crash would not be read back")
+            return
+        self._gaps_saved = gaps
 
     def save_state(self) -> None:
         """Write the committed floors now (also called once at a clean stop)."""
