@@ -22,7 +22,7 @@ from .auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, O
 from .buffer import ColumnBuffer, Flush, StreamInfo
 from .channel import ChannelReader, receive_buffer_size, shard_webids
 from .config import Settings, auth_kind
-from .dedup import EventFilter, advance_from_rows
+from .dedup import EventFilter, EventKey, GapRequest, advance_from_rows, row_keys
 from .errors import ConfigError
 from .flow import Incoming
 from .flusher import Flusher
@@ -32,7 +32,7 @@ from .piwebapi import PiWebApi, ResolvedTag, unknown_tags_error
 from .sink import DeltaSink
 from .state import StateStore, state_path
 from .tags import read_tags_file
-from .timeutil import EPOCH
+from .timeutil import EPOCH, format_iso
 from .tls import client_context
 from .writer import CommitWriter
 
@@ -145,6 +145,25 @@ def recover_floors(sink: DeltaSink, store: StateStore, lookback_us: int) -> tupl
     return base, txn_version
 
 
+def recover_open_gaps(sink: DeltaSink, store: StateStore) -> dict[GapRequest, list[EventKey]]:
+    """The gaps an earlier run was still reading back when it stopped, each with the events the table
+    already holds in it (pages read before the stop, the live value at its end): they are read again."""
+    gaps = store.load_gaps()
+    if not gaps:
+        return {}
+    started = time.monotonic()
+    since = (EPOCH + timedelta(microseconds=min(g.start_us for g in gaps))).date()
+    until = (EPOCH + timedelta(microseconds=max(g.end_us for g in gaps))).date()
+    by_tag: dict[str, list[EventKey]] = {}
+    for webid, key in row_keys(sink.read_event_keys(since, until, {g.webid for g in gaps})):
+        by_tag.setdefault(webid, []).append(key)
+    known = {g: [k for k in by_tag.get(g.webid, ()) if g.start_us <= k[0] <= g.end_us] for g in gaps}
+    log.info("open_gaps_loaded", gaps=len(gaps), tags=len({g.webid for g in gaps}),
+             known_events=sum(map(len, known.values())), start=format_iso(min(g.start_us for g in gaps)),
+             seconds=round(time.monotonic() - started, 3))
+    return known
+
+
 async def watch_signals(stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                         ) -> None:
     """First Ctrl+C/SIGTERM: stop cleanly (flush and commit). A second one: give up at once."""
@@ -198,6 +217,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
             await trio.to_thread.run_sync(sink.open)
             committed, txn_version = await trio.to_thread.run_sync(
                 recover_floors, sink, store, int(settings.reread_seconds * 1_000_000))
+            open_gaps = await trio.to_thread.run_sync(recover_open_gaps, sink, store)
             streams = {t.webid: StreamInfo(t.path, t.webid, t.uom) for t in resolved}
             shards = shard_webids(url, list(streams), settings.max_url_length)
             tag_count = len(resolved)
@@ -208,11 +228,16 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
             message_send, message_recv = trio.open_memory_channel[Incoming](READER_QUEUE)
             flush_send, flush_recv = trio.open_memory_channel[Flush](1)
             gap_queue = GapQueue()
-            flusher = Flusher(ColumnBuffer(streams, committed.copy()), message_recv, flush_send,
+            event_filter = committed.copy()
+            for gap, known in open_gaps.items():  # read again before the channels bring newer gaps
+                event_filter.reopen(gap, known)
+                gap_queue.put(gap)
+            flusher = Flusher(ColumnBuffer(streams, event_filter), message_recv, flush_send,
                               max_rows=settings.flush_rows, max_bytes=settings.flush_bytes,
                               max_age=settings.flush_seconds, gap_queue=gap_queue)
-            del streams  # the buffer's tag index has them now (~10 MB at 100,000 tags)
-            writer = CommitWriter(sink, flush_recv, txn_version=txn_version, committed=committed, state=store)
+            writer = CommitWriter(sink, flush_recv, txn_version=txn_version, committed=committed, state=store,
+                                  open_gaps=open_gaps.keys())
+            del streams, open_gaps  # the buffer's tag index and the filter's windows have them now
             gap_filler = GapFiller(api, gap_queue, message_send.clone())
             readers = [
                 ChannelReader(f"channel-{i}", url, shard, message_send.clone(), auth=auth, ssl_context=tls,
@@ -252,8 +277,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
 async def _run_producers(readers: list[ChannelReader], gap_filler: GapFiller, stop: trio.Event,
                          deadline: float) -> None:
     """Run the readers and the gap filler until stop or the deadline (``--duration`` counts from the
-    process start); when they close their channel ends, the flusher flushes what is left. Gaps still open
-    then are read back on the next start."""
+    process start); when they close their channel ends, the flusher flushes what is left. Gaps still being
+    read then are in the open-gaps file the commit writer keeps, and are read again on the next start."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gap_filler.run)
         for reader in readers:

@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from datetime import date
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -237,13 +238,21 @@ class DeltaSink:
             raise SinkError(f"cannot read Delta table {self.display_uri}: {text}") from cause
         return table.transaction_version(self.app_id) or 0
 
-    def read_event_keys(self, since: date | None = None) -> pa.Table:
-        """The event-key columns of the table (from ``since`` on, by partition), to rebuild floors."""
+    def read_event_keys(self, since: date | None = None, until: date | None = None,
+                        webids: Collection[str] | None = None) -> pa.Table:
+        """The event-key columns of the table (from ``since`` to ``until``, by partition; of ``webids``
+        only, if given), to rebuild floors or to know what a gap read again already has."""
         table = self.table
-        filters = [(PARTITION_COLUMN, ">=", since)] if since else None
+        filters: list[tuple[str, str, Any]] = []
+        if since is not None:
+            filters.append((PARTITION_COLUMN, ">=", since))
+        if until is not None:
+            filters.append((PARTITION_COLUMN, "<=", until))
+        if webids is not None:
+            filters.append(("tag_webid", "in", sorted(webids)))
         try:
             table.update_incremental()
-            return table.to_pyarrow_table(columns=list(EVENT_KEY), filters=filters)
+            return table.to_pyarrow_table(columns=list(EVENT_KEY), filters=filters or None)
         except (DeltaError, OSError) as exc:
             text, cause = self._describe(exc)
             raise SinkError(f"cannot read Delta table {self.display_uri}: {text}") from cause
