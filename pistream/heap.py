@@ -9,7 +9,6 @@ this is a no-op: those allocators return memory on their own or have no such cal
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 import time
@@ -20,8 +19,7 @@ def _find_trim() -> Callable[[int], int] | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = libc.malloc_trim  # glibc only
+        trim = ctypes.CDLL(None).malloc_trim  # the C library the interpreter runs on; glibc only
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
