@@ -1,0 +1,98 @@
+r"""Where the memory of the *memory* scenario goes: the scenario in this process, with snapshots at set times.
+
+    python -m benchmarks.memory_snapshots [--duration 60] [--at 10,30,50]
+
+Each snapshot prints the process's resident memory by mapping (``/proc/self/smaps``: shared libraries,
+glibc's main heap, anonymous maps by size), glibc's own account (``mallinfo2``: in use vs. free but kept),
+Arrow's pool, and the Python containers of over 50,000 items with their owners. Linux with glibc only.
+The scenario's figures (peak, warm-up, end RSS, slope) print at the end as the suite reports them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import gc
+import json
+import re
+import sys
+import threading
+import time
+
+from . import scenarios
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+
+def by_mapping() -> list[str]:
+    """Resident MB per kind of mapping, largest first."""
+    kinds: collections.Counter[str] = collections.Counter()
+    kind = ""
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                parts = line.split()
+                low, high = (int(x, 16) for x in parts[0].split("-"))
+                name = parts[5] if len(parts) > 5 else ""
+                size_mb = (high - low) >> 20
+                kind = ("lib " + name.rsplit("/", 1)[-1] if name.startswith("/") else name
+                        or (f"anon {min(size_mb, 128)} MB maps" if size_mb else "anon < 1 MB maps"))
+            elif line.startswith("Rss:"):
+                kinds[kind] += int(line.split()[1])
+    libraries = sum(v for k, v in kinds.items() if k.startswith("lib "))
+    lines = [f"RSS {sum(kinds.values()) / 1024:.0f} MB, of it shared libraries {libraries / 1024:.0f} MB"]
+    lines += [f"  {k}: {v / 1024:.1f} MB" for k, v in kinds.most_common(12)]
+    return lines
+
+
+def heap_account() -> str:
+    mallinfo2 = ctypes.CDLL(None).mallinfo2
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return (f"glibc: heaps {info.arena / 1e6:.0f} MB (in use {info.uordblks / 1e6:.0f}, free but kept "
+            f"{info.fordblks / 1e6:.0f}), mmapped blocks {info.hblkhd / 1e6:.0f} MB")
+
+
+def big_containers() -> list[str]:
+    """dicts and lists of over 50,000 items (tag tables), and which attribute of what holds them."""
+    lines = []
+    for obj in gc.get_objects():
+        if isinstance(obj, dict | list) and len(obj) > 50_000:
+            owners = [f"{type(r).__name__}.{k}" for r in gc.get_referrers(obj) if hasattr(r, "__dict__")
+                      for k, v in vars(r).items() if v is obj]
+            lines.append(f"  {type(obj).__name__} of {len(obj)}: {sys.getsizeof(obj) / 1e6:.1f} MB, "
+                         f"held by {', '.join(owners) or '?'}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--at", default="10,30,50", help="seconds after the start, comma-separated")
+    args = parser.parse_args(argv)
+    scenarios.SIZES["memory"]["duration"] = (args.duration, scenarios.SIZES["memory"]["duration"][1])
+    times = [float(t) for t in args.at.split(",")]
+
+    def snapshots() -> None:
+        import pyarrow as pa
+
+        started = time.time()
+        for at in times:
+            time.sleep(max(0.0, started + at - time.time()))
+            lines = [f"--- {at:.0f} s", *by_mapping(), heap_account(),
+                     f"Arrow pool ({pa.default_memory_pool().backend_name}): "
+                     f"{pa.total_allocated_bytes() / 1e6:.0f} MB", *big_containers()]
+            print("\n".join(lines), file=sys.stderr, flush=True)
+
+    threading.Thread(target=snapshots, daemon=True).start()
+    result = scenarios.memory(quick=False)
+    result.pop("rss_series_MB")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
