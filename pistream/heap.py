@@ -40,13 +40,12 @@ def release_free_memory() -> float:
 
 
 def use_returning_arrow_pool() -> str:
-    """Arrow's jemalloc pool where the wheel has it: it hands freed pages back after a second, where the
-    default (mimalloc) keeps each thread's freed pages mapped, so the commit thread's Parquet buffers
-    stayed in RSS (100,000 tags: peak 522 -> 487 MB, end 460 -> 434 MB). Arrow's own
-    ``ARROW_DEFAULT_MEMORY_POOL``, where set, wins. The pool's name."""
+    """Arrow's jemalloc pool for pyarrow's own allocations, where the wheel has it, also in a process that
+    imported pyarrow before pistream could set ``ARROW_DEFAULT_MEMORY_POOL`` (see ``pistream/__init__``).
+    A pool named in that variable by the user wins. Returns the pool's name."""
     import pyarrow as pa
 
-    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+    if os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "jemalloc") != "jemalloc":
         return pa.default_memory_pool().backend_name
     try:
         pa.set_memory_pool(pa.jemalloc_memory_pool())

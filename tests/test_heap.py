@@ -43,3 +43,19 @@ def test_the_arrow_pool_returns_memory_unless_the_user_chose_one():
     named = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                            env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"})
     assert named.stdout.strip() == "system"
+
+
+def test_arrow_s_own_default_pool_is_the_returning_one_from_the_start():
+    """Set before pyarrow is imported, so that Arrow's C++ code (the Parquet writer) allocates from it
+    too, not only pyarrow's calls."""
+    try:
+        pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        pytest.skip("this pyarrow has no jemalloc")
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    script = "import pistream, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env)
+    assert shown.stdout.strip() == "jemalloc"
+    bare = subprocess.run([sys.executable, "-c", script.replace("import pistream, ", "import ")],
+                          capture_output=True, text=True, check=True, env=env)
+    assert bare.stdout.strip() == "mimalloc"  # what Arrow picks by itself
