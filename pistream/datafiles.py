@@ -50,6 +50,8 @@ def _write_file(files: pafs.FileSystem, day: str, data: pa.Table) -> AddAction:
     data = _compact_dictionaries(data)
     if _needs_cast(data.schema):
         data = data.cast(FILE_SCHEMA)
+    if isinstance(files, pafs.SubTreeFileSystem):  # a local folder: the partition's folder first
+        files.create_dir(path.rsplit("/", 1)[0], recursive=True)
     with files.open_output_stream(path) as out:
         pq.write_table(data, out, compression="snappy", store_schema=False, use_dictionary=DICTIONARY_COLUMNS,
                        write_statistics=STATISTICS_COLUMNS)

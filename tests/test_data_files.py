@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from conftest import duckdb_delta_connection
 from deltalake import DeltaTable
 
 from pistream.datafiles import file_stats
 from pistream.schema import TABLE_SCHEMA
-from pistream.sink import DeltaSink
+from pistream.sink import DeltaSink, local_folder, table_files
 
 START = datetime(2024, 5, 1, 23, 59, 59, 998_765, tzinfo=UTC)  # rows cross midnight: two partitions
 
@@ -163,3 +164,14 @@ def test_files_hold_only_the_tags_their_rows_use(tmp_path):
     assert got.column("tag_webid").to_pylist() == batch.column("tag_webid").cast(pa.string()).to_pylist()
     total = sum(add["size"] for add in log_adds(tmp_path / "t", 1))
     assert total < 20_000  # 50,000 tags' text would be ~800 kB
+
+
+def test_local_tables_get_arrow_s_file_system_and_the_others_delta_rs_s(tmp_path):
+    """Local data files are streamed to disk by Arrow; object stores (and memory://) go through delta-rs
+    with the table's storage options."""
+    folder = tmp_path / "table"
+    assert local_folder(str(folder)) == str(folder)
+    assert local_folder(folder.as_uri()) == str(folder)
+    assert local_folder("memory:///table") is None and local_folder("s3://bucket/table") is None
+    assert isinstance(table_files(str(folder), None), pafs.SubTreeFileSystem)
+    assert isinstance(table_files("memory:///table", None), pafs.PyFileSystem)
