@@ -23,10 +23,9 @@ def test_freed_heap_pages_are_returned_by_the_trim():
     keep = bytearray(1024)  # allocated last, so the heap cannot simply shrink from its top
     del blocks
     before = rss_mb()
-    took = heap.release_free_memory()
+    heap.release_free_memory()
     after = rss_mb()
     assert before - after > 100, (before, after)
-    assert took >= 0
     del keep
 
 
