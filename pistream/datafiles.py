@@ -61,26 +61,58 @@ def _write_file(files: pafs.FileSystem, day: str, data: pa.Table) -> AddAction:
 
 def _compact_dictionaries(data: pa.Table) -> pa.Table:
     """Dictionary columns (the buffer's tag ids) with a dictionary of only the entries the rows use: Parquet
-    writes an Arrow dictionary whole, and the buffer's holds every resolved tag. Chunks over different
-    dictionaries (tags found while the batch filled), or with nulls, become plain strings."""
+    writes an Arrow dictionary whole, and the buffer's holds every resolved tag. A column whose rows use every
+    entry is kept as it is (no copy); tag and tag_webid share their ids, so they are renumbered once. Chunks
+    over different dictionaries (tags found while the batch filled), or with nulls, become plain strings."""
+    renumbered: dict[tuple[tuple[int, int, int], ...], tuple[pa.Array, list[pa.Array]]] = {}
     for position, name in enumerate(data.column_names):
         column = data.column(position)
         if not pa.types.is_dictionary(column.type) or not column.num_chunks:
             continue
-        dictionaries = {tuple(b.address if b else 0 for b in chunk.dictionary.buffers()) for chunk in column.chunks}
-        if len(dictionaries) > 1 or column.null_count:
+        dictionary = _shared_dictionary(column)
+        if dictionary is None or column.null_count:
             data = data.set_column(position, name, column.cast(column.type.value_type))
             continue
-        dictionary = column.chunk(0).dictionary
-        ids = np.concatenate([chunk.indices.to_numpy(zero_copy_only=False) for chunk in column.chunks])
-        used = np.zeros(len(dictionary), np.bool_)
-        used[ids] = True
-        kept = np.flatnonzero(used)
-        renumber = np.zeros(len(dictionary), np.int32)
-        renumber[kept] = np.arange(len(kept), dtype=np.int32)
-        compact = pa.DictionaryArray.from_arrays(pa.array(renumber[ids]), dictionary.take(pa.array(kept)))
-        data = data.set_column(position, name, compact)
+        same_ids = tuple(_identity(chunk.indices) for chunk in column.chunks)
+        if same_ids not in renumbered:
+            used = _used_entries(column, len(dictionary))
+            if used.all():
+                continue
+            kept = np.flatnonzero(used)
+            renumber = np.zeros(len(dictionary), np.int32)
+            renumber[kept] = np.arange(len(kept), dtype=np.int32)
+            renumbered[same_ids] = (pa.array(kept), [pa.array(renumber[chunk.indices.to_numpy(zero_copy_only=False)])
+                                                     for chunk in column.chunks])
+        kept_entries, ids = renumbered[same_ids]
+        compact = dictionary.take(kept_entries)
+        data = data.set_column(position, name, pa.chunked_array(
+            [pa.DictionaryArray.from_arrays(chunk_ids, compact) for chunk_ids in ids], column.type))
     return data
+
+
+def _identity(ids: pa.Array) -> tuple[int, int, int]:
+    """Where an array's values are: two columns built on the same ids have the same identity."""
+    values = ids.buffers()[1]
+    return (values.address if values else 0, ids.offset, len(ids))
+
+
+def _shared_dictionary(column: pa.ChunkedArray) -> pa.Array | None:
+    """The one dictionary all chunks of ``column`` use (the same buffers), or None if they differ."""
+    first = column.chunk(0).dictionary
+    address = tuple(b.address if b else 0 for b in first.buffers())
+    for chunk in column.chunks[1:]:
+        if tuple(b.address if b else 0 for b in chunk.dictionary.buffers()) != address:
+            return None
+    return first
+
+
+def _used_entries(column: pa.ChunkedArray, size: int) -> np.ndarray:
+    """A mark per dictionary entry that some row of ``column`` points at (nulls point at none)."""
+    used = np.zeros(size, np.bool_)
+    for chunk in column.chunks:
+        ids = chunk.indices.drop_null() if chunk.null_count else chunk.indices
+        used[ids.to_numpy(zero_copy_only=False)] = True
+    return used
 
 
 def _needs_cast(schema: pa.Schema) -> bool:
@@ -114,10 +146,11 @@ def file_stats(data: pa.Table) -> str:
 
 def _min_max(column: pa.ChunkedArray) -> tuple[object, object] | None:
     kind = column.type
-    if pa.types.is_dictionary(kind):  # the bounds of the values in use
-        used = pa.chunked_array([chunk.dictionary.take(pc.unique(chunk.indices)) for chunk in column.chunks],
-                                kind.value_type)
-        return _min_max(used)
+    if pa.types.is_dictionary(kind):  # the bounds of the values in use (not a copy of each row's text)
+        dictionary = _shared_dictionary(column)
+        if dictionary is None:
+            return _min_max(column.cast(kind.value_type))
+        return _min_max(pa.chunked_array([dictionary.filter(_used_entries(column, len(dictionary)))]))
     if pa.types.is_floating(kind) and pc.any(pc.is_nan(column)).as_py():
         return None
     bounds = pc.min_max(column)
