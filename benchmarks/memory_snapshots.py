@@ -31,6 +31,7 @@ class _MallInfo2(ctypes.Structure):
 def by_mapping() -> list[str]:
     """Resident MB per kind of mapping, largest first."""
     kinds: collections.Counter[str] = collections.Counter()
+    lazy_free = 0  # pages an allocator gave back with MADV_FREE: counted in RSS until the kernel needs them
     kind = ""
     with open("/proc/self/smaps") as smaps:
         for line in smaps:
@@ -43,8 +44,11 @@ def by_mapping() -> list[str]:
                         or (f"anon {min(size_mb, 128)} MB maps" if size_mb else "anon < 1 MB maps"))
             elif line.startswith("Rss:"):
                 kinds[kind] += int(line.split()[1])
+            elif line.startswith("LazyFree:"):
+                lazy_free += int(line.split()[1])
     libraries = sum(v for k, v in kinds.items() if k.startswith("lib "))
-    lines = [f"RSS {sum(kinds.values()) / 1024:.0f} MB, of it shared libraries {libraries / 1024:.0f} MB"]
+    lines = [f"RSS {sum(kinds.values()) / 1024:.0f} MB, of it shared libraries {libraries / 1024:.0f} MB, "
+             f"freed lazily (MADV_FREE) {lazy_free / 1024:.0f} MB"]
     lines += [f"  {k}: {v / 1024:.1f} MB" for k, v in kinds.most_common(12)]
     return lines
 
