@@ -54,6 +54,7 @@ class TagIndex:
     uoms: list[str | None] = field(default_factory=list)
     _arrays: tuple[pa.Array, pa.Array] | None = None
     _uom_array: pa.Array | None = None
+    _units: dict[str, str] = field(default_factory=dict)  # one str per distinct unit (100k tags, a few units)
 
     def add(self, webid: str, path: str, uom: str | None) -> int:
         known = self.ids.get(webid)
@@ -62,7 +63,7 @@ class TagIndex:
         self.ids[webid] = n = len(self.webids)
         self.webids.append(webid)
         self.paths.append(path)
-        self.uoms.append(uom)
+        self.uoms.append(self._units.setdefault(uom, uom) if uom else uom)
         self._arrays = self._uom_array = None
         return n
 
