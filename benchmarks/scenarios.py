@@ -150,8 +150,10 @@ class _StopEvent:
 
 
 def _run_pipeline(settings: Any, capture: LogCapture, *, until_rows: int | None, timeout: float,
-                  on_started: Callable[[], None] | None = None) -> Any:
-    """``run_pipeline`` in this process until ``until_rows`` are committed (or its duration ends)."""
+                  on_started: Callable[[], None] | None = None) -> tuple[Any, float]:
+    """``run_pipeline`` in this process until ``until_rows`` are committed (or its duration ends). Returns
+    its summary and the process's peak RSS when it ended: reading the table back afterwards (the scenario's
+    own analysis, in this process) would otherwise count as pistream's memory."""
     import trio
 
     from pistream.pipeline import run_pipeline
@@ -170,7 +172,8 @@ def _run_pipeline(settings: Any, capture: LogCapture, *, until_rows: int | None,
             nursery.cancel_scope.cancel()
         return summary
 
-    return trio.run(main)
+    summary = trio.run(main)
+    return summary, peak_rss_mb()
 
 
 def throughput(quick: bool) -> dict[str, Any]:
@@ -184,7 +187,7 @@ def throughput(quick: bool) -> dict[str, Any]:
         with blast_server(p["tags"], p["frames"]) as blast, \
                 Sampler(other_pid=blast.process.pid) as sampler:
             settings = _settings(workdir, blast.url, p["tags"], flush_seconds=THROUGHPUT_FLUSH_SECONDS)
-            summary = _run_pipeline(settings, capture, until_rows=expected, timeout=RUN_TIMEOUT)
+            summary, peak_rss = _run_pipeline(settings, capture, until_rows=expected, timeout=RUN_TIMEOUT)
         rows, first, _, last_commit = received_span(workdir / "table")
     window = last_commit - first
     commits = capture.named("batch_committed")
@@ -193,7 +196,7 @@ def throughput(quick: bool) -> dict[str, Any]:
         "tags": p["tags"], "channels": summary.channels, "values": rows,
         "values_per_s": rows / window,
         "cpu_s_per_M_values": _per_million(sampler.cpu_between(first, last_commit), rows),
-        "peak_rss_MB": peak_rss_mb(),
+        "peak_rss_MB": peak_rss,
         "commits": len(commits),
         "mean_commit_s": sum(e["seconds"] for _, e in commits) / len(commits) if commits else None,
         "resolve_s": resolved[0][1]["seconds"] if resolved else None,
@@ -309,7 +312,7 @@ def latency(quick: bool) -> dict[str, Any]:
         with blast_server(p["tags"], frames, interval=p["interval"]) as blast, \
                 Sampler(0.25, other_pid=blast.process.pid) as sampler:
             settings = _settings(workdir, blast.url, p["tags"], flush_seconds=1.0, duration=p["duration"])
-            _run_pipeline(settings, capture, until_rows=None, timeout=RUN_TIMEOUT)
+            _, peak_rss = _run_pipeline(settings, capture, until_rows=None, timeout=RUN_TIMEOUT)
         receive_ms: list[float] = []
         event_ms: list[float] = []
         rows = 0
@@ -331,7 +334,7 @@ def latency(quick: bool) -> dict[str, Any]:
         "tags": p["tags"], "offered_values_per_s": rate, "values": rows,
         "values_per_s": rows / window,
         "cpu_s_per_M_values": _per_million(sampler.cpu_between(first, last_commit), rows),
-        "peak_rss_MB": peak_rss_mb(),
+        "peak_rss_MB": peak_rss,
         "commits": len(data_commits),
         "p50_receive_to_commit_ms": percentile(receive_ms, 50),
         "p99_receive_to_commit_ms": percentile(receive_ms, 99),
@@ -358,7 +361,7 @@ def memory(quick: bool) -> dict[str, Any]:
                 Sampler(0.5, other_pid=blast.process.pid) as sampler:
             settings = _settings(workdir, blast.url, p["tags"], flush_seconds=10.0,
                                  flush_rows=4 * int(p["tags"] * 10 / p["interval"]), duration=p["duration"])
-            summary = _run_pipeline(settings, capture, until_rows=None, timeout=RUN_TIMEOUT)
+            summary, peak_rss = _run_pipeline(settings, capture, until_rows=None, timeout=RUN_TIMEOUT)
         rows, first, _, last_commit = received_span(workdir / "table")
     commits = capture.named("batch_committed")
     second_commit = commits[1][0] if len(commits) > 1 else (commits[0][0] if commits else first)
@@ -372,7 +375,7 @@ def memory(quick: bool) -> dict[str, Any]:
         "tags": p["tags"], "offered_values_per_s": p["tags"] / p["interval"], "duration_s": p["duration"],
         "values": rows, "values_per_s": rows / window,
         "cpu_s_per_M_values": _per_million(sampler.cpu_between(first, last_commit), rows),
-        "peak_rss_MB": peak_rss_mb(),
+        "peak_rss_MB": peak_rss,
         "warmup_rss_MB": max(warm),
         "end_rss_MB": sum(end) / len(end),
         "rss_slope_MB_per_min": slope_per_minute(after),
@@ -471,7 +474,7 @@ def backfill(quick: bool) -> dict[str, Any]:
     ``CommitWriter``/``DeltaSink``. One gap window per tag covers the whole range."""
     import trio
 
-    from pistream.buffer import ColumnBuffer, Flush, StreamInfo
+    from pistream.buffer import ColumnBuffer, Flush, Spill, StreamInfo
     from pistream.dedup import EventFilter
     from pistream.flow import Incoming
     from pistream.flusher import Flusher
@@ -504,7 +507,7 @@ def backfill(quick: bool) -> dict[str, Any]:
 
             async def main() -> tuple[Any, Any]:
                 message_send, message_recv = trio.open_memory_channel[Incoming](64)
-                flush_send, flush_recv = trio.open_memory_channel[Flush](1)
+                flush_send, flush_recv = trio.open_memory_channel[Flush | Spill](1)
                 flusher = Flusher(ColumnBuffer(streams, event_filter), message_recv, flush_send,
                                   max_rows=100_000, max_age=5.0)
                 writer = CommitWriter(sink, flush_recv, txn_version=0, committed=EventFilter())
