@@ -38,10 +38,17 @@ class OutageSink(DeltaSink):
         super().__init__(*args, **kwargs)
         self.down_from, self.down_until = down_from, down_until
 
-    def commit(self, batch, txn_version):
+    def _check(self) -> None:
         if self.down_from <= time.monotonic() < self.down_until:
             raise SinkError("storage unavailable (injected outage)")
-        return super().commit(batch, txn_version)
+
+    def write_ahead(self, rows):
+        self._check()
+        return super().write_ahead(rows)
+
+    def commit(self, batch, txn_version, written_ahead=()):
+        self._check()
+        return super().commit(batch, txn_version, written_ahead)
 
 
 def rss_mb() -> float:

@@ -59,6 +59,16 @@ class Flush:
     # Every gap being read back at take(), complete: once this batch is committed, the gaps that a restart
     # must read again (these floors may be past them). A few per reconnected tag, none in the steady state.
     open_gaps: frozenset[GapRequest]
+    spilled_rows: int = 0  # rows of this batch written ahead in Spills, committed with it
+
+
+@dataclass
+class Spill:
+    """Rows of the batch being gathered, written to data files ahead of its commit (``ColumnBuffer.spill``):
+    a large batch is then never whole in memory. The commit that follows adds the files; until then no
+    reader sees them, and if the commit never comes they are orphans that VACUUM removes."""
+
+    rows: pa.Table
 
 
 @dataclass
@@ -85,6 +95,15 @@ class ColumnBuffer:
         self._reset()
 
     def _reset(self) -> None:
+        self._reset_rows()
+        self._repeats_at_reset = self.filter.stats.repeats_dropped
+        self._rejected = 0
+        # What the batch's spilled rows leave behind for take(): their tags, their possibly recent events.
+        self._spilled_rows = 0
+        self._spilled_tags = np.zeros(0, np.bool_)
+        self._spilled_recent: list[RecentRows] = []
+
+    def _reset_rows(self) -> None:
         self.tag_webid: list[str] = []
         self.timestamp: list[int] = []
         self.value: list[float | None] = []
@@ -97,18 +116,22 @@ class ColumnBuffer:
         self.substituted: list[bool] = []
         self.annotated: list[bool] = []
         self.received_us: list[int] = []
-        self._repeats_at_reset = self.filter.stats.repeats_dropped
-        self._rejected = 0
         self._bulk: list[RecentRows] = []  # steady-state batches, in table columns
         self._bulk_rows = 0
         self._bulk_bytes = 0
 
     def __len__(self) -> int:
+        """Rows in the batch being gathered, spilled ones included."""
+        return self._spilled_rows + self.held_rows
+
+    @property
+    def held_rows(self) -> int:
+        """Rows still in memory (not spilled)."""
         return len(self.tag_webid) + self._bulk_rows
 
     @property
     def nbytes(self) -> int:
-        """The buffer's size in Arrow bytes (values taken one by one counted at a typical row's size)."""
+        """The held rows' size in Arrow bytes (values taken one by one counted at a typical row's size)."""
         return self._bulk_bytes + len(self.tag_webid) * ROW_BYTES_ESTIMATE
 
     def read_frames(self, items: list[Live]) -> LiveColumns | None:
@@ -187,9 +210,12 @@ class ColumnBuffer:
             webids = map(self.index.webids.__getitem__, ids)
             self.filter.floors.update(zip(webids, self._floors[ids].tolist(), strict=True))
 
-    def _distinct_ids(self, chunks: list[np.ndarray]) -> list[int]:
-        """The tag ids in ``chunks``, each once (a mark per id: linear, unlike sorting)."""
+    def _distinct_ids(self, chunks: list[np.ndarray], also: np.ndarray | None = None) -> list[int]:
+        """The tag ids in ``chunks`` (and those marked in ``also``), each once (a mark per id: linear,
+        unlike sorting)."""
         seen = np.zeros(len(self.index.webids), np.bool_)
+        if also is not None:
+            seen[:len(also)] = also
         for ids in chunks:
             seen[ids] = True
         return np.flatnonzero(seen).tolist()
@@ -364,24 +390,48 @@ class ColumnBuffer:
         self.annotated.append(annotated)
         self.received_us.append(received_us)
 
-    def take(self) -> Flush | None:
-        """The buffered rows as a RecordBatch in the table schema, or None when empty."""
-        if not len(self):
-            return None
+    def _held_parts(self) -> list[RecentRows]:
         parts = list(self._bulk)
         if self.tag_webid:
             parts.append(self._take_rows())
+        return parts
+
+    def spill(self) -> Spill | None:
+        """The rows held so far, to be written ahead of the batch's commit; the buffer keeps what ``take``
+        needs to describe the whole batch: which tags it touched, and the rows that may be recent events."""
+        if not self.held_rows:
+            return None
+        parts = self._held_parts()
+        touched = np.zeros(len(self.index.webids), np.bool_)
+        touched[:len(self._spilled_tags)] = self._spilled_tags
+        for part in parts:
+            touched[part.ids] = True
+        self._spilled_tags = touched
+        keys_only = [RecentRows(p.ids, p.ts, p.data.select(_KEY_COLUMNS)) for p in parts]
+        self._spilled_recent = recent_chunks(self._spilled_recent + keys_only, self.filter.lookback_us,
+                                             self._floor_array())
+        rows = pa.Table.from_batches([p.data for p in parts], schema=BUFFER_SCHEMA)
+        self._spilled_rows += rows.num_rows
+        self._reset_rows()
+        return Spill(rows)
+
+    def take(self) -> Flush | None:
+        """The batch: its held rows as a Table in the buffer's schema, and what its commit records (floors,
+        recent events, open gaps); None when empty. Rows spilled before are part of it."""
+        if not len(self):
+            return None
+        parts = self._held_parts()
         batch = pa.Table.from_batches([p.data for p in parts], schema=BUFFER_SCHEMA)
         self._sync_floors()  # the recent events stay pending until a value-by-value step needs them
         filt = self.filter
         floors_by_id = self._floor_array()
         keys_only = [RecentRows(p.ids, p.ts, p.data.select(_KEY_COLUMNS)) for p in parts]  # filter fewer columns
-        recent = recent_chunks(keys_only, filt.lookback_us, floors_by_id)
-        touched = self._distinct_ids([p.ids for p in parts])
+        recent = recent_chunks(self._spilled_recent + keys_only, filt.lookback_us, floors_by_id)
+        touched = self._distinct_ids([p.ids for p in parts], also=self._spilled_tags)
         webids = list(map(self.index.webids.__getitem__, touched))
         floors = dict(zip(webids, map(filt.floors.__getitem__, webids), strict=True))
         flush = Flush(batch, filt.stats.repeats_dropped - self._repeats_at_reset, self._rejected, floors, recent,
-                      filt.open_windows())
+                      filt.open_windows(), spilled_rows=self._spilled_rows)
         filt.prune_pending(floors_by_id)
         if time.monotonic() >= self._next_sweep:  # a pass over every tag: not at every flush
             filt.forget_old_events()

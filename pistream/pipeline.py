@@ -19,7 +19,7 @@ import structlog
 import trio
 
 from .auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, OidcClientCredentials
-from .buffer import ColumnBuffer, Flush, StreamInfo
+from .buffer import ColumnBuffer, Flush, Spill, StreamInfo
 from .channel import ChannelReader, receive_buffer_size, shard_webids
 from .config import Settings, auth_kind
 from .dedup import EventFilter, EventKey, GapRequest, advance_from_rows, row_keys
@@ -226,7 +226,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                      seconds=round(time.monotonic() - started, 3))
 
             message_send, message_recv = trio.open_memory_channel[Incoming](READER_QUEUE)
-            flush_send, flush_recv = trio.open_memory_channel[Flush](1)
+            flush_send, flush_recv = trio.open_memory_channel[Flush | Spill](1)
             gap_queue = GapQueue()
             event_filter = committed.copy()
             for gap, known in open_gaps.items():  # read again before the channels bring newer gaps

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any
@@ -281,8 +281,20 @@ class DeltaSink:
             text, cause = self._describe(exc)
             raise SinkError(f"cannot read Delta table {self.display_uri}: {text}") from cause
 
-    def commit(self, batch: pa.RecordBatch | pa.Table, txn_version: int) -> CommitResult:
-        """Append ``batch`` as transaction ``txn_version``, unless the table already holds that version."""
+    def write_ahead(self, rows: pa.Table) -> list[AddAction]:
+        """Data files for rows of a commit still to come (``buffer.Spill``): in the table's folder but not
+        in its log, so no reader sees them until ``commit`` adds them (or VACUUM removes them)."""
+        assert self._files is not None
+        try:
+            return write_partitions(self._files, rows)
+        except (DeltaError, OSError) as exc:
+            text, cause = self._describe(exc)
+            raise SinkError(f"cannot write to Delta table {self.display_uri}: {text}") from cause
+
+    def commit(self, batch: pa.RecordBatch | pa.Table, txn_version: int,
+               written_ahead: Sequence[AddAction] = ()) -> CommitResult:
+        """Append ``batch`` and the files ``written_ahead`` for it as transaction ``txn_version``, unless the
+        table already holds that version. ``rows`` in the result counts ``batch`` only."""
         table = self.table
         try:
             table.update_incremental()
@@ -291,9 +303,11 @@ class DeltaSink:
                 log.warning("commit_skipped", txn_version=txn_version, committed=done, app_id=self.app_id)
                 return CommitResult(table.version(), txn_version, 0, skipped=True)
             assert self._files is not None
-            actions = write_partitions(self._files, batch)
+            actions = list[AddAction | RemoveAction](written_ahead)
+            if batch.num_rows:
+                actions += write_partitions(self._files, batch)
             table.create_write_transaction(
-                list[AddAction | RemoveAction](actions),
+                actions,
                 mode="append",
                 schema=TABLE_SCHEMA,
                 partition_by=[PARTITION_COLUMN],

@@ -1,5 +1,7 @@
 """The commit writer: takes batches from the flusher and commits them to the sink in a worker thread,
-one Delta transaction version per batch, retrying a failed commit with backoff until it lands.
+one Delta transaction version per batch, retrying a failed commit with backoff until it lands. The parts
+of a large batch that the flusher spills ahead are written to data files as they come, and the batch's
+commit adds them with its own.
 """
 
 from __future__ import annotations
@@ -10,8 +12,9 @@ from dataclasses import dataclass
 
 import structlog
 import trio
+from deltalake.transaction import AddAction
 
-from .buffer import Flush
+from .buffer import Flush, Spill
 from .channel import Backoff
 from .dedup import EventFilter, GapRequest
 from .errors import SinkError, TableConflictError
@@ -32,7 +35,7 @@ class WriteStats:
 class CommitWriter:
     """Commits in order; while a commit is in flight or retrying, the flusher waits (backpressure)."""
 
-    def __init__(self, sink: DeltaSink, receive_channel: trio.MemoryReceiveChannel[Flush], *,
+    def __init__(self, sink: DeltaSink, receive_channel: trio.MemoryReceiveChannel[Flush | Spill], *,
                  txn_version: int, committed: EventFilter, state: StateStore | None = None,
                  save_interval: float = 10.0, open_gaps: Collection[GapRequest] = ()):
         self.sink = sink
@@ -47,15 +50,40 @@ class CommitWriter:
         self._unsaved: int | None = None  # the txn version the saved file lags behind
         self.open_gaps = frozenset(open_gaps)  # the gaps open at the last commit (at start: those restored)
         self._gaps_saved = self.open_gaps  # what the open-gaps file holds
+        self._written_ahead: list[AddAction] = []  # data files of the batch being gathered (its Spills)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async with self.receive_channel:
-            async for flush in self.receive_channel:
-                await self._commit(flush)
-                del flush  # not held while the next batch fills: it is the size of a whole batch
+            async for item in self.receive_channel:
+                if isinstance(item, Spill):
+                    await self._write_ahead(item)
+                else:
+                    await self._commit(item)
+                del item  # not held while the next rows gather: it can be the size of a whole batch
         await trio.to_thread.run_sync(self.save_state)  # a clean stop leaves up-to-date files
         await trio.to_thread.run_sync(self._save_gaps, self.open_gaps)
+
+    async def _write_ahead(self, spill: Spill) -> None:
+        """Data files for a spilled part of the next batch; retried like a commit (the rows stay in ``spill``
+        until their files are whole)."""
+        while True:
+            try:
+                actions = await trio.to_thread.run_sync(self._write_and_trim, spill)
+            except SinkError as exc:
+                self.stats.failed_attempts += 1
+                delay = self.backoff.next_delay()
+                log.warning("write_ahead_failed", error=str(exc), rows=spill.rows.num_rows, retry_in=round(delay, 2))
+                await trio.sleep(delay)
+                continue
+            break
+        self.backoff.reset()
+        self._written_ahead += actions
+
+    def _write_and_trim(self, spill: Spill) -> list[AddAction]:
+        actions = self.sink.write_ahead(spill.rows)
+        release_free_memory()
+        return actions
 
     async def _commit(self, flush: Flush) -> None:
         version = self.txn_version + 1
@@ -75,11 +103,12 @@ class CommitWriter:
         self.backoff.reset()
         self.txn_version = version
         self.stats.commits += 1
-        self.stats.values_written += result.rows
+        rows = result.rows + (0 if result.skipped else flush.spilled_rows)
+        self.stats.values_written += rows
         log.info(
             "batch_committed",
             skipped=result.skipped,
-            rows=result.rows,
+            rows=rows,
             table_version=result.table_version,
             txn_version=version,
             seconds=round(time.perf_counter() - started, 3),
@@ -92,7 +121,8 @@ class CommitWriter:
         the table's newer partitions. The open gaps, which the table cannot tell, are saved first: those
         of the last commit and of this one, as the commit may or may not land."""
         self._save_gaps(self.open_gaps | flush.open_gaps)
-        result = self.sink.commit(flush.batch, version)
+        result = self.sink.commit(flush.batch, version, self._written_ahead)
+        self._written_ahead = []  # committed (or, if the table had this version already, orphans)
         self.committed.merge(flush.floors, flush.recent)
         self.open_gaps = flush.open_gaps
         release_free_memory()  # the commit's Parquet pages are freed by now

@@ -194,9 +194,9 @@ async def test_pipeline_survives_frozen_s3(s3_server, tmp_path, monkeypatch):
     skipped: list[int] = []
     commit = DeltaSink.commit
 
-    def counting_commit(self, batch, txn_version):
+    def counting_commit(self, batch, txn_version, written_ahead=()):
         try:
-            result = commit(self, batch, txn_version)
+            result = commit(self, batch, txn_version, written_ahead)
         except SinkError as exc:
             failures.append(str(exc))
             raise

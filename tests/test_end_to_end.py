@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import msgspec
 import pyarrow.compute as pc
@@ -13,6 +14,7 @@ import trio
 from conftest import compare_with_model
 from deltalake import DeltaTable
 
+import pistream.flusher as flusher_module
 from pistream.channel import ChannelReader
 from pistream.config import build_settings
 from pistream.errors import SinkError
@@ -152,11 +154,11 @@ class OutageSink(DeltaSink):
         self.down_from, self.down_until = down_from, down_until
         self.refused = 0
 
-    def commit(self, batch, txn_version):
+    def commit(self, batch, txn_version, written_ahead=()):
         if self.down_from <= time.monotonic() < self.down_until:
             self.refused += 1
             raise SinkError("storage unavailable (injected)")
-        return super().commit(batch, txn_version)
+        return super().commit(batch, txn_version, written_ahead)
 
 
 async def test_storage_outage_pauses_channels_and_loses_nothing(tmp_path):
@@ -214,3 +216,46 @@ async def test_a_channel_reader_holds_no_frame_while_it_awaits_the_next():
             # Only the list and getrefcount's argument: nothing of the reader's still points at them.
             assert [sys.getrefcount(frame) for frame in frames] == [3] * len(frames)
             nursery.cancel_scope.cancel()
+
+
+async def test_a_batch_spilled_in_parts_lands_in_one_commit_exactly_once(tmp_path, monkeypatch):
+    """Rows spilled to data files ahead of their commit (``buffer.Spill``) become visible only with it: each
+    commit adds several files, and the table holds every event once."""
+    monkeypatch.setattr(flusher_module, "SPILL_ROWS", 25)
+    model = SimModel.from_paths(PATHS, rate=20)
+    with trio.fail_after(60):
+        table, summary, simulator, windows = await run_against_simulator(
+            tmp_path, model, duration=3, flush_seconds=1.0, flush_rows=100_000)
+    result = compare_with_model(table, model, windows)
+    print(result.summary())
+    assert result.expected >= len(PATHS) * 20 * 2
+    assert result.missing == [] and result.duplicates == [] and result.unexpected == []
+    assert summary.values_written == result.found == DeltaTable(table).to_pyarrow_table().num_rows
+    log = Path(table) / "_delta_log"
+    files_per_commit = [sum('"add"' in line for line in (log / f"{v:020d}.json").read_text().splitlines())
+                        for v in range(1, DeltaTable(table).version() + 1)]
+    assert max(files_per_commit) >= 3 and summary.commits == len(files_per_commit) <= 5
+
+
+async def test_a_spill_that_cannot_be_written_is_kept_and_retried(tmp_path, monkeypatch):
+    """Storage failing while a part is written ahead: its rows stay in memory until their files are whole."""
+    monkeypatch.setattr(flusher_module, "SPILL_ROWS", 25)
+    real_write_ahead = DeltaSink.write_ahead
+    failures: list[int] = []
+
+    def failing_twice(sink: DeltaSink, rows):
+        if len(failures) < 2:
+            failures.append(rows.num_rows)
+            raise SinkError("injected: storage unavailable")
+        return real_write_ahead(sink, rows)
+
+    monkeypatch.setattr(DeltaSink, "write_ahead", failing_twice)
+    model = SimModel.from_paths(PATHS, rate=20)
+    with trio.fail_after(60):
+        table, summary, simulator, windows = await run_against_simulator(
+            tmp_path, model, duration=3, flush_seconds=1.0, flush_rows=100_000)
+    result = compare_with_model(table, model, windows)
+    print(result.summary(), failures)
+    assert len(failures) == 2 and summary.failed_commits >= 2
+    assert result.missing == [] and result.duplicates == [] and result.unexpected == []
+    assert summary.values_written == result.found

@@ -176,11 +176,11 @@ class FailingOnceSink(DeltaSink):
         self.store = store
         self.seen: list[set[GapRequest]] = []
 
-    def commit(self, batch, txn_version):
+    def commit(self, batch, txn_version, written_ahead=()):
         self.seen.append(set(self.store.load_gaps()))
         if len(self.seen) == 2:
             raise SinkError("storage unavailable (injected)")
-        return super().commit(batch, txn_version)
+        return super().commit(batch, txn_version, written_ahead)
 
 
 async def test_the_writer_saves_the_open_gaps_before_the_commit_that_needs_them(tmp_path):
