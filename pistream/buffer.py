@@ -87,6 +87,7 @@ class ColumnBuffer:
         self.malformed = 0  # raw frames that did not decode (logged)
         for webid, info in streams.items():
             self.index.add(webid, info.path, info.uom)
+        self.index.tag_columns(np.zeros(0, np.int32))  # the paths into Arrow now: the caller drops its own
         # The filter's floors by tag id, for checks in bulk; the bulk path updates only this array, and
         # ``sync_filter`` brings the filter's dict up to date before anything else reads it.
         self._floors = np.full(0, _NO_FLOOR, np.int64)
@@ -372,7 +373,7 @@ class ColumnBuffer:
             path = stream.path or webid
             self.index.add(webid, path, stream.units_abbreviation)
             return path, stream.units_abbreviation
-        return self.index.paths[known], stream.units_abbreviation or self.index.uoms[known]
+        return self.index.path(known), stream.units_abbreviation or self.index.uoms[known]
 
     def _append(self, webid: str, row: _Row, uom: str | None, received_us: int) -> None:
         self.filter.advance(webid, row.key)

@@ -46,13 +46,16 @@ FRAME_CODEC = _framecodec is not None
 
 @dataclass
 class TagIndex:
-    """Small integer ids for streams, so that per-value work is array work: id -> webid, path, units."""
+    """Small integer ids for streams, so that per-value work is array work: id -> webid, path, units.
+    Paths are kept as one Arrow array only (the tag column's dictionary): as Python strs they were ~7 MB
+    at 100,000 tags, and only the value-by-value path looks one up."""
 
     ids: dict[str, int] = field(default_factory=dict)
     webids: list[str] = field(default_factory=list)
-    paths: list[str] = field(default_factory=list)
     uoms: list[str | None] = field(default_factory=list)
-    _arrays: tuple[pa.Array, pa.Array] | None = None
+    _paths: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
+    _new_paths: list[str] = field(default_factory=list)  # added since ``_paths`` was last built
+    _webid_array: pa.Array | None = None
     _uom_array: pa.Array | None = None
     _units: dict[str, str] = field(default_factory=dict)  # one str per distinct unit (100k tags, a few units)
 
@@ -62,10 +65,20 @@ class TagIndex:
             return known
         self.ids[webid] = n = len(self.webids)
         self.webids.append(webid)
-        self.paths.append(path)
+        self._new_paths.append(path)
         self.uoms.append(self._units.setdefault(uom, uom) if uom else uom)
-        self._arrays = self._uom_array = None
+        self._webid_array = self._uom_array = None
         return n
+
+    def path(self, tag_id: int) -> str:
+        built = len(self._paths)
+        return self._paths[tag_id].as_py() if tag_id < built else self._new_paths[tag_id - built]
+
+    def _path_array(self) -> pa.Array:
+        if self._new_paths:
+            self._paths = pa.concat_arrays([self._paths, pa.array(self._new_paths, pa.string())])
+            self._new_paths = []
+        return self._paths
 
     def uom_array(self) -> pa.Array:
         """Each id's units from tag resolution, for values and streams that name none."""
@@ -76,12 +89,12 @@ class TagIndex:
     def tag_columns(self, ids: np.ndarray) -> tuple[pa.DictionaryArray, pa.DictionaryArray]:
         """The tag and tag_webid columns of rows with these ids (int32): the ids over the index's paths
         and webids, no text copied."""
-        if self._arrays is None:
-            self._arrays = (pa.array(self.paths, pa.string()), pa.array(self.webids, pa.string()))
-        paths, webids = self._arrays
+        paths = self._path_array()
+        if self._webid_array is None:
+            self._webid_array = pa.array(self.webids, pa.string())
         id_array = pa.array(ids, pa.int32())
         return (pa.DictionaryArray.from_arrays(id_array, paths, safe=False),
-                pa.DictionaryArray.from_arrays(id_array, webids, safe=False))
+                pa.DictionaryArray.from_arrays(id_array, self._webid_array, safe=False))
 
 
 @dataclass
