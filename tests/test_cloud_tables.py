@@ -19,6 +19,7 @@ import structlog
 import trio
 from deltalake import DeltaTable
 
+import pistream.flusher as flusher_module
 from pistream.config import build_settings
 from pistream.errors import SinkError
 from pistream.pipeline import run_pipeline
@@ -179,6 +180,24 @@ async def test_pipeline_writes_every_event_once_to_cloud_table(cloud, tmp_path):
     assert result.tags_with_rows == len(PATHS)
     assert summary.values_written == result.found
     assert summary.commits >= 2
+
+
+async def test_spilled_parts_land_with_their_commit_in_cloud_tables(cloud, tmp_path, monkeypatch):
+    """Parts of a batch written ahead to object storage (``buffer.Spill``) are committed with it, once."""
+    monkeypatch.setattr(flusher_module, "SPILL_ROWS", 25)
+    table = cloud.table_uri("spilled")
+    model = SimModel.from_paths(PATHS, rate=20)
+    with trio.fail_after(45):
+        summary, windows = await run_cloud_pipeline(tmp_path, model, table, cloud.storage_options,
+                                                    duration=2.5, flush_seconds=1.0, flush_rows=100_000)
+        rows = await blocking(table_rows, table, cloud.storage_options)
+        files = await blocking(lambda: DeltaTable(table, storage_options=cloud.storage_options)
+                               .get_add_actions(flatten=True).num_rows)
+    result = compare_rows(rows, model, windows)
+    print(result.summary(), summary, files)
+    assert result.missing == [] and result.duplicates == [] and result.unexpected == []
+    assert summary.values_written == result.found >= len(PATHS) * 20
+    assert files >= 2 * summary.commits  # several parts per commit
 
 
 async def test_pipeline_survives_frozen_s3(s3_server, tmp_path, monkeypatch):
