@@ -291,3 +291,36 @@ def test_the_flusher_does_not_keep_every_tag_s_events_from_a_reconnect():
     buffer.take()
     assert "B" not in buffer.filter.recent
     assert buffer.filter.recent["A"] == [key(100)]  # A is awaiting its first live value: kept
+
+
+def test_a_take_after_spills_describes_the_whole_batch():
+    """Spilled rows leave the buffer, but the batch's floors and possibly recent events still cover them:
+    the committed filter ends the same as after one take of everything."""
+    def fill(buffer: ColumnBuffer, spill: bool) -> tuple[list, object]:
+        spills = []
+        buffer.add_live_batch([live(("A", 100, 1.0), ("B", 10, 4.0)), live(("A", 130, 2.0))])
+        if spill:
+            spills.append(buffer.spill())
+        buffer.add_live_batch([live(("A", 200, 3.0), ("C", 50, 7.0))])
+        if spill:
+            spills.append(buffer.spill())
+            assert buffer.spill() is None and buffer.held_rows == 0 and len(buffer) == 5
+        buffer.add_live_batch([live(("A", 230, 9.0))])
+        return spills, buffer.take()
+
+    spills, flush = fill(bulk_buffer(lookback_us=50), spill=True)
+    _, whole = fill(bulk_buffer(lookback_us=50), spill=False)
+    assert [s.rows.num_rows for s in spills] == [3, 2] and flush.batch.num_rows == 1 and flush.spilled_rows == 5
+    assert whole.batch.num_rows == 6 and whole.spilled_rows == 0
+    assert flush.floors == whole.floors == {"A": 230, "B": 10, "C": 50}
+    written = pa.concat_tables([s.rows for s in spills] + [flush.batch]).select(["tag_webid", "timestamp"])
+    assert written.sort_by("timestamp").to_pylist() == whole.batch.select(["tag_webid", "timestamp"]).sort_by(
+        "timestamp").to_pylist()
+    committed, committed_whole = EventFilter(lookback_us=50), EventFilter(lookback_us=50)
+    committed.merge(flush.floors, flush.recent)
+    committed_whole.merge(whole.floors, whole.recent)
+    committed.sync_recent()
+    committed_whole.sync_recent()
+    # (the same events; a batch's value-by-value rows follow its bulk ones, so order within a tag may differ)
+    assert {w: sorted(k) for w, k in committed.recent.items()} == {w: sorted(k) for w, k in committed_whole.recent.items()}
+    assert [k[0] for k in committed.recent["A"]] == [200, 230] and [k[0] for k in committed.recent["B"]] == [10]
