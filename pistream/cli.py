@@ -81,8 +81,9 @@ def entry() -> None:
 @click.option("--insecure", is_flag=True, default=None,
               help="Do not verify TLS certificates (logged loudly; prefer --ca-bundle).")
 @click.option("--flush-rows", type=int, help="Commit when this many values are buffered.  [default: 1000000]")
-@click.option("--flush-bytes", type=int, help="Commit when the buffered columns take this many bytes (at least "
-                                              "1 MiB).  [default: 67108864 = 64 MiB]")
+@click.option("--flush-bytes", type=int, help="Commit when the columns held in memory take this many bytes (at "
+                                              "least 1 MiB; a batch's rows go to data files every 262,144 rows "
+                                              "and then no longer count).  [default: 67108864 = 64 MiB]")
 @click.option("--flush-seconds", type=float, help="Commit when the oldest buffered value is this old.  "
                                                   "[default: 5]")
 @click.option("--duration", type=float, help="Stop after this many seconds (flushing everything).")
