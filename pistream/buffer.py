@@ -211,15 +211,18 @@ class ColumnBuffer:
             webids = map(self.index.webids.__getitem__, ids)
             self.filter.floors.update(zip(webids, self._floors[ids].tolist(), strict=True))
 
-    def _distinct_ids(self, chunks: list[np.ndarray], also: np.ndarray | None = None) -> list[int]:
-        """The tag ids in ``chunks`` (and those marked in ``also``), each once (a mark per id: linear,
-        unlike sorting)."""
+    def _tag_marks(self, chunks: list[np.ndarray], also: np.ndarray | None = None) -> np.ndarray:
+        """A mark per tag id found in ``chunks`` (or marked in ``also``): linear, unlike sorting."""
         seen = np.zeros(len(self.index.webids), np.bool_)
         if also is not None:
             seen[:len(also)] = also
         for ids in chunks:
             seen[ids] = True
-        return np.flatnonzero(seen).tolist()
+        return seen
+
+    def _distinct_ids(self, chunks: list[np.ndarray], also: np.ndarray | None = None) -> list[int]:
+        """The tag ids in ``chunks`` (and those marked in ``also``), each once."""
+        return np.flatnonzero(self._tag_marks(chunks, also)).tolist()
 
     def _refresh_floor(self, webid: str) -> None:
         """After the value-by-value path: its floor for the bulk checks."""
@@ -403,13 +406,8 @@ class ColumnBuffer:
         if not self.held_rows:
             return None
         parts = self._held_parts()
-        touched = np.zeros(len(self.index.webids), np.bool_)
-        touched[:len(self._spilled_tags)] = self._spilled_tags
-        for part in parts:
-            touched[part.ids] = True
-        self._spilled_tags = touched
-        keys_only = [RecentRows(p.ids, p.ts, p.data.select(_KEY_COLUMNS)) for p in parts]
-        self._spilled_recent = recent_chunks(self._spilled_recent + keys_only, self.filter.lookback_us,
+        self._spilled_tags = self._tag_marks([p.ids for p in parts], also=self._spilled_tags)
+        self._spilled_recent = recent_chunks(self._spilled_recent + _keys_only(parts), self.filter.lookback_us,
                                              self._floor_array())
         rows = pa.Table.from_batches([p.data for p in parts], schema=BUFFER_SCHEMA)
         self._spilled_rows += rows.num_rows
@@ -426,8 +424,7 @@ class ColumnBuffer:
         self._sync_floors()  # the recent events stay pending until a value-by-value step needs them
         filt = self.filter
         floors_by_id = self._floor_array()
-        keys_only = [RecentRows(p.ids, p.ts, p.data.select(_KEY_COLUMNS)) for p in parts]  # filter fewer columns
-        recent = recent_chunks(self._spilled_recent + keys_only, filt.lookback_us, floors_by_id)
+        recent = recent_chunks(self._spilled_recent + _keys_only(parts), filt.lookback_us, floors_by_id)
         touched = self._distinct_ids([p.ids for p in parts], also=self._spilled_tags)
         webids = list(map(self.index.webids.__getitem__, touched))
         floors = dict(zip(webids, map(filt.floors.__getitem__, webids), strict=True))
@@ -461,6 +458,11 @@ class ColumnBuffer:
         ]
         return RecentRows(ids, np.array(self.timestamp, np.int64),
                           pa.RecordBatch.from_arrays(columns, schema=BUFFER_SCHEMA))
+
+
+def _keys_only(parts: list[RecentRows]) -> list[RecentRows]:
+    """The parts with only the event-key columns (views, no copy): what the exactly-once filter keeps."""
+    return [RecentRows(p.ids, p.ts, p.data.select(_KEY_COLUMNS)) for p in parts]
 
 
 def _in_order(ids: np.ndarray, ts: np.ndarray) -> bool:
