@@ -22,6 +22,7 @@ import structlog
 
 from .columns import FRAME_CODEC, LiveColumns, TagIndex, buffered_bytes, extract, extract_frames
 from .dedup import EventFilter, EventKey, GapRequest, RecentRows, drop_older, event_key, recent_chunks
+from .floors import Floors
 from .flow import Live
 from .messages import StreamSetMessage, StreamValues, TimedValue, channel_decoder, classify_value, flag
 from .schema import BUFFER_SCHEMA, EVENT_KEY
@@ -30,7 +31,6 @@ from .timeutil import TIMESTAMP_US, to_us
 log = structlog.get_logger(__name__)
 
 _DATE = pa.date32()
-_NO_FLOOR = -(2**63)
 _KEY_COLUMNS = list(EVENT_KEY)
 SWEEP_SECONDS = 10.0  # how often a flush also drops every tag's recent events older than the look-back
 ROW_BYTES_ESTIMATE = 64  # Arrow bytes of a typical row (tag ids, times, value, units, flags)
@@ -54,7 +54,7 @@ class Flush:
     rejected: int
     # Floors, at take(), of the streams this batch touched, and its rows that may be recent events: once
     # it is committed, these are the committed ones (every accepted value is in this batch or an earlier one).
-    floors: dict[str, int]
+    floors: Floors
     recent: list[RecentRows]
     # Every gap being read back at take(), complete: once this batch is committed, the gaps that a restart
     # must read again (these floors may be past them). A few per reconnected tag, none in the steady state.
@@ -83,15 +83,11 @@ class ColumnBuffer:
 
     def __init__(self, streams: dict[str, StreamInfo], event_filter: EventFilter | None = None):
         self.filter = event_filter if event_filter is not None else EventFilter()
-        self.index = TagIndex()
+        self.index = TagIndex(self.filter.floors.tags)  # the filter's tag ids: its floors are by id
         self.malformed = 0  # raw frames that did not decode (logged)
         for webid, info in streams.items():
             self.index.add(webid, info.path, info.uom)
         self.index.tag_columns(np.zeros(0, np.int32))  # the paths into Arrow now: the caller drops its own
-        # The filter's floors by tag id, for checks in bulk; the bulk path updates only this array, and
-        # ``sync_filter`` brings the filter's dict up to date before anything else reads it.
-        self._floors = np.full(0, _NO_FLOOR, np.int64)
-        self._stale: list[np.ndarray] = []
         self._next_sweep = 0.0
         self._reset()
 
@@ -178,11 +174,12 @@ class ColumnBuffer:
         ids, ts = columns.ids, columns.ts
         if filt.open_gaps() and filt.any_in_gap(list(map(self.index.webids.__getitem__, np.unique(ids).tolist()))):
             return False
-        floors = self._floor_array()
+        if not self.index.all_described(ids):  # streams no tag resolution named: their paths first
+            return False
+        floors = filt.floors.array()
         if not (ts > floors[ids]).all() or not _in_order(ids, ts):
             return False
         np.maximum.at(floors, ids, ts)
-        self._stale.append(ids)
         rows = RecentRows(ids, ts, columns.batch)
         filt.add_recent(RecentRows(ids, ts, columns.batch.select(_KEY_COLUMNS)))  # no copy
         self._bulk.append(rows)
@@ -190,26 +187,10 @@ class ColumnBuffer:
         self._bulk_bytes += buffered_bytes(columns.batch)
         return True
 
-    def _floor_array(self) -> np.ndarray:
-        """Floors by tag id, grown to the index (tags first seen value by value)."""
-        have, need = len(self._floors), len(self.index.webids)
-        if have < need:
-            floors = self.filter.floors
-            grown = [floors.get(w, _NO_FLOOR) for w in self.index.webids[have:]]
-            self._floors = np.concatenate([self._floors, np.array(grown, np.int64)])
-        return self._floors
-
     def sync_filter(self) -> None:
-        """The floors the bulk path raised, and its recent events, into the filter's own records."""
-        self._sync_floors()
+        """The recent events the bulk path accepted, into the filter's own records (its floors are
+        raised in place)."""
         self.filter.sync_recent()
-
-    def _sync_floors(self) -> None:
-        if self._stale:
-            ids = self._distinct_ids(self._stale)
-            self._stale = []
-            webids = map(self.index.webids.__getitem__, ids)
-            self.filter.floors.update(zip(webids, self._floors[ids].tolist(), strict=True))
 
     def _tag_marks(self, chunks: list[np.ndarray], also: np.ndarray | None = None) -> np.ndarray:
         """A mark per tag id found in ``chunks`` (or marked in ``also``): linear, unlike sorting."""
@@ -219,16 +200,6 @@ class ColumnBuffer:
         for ids in chunks:
             seen[ids] = True
         return seen
-
-    def _distinct_ids(self, chunks: list[np.ndarray], also: np.ndarray | None = None) -> list[int]:
-        """The tag ids in ``chunks`` (and those marked in ``also``), each once."""
-        return np.flatnonzero(self._tag_marks(chunks, also)).tolist()
-
-    def _refresh_floor(self, webid: str) -> None:
-        """After the value-by-value path: its floor for the bulk checks."""
-        tag_id = self.index.ids.get(webid)
-        if tag_id is not None and tag_id < len(self._floors):
-            self._floors[tag_id] = self.filter.floors.get(webid, _NO_FLOOR)
 
     def connected(self, webids: list[str]) -> None:
         """A channel (re)connected: its tags wait for their first live value (see ``EventFilter``)."""
@@ -279,18 +250,15 @@ class ColumnBuffer:
         webid = stream.web_id or ""
         path, uom = self._describe(webid, stream)
         self.sync_filter()
-        try:
-            if not self.filter.in_gap(webid):
-                self._add_live_steady(webid, path, uom, stream, received_us)
-                return None
-            rows = self._rows(path, stream)
-            gap = self.filter.first_live(webid, [r.key for r in rows]) if self.filter.awaiting(webid) else None
-            for row in rows:
-                if self.filter.accept_live(webid, row.key):
-                    self._append(webid, row, uom, received_us)
-            return gap
-        finally:
-            self._refresh_floor(webid)
+        if not self.filter.in_gap(webid):
+            self._add_live_steady(webid, path, uom, stream, received_us)
+            return None
+        rows = self._rows(path, stream)
+        gap = self.filter.first_live(webid, [r.key for r in rows]) if self.filter.awaiting(webid) else None
+        for row in rows:
+            if self.filter.accept_live(webid, row.key):
+                self._append(webid, row, uom, received_us)
+        return gap
 
     def add_gap(self, stream: StreamValues, received_us: int) -> None:
         """Append recorded values read back for a gap; only those inside the gap's window count."""
@@ -300,7 +268,6 @@ class ColumnBuffer:
         for row in self._rows(path, stream):
             if self.filter.accept_gap(webid, row.key):
                 self._append(webid, row, uom, received_us)
-        self._refresh_floor(webid)
 
     def _add_live_steady(self, webid: str, path: str, uom: str | None, stream: StreamValues,
                          received_us: int) -> None:
@@ -371,12 +338,12 @@ class ColumnBuffer:
 
     def _describe(self, webid: str, stream: StreamValues) -> tuple[str, str | None]:
         """The tag's path and default units, from tag resolution (the message's own units win)."""
-        known = self.index.ids.get(webid)
+        known = self.index.described(webid)
         if known is None:
             path = stream.path or webid
             self.index.add(webid, path, stream.units_abbreviation)
             return path, stream.units_abbreviation
-        return self.index.path(known), stream.units_abbreviation or self.index.uoms[known]
+        return self.index.path(known) or webid, stream.units_abbreviation or self.index.uoms[known]
 
     def _append(self, webid: str, row: _Row, uom: str | None, received_us: int) -> None:
         self.filter.advance(webid, row.key)
@@ -408,7 +375,7 @@ class ColumnBuffer:
         parts = self._held_parts()
         self._spilled_tags = self._tag_marks([p.ids for p in parts], also=self._spilled_tags)
         self._spilled_recent = recent_chunks(self._spilled_recent + _keys_only(parts), self.filter.lookback_us,
-                                             self._floor_array())
+                                             self.filter.floors.array())
         rows = pa.Table.from_batches([p.data for p in parts], schema=BUFFER_SCHEMA)
         self._spilled_rows += rows.num_rows
         self._reset_rows()
@@ -421,13 +388,10 @@ class ColumnBuffer:
             return None
         parts = self._held_parts()
         batch = pa.Table.from_batches([p.data for p in parts], schema=BUFFER_SCHEMA)
-        self._sync_floors()  # the recent events stay pending until a value-by-value step needs them
-        filt = self.filter
-        floors_by_id = self._floor_array()
+        filt = self.filter  # its recent events stay pending until a value-by-value step needs them
+        floors_by_id = filt.floors.array()
         recent = recent_chunks(self._spilled_recent + _keys_only(parts), filt.lookback_us, floors_by_id)
-        touched = self._distinct_ids([p.ids for p in parts], also=self._spilled_tags)
-        webids = list(map(self.index.webids.__getitem__, touched))
-        floors = dict(zip(webids, map(filt.floors.__getitem__, webids), strict=True))
+        floors = filt.floors.only(self._tag_marks([p.ids for p in parts], also=self._spilled_tags))
         flush = Flush(batch, filt.stats.repeats_dropped - self._repeats_at_reset, self._rejected, floors, recent,
                       filt.open_windows(), spilled_rows=self._spilled_rows)
         filt.prune_pending(floors_by_id)

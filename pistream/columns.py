@@ -9,7 +9,7 @@ value-by-value path, which handles everything.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import attrgetter, is_not, itemgetter
 from typing import Any
@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .floors import TagIds
 from .messages import StreamValues, classify_value, flag
 from .schema import BUFFER_SCHEMA
 from .timeutil import TIMESTAMP_US, to_us
@@ -44,33 +45,62 @@ except ImportError:  # pragma: no cover - exercised where the extension is not b
 FRAME_CODEC = _framecodec is not None
 
 
-@dataclass
 class TagIndex:
     """Small integer ids for streams, so that per-value work is array work: id -> webid, path, units.
+    The ids are the exactly-once filter's (``TagIds``, shared), which may also know tags that no stream
+    describes here (floors saved for tags no longer listed): those have no path until one is added.
     Paths are kept as one Arrow array only (the tag column's dictionary): as Python strs they were ~7 MB
     at 100,000 tags, and only the value-by-value path looks one up."""
 
-    ids: dict[str, int] = field(default_factory=dict)
-    webids: list[str] = field(default_factory=list)
-    uoms: list[str | None] = field(default_factory=list)
-    _paths: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
-    _new_paths: list[str] = field(default_factory=list)  # added since ``_paths`` was last built
-    _webid_array: pa.Array | None = None
-    _uom_array: pa.Array | None = None
-    _units: dict[str, str] = field(default_factory=dict)  # one str per distinct unit (100k tags, a few units)
+    def __init__(self, tags: TagIds | None = None) -> None:
+        self.tags = tags if tags is not None else TagIds()
+        self.ids = self.tags.ids  # webid -> id (the C codec reads this dict)
+        self.webids = self.tags.webids
+        self.uoms: list[str | None] = []  # by id, like the paths
+        self._paths: pa.Array = pa.array([], pa.string())
+        self._new_paths: list[str | None] = []  # ids from len(_paths) on, added since it was last built
+        self._webid_array: pa.Array | None = None
+        self._uom_array: pa.Array | None = None
+        self._units: dict[str, str] = {}  # one str per distinct unit (100k tags, a few units)
+        self._holes: set[int] = set()  # ids below len(uoms) without a path
+
+    def all_described(self, ids: np.ndarray) -> bool:
+        """Whether every one of these ids has a path (else their rows take the value-by-value path)."""
+        if not len(ids):
+            return True
+        if int(ids.max()) >= len(self.uoms):
+            return False
+        return not self._holes or not np.isin(ids, list(self._holes)).any()
+
+    def described(self, webid: str) -> int | None:
+        """The tag's id if a path was added for it."""
+        tag_id = self.ids.get(webid)
+        if tag_id is None or tag_id >= len(self.uoms) or self.path(tag_id) is None:
+            return None
+        return tag_id
 
     def add(self, webid: str, path: str, uom: str | None) -> int:
-        known = self.ids.get(webid)
+        known = self.described(webid)
         if known is not None:
             return known
-        self.ids[webid] = n = len(self.webids)
-        self.webids.append(webid)
-        self._new_paths.append(path)
-        self.uoms.append(self._units.setdefault(uom, uom) if uom else uom)
+        n = self.tags.add(webid)
+        if n >= len(self.uoms):  # ids between, registered by the filter: no path yet
+            self._holes.update(range(len(self.uoms), n))
+            self._new_paths.extend([None] * (n + 1 - len(self.uoms)))
+            self.uoms.extend([None] * (n + 1 - len(self.uoms)))
+        self._holes.discard(n)
+        built = len(self._paths)
+        if n >= built:
+            self._new_paths[n - built] = path
+        else:  # a tag known before without a path (rare): the array is built again
+            paths = self._paths.to_pylist()
+            paths[n] = path
+            self._paths = pa.array(paths, pa.string())
+        self.uoms[n] = self._units.setdefault(uom, uom) if uom else uom
         self._webid_array = self._uom_array = None
         return n
 
-    def path(self, tag_id: int) -> str:
+    def path(self, tag_id: int) -> str | None:
         built = len(self._paths)
         return self._paths[tag_id].as_py() if tag_id < built else self._new_paths[tag_id - built]
 
@@ -87,11 +117,11 @@ class TagIndex:
         return self._uom_array
 
     def tag_columns(self, ids: np.ndarray) -> tuple[pa.DictionaryArray, pa.DictionaryArray]:
-        """The tag and tag_webid columns of rows with these ids (int32): the ids over the index's paths
-        and webids, no text copied."""
+        """The tag and tag_webid columns of rows with these ids (int32, of described tags): the ids over
+        the index's paths and webids, no text copied."""
         paths = self._path_array()
         if self._webid_array is None:
-            self._webid_array = pa.array(self.webids, pa.string())
+            self._webid_array = pa.array(self.webids[:len(paths)], pa.string())
         id_array = pa.array(ids, pa.int32())
         return (pa.DictionaryArray.from_arrays(id_array, paths, safe=False),
                 pa.DictionaryArray.from_arrays(id_array, self._webid_array, safe=False))

@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .floors import Floors
 from .schema import EVENT_KEY, TABLE_SCHEMA
 from .timeutil import TIMESTAMP_US
 
@@ -120,7 +121,7 @@ class EventFilter:
     """Per-tag floors, recent events and gap windows; owned by the flusher, persisted by the state store."""
 
     lookback_us: int = 0
-    floors: dict[str, int] = field(default_factory=dict)
+    floors: Floors = field(default_factory=Floors)
     # Lists, not deques: a deque is ~600 bytes even when it holds 2 events, and there is one per tag.
     recent: dict[str, list[EventKey]] = field(default_factory=dict)
     _awaiting: dict[str, _Window] = field(default_factory=dict)
@@ -140,11 +141,11 @@ class EventFilter:
     def copy(self) -> EventFilter:
         """Floors and recent events only (no windows): the flusher starts from the committed state."""
         self.sync_recent()
-        return EventFilter(self.lookback_us, dict(self.floors), {w: list(k) for w, k in self.recent.items()})
+        return EventFilter(self.lookback_us, self.floors.copy(), {w: list(k) for w, k in self.recent.items()})
 
-    def merge(self, floors: dict[str, int], recent: list[RecentRows]) -> None:
+    def merge(self, floors: Floors, recent: list[RecentRows]) -> None:
         """Take over a committed batch's floors (of the streams it touched) and its newest rows."""
-        self.floors.update(floors)
+        self.floors.update_from(floors)
         for rows in recent:
             self.add_recent(rows)
 
@@ -203,22 +204,23 @@ class EventFilter:
         lookback = self.lookback_us
         for rows in pending:
             webids = rows.data.column("tag_webid").to_pylist()
-            floors = np.fromiter(map(self.floors.__getitem__, webids), np.int64, len(webids))
+            floors = self.floors.of(webids)
             keep = np.flatnonzero(rows.ts >= floors - lookback)
             if not len(keep):
                 continue
             data = rows.data.take(pa.array(keep))
             columns = [data.column(name).to_pylist() for name in EVENT_KEY[2:]]
             recent_of = self.recent
-            for webid, *key in zip(data.column("tag_webid").to_pylist(), rows.ts[keep].tolist(), *columns,
-                                   strict=True):
+            horizons = (floors[keep] - lookback).tolist()
+            for webid, horizon, *key in zip(data.column("tag_webid").to_pylist(), horizons, rows.ts[keep].tolist(),
+                                            *columns, strict=True):
                 value = key[1]
                 if value != value:  # NaN: the key must compare equal to itself
                     key[1] = "NaN"
                 recent = recent_of.get(webid)
                 if recent is None:
                     recent = recent_of[webid] = []
-                drop_older(recent, self.floors[webid] - lookback)
+                drop_older(recent, horizon)
                 recent.append(tuple(key))
 
     # -- connections and gaps -------------------------------------------------------------------------

@@ -134,9 +134,10 @@ def recover_floors(sink: DeltaSink, store: StateStore, lookback_us: int) -> tupl
         return loaded[0], txn_version
     base = EventFilter(lookback_us)
     since = None
-    if loaded is not None and loaded[1] < txn_version and loaded[0].floors:
+    lowest = loaded[0].floors.lowest() if loaded is not None else None
+    if loaded is not None and loaded[1] < txn_version and lowest is not None:
         base = loaded[0]
-        since = (EPOCH + timedelta(microseconds=min(base.floors.values()) - lookback_us)).date()
+        since = (EPOCH + timedelta(microseconds=lowest - lookback_us)).date()
     if txn_version == 0 and sink.table.version() == 0:
         return base, txn_version  # a new table: nothing to read
     advance_from_rows(base, sink.read_event_keys(since))

@@ -82,8 +82,8 @@ class StateStore:
 
     def save(self, committed: EventFilter, txn_version: int) -> None:
         events = committed.recent_rows()
-        floors = pa.table({"tag_webid": pa.array(list(committed.floors), pa.string()),
-                           "floor": pa.array(list(committed.floors.values()), pa.int64())})
+        webids, values = committed.floors.columns()
+        floors = pa.table({"tag_webid": pa.array(webids, pa.string()), "floor": pa.array(values, pa.int64())})
         metadata = {"format": str(FORMAT), "table": self.table_uri, "app_id": self.app_id,
                     "txn_version": str(txn_version), "lookback_us": str(committed.lookback_us)}
         schema = FILE_SCHEMA.with_metadata(metadata)
@@ -141,8 +141,7 @@ class StateStore:
         result = EventFilter(lookback_us)
         is_floor = pc.is_valid(data.column("floor"))
         floors = data.filter(is_floor)
-        result.floors = dict(zip(floors.column("tag_webid").to_pylist(), floors.column("floor").to_pylist(),
-                                 strict=True))
+        result.floors.set_many(floors.column("tag_webid").to_pylist(), floors.column("floor").to_numpy())
         events = data.filter(pc.invert(is_floor)).sort_by([("tag_webid", "ascending"), ("timestamp", "ascending")])
         columns = [pc.cast(events.column("timestamp"), pa.int64()).to_pylist()]
         columns += [events.column(name).to_pylist() for name in EVENT_KEY[2:]]
