@@ -671,18 +671,18 @@ nomem:
     return NOMEM;
 }
 
-/* webid -> id without a Python object per stream: a table of the raw webid bytes seen before, filled
- * from the `ids` dict (webid text -> id) on a miss and emptied whenever a different dict (or one of
- * another size) comes. Entries may be added to the dict (TagIndex grows), never changed or removed. */
+/* webid -> id without a Python object per stream: an open-addressing table over the `ids` dict's own key
+ * strings (a reference to each, no copy: 16 bytes per slot), filled from the whole dict whenever a
+ * different dict (or one of another size) comes. Entries may be added to the dict (TagIds grows), never
+ * changed or removed. Keys that are not compact ASCII strs (never webIds) are left out: a miss. */
 typedef struct {
-    char *key; /* malloc'd copy, NULL = empty */
-    Py_ssize_t len;
-    uint64_t hash;
-    long id;
+    PyObject *key; /* NULL = empty */
+    uint32_t hash;
+    int32_t id;
 } IdSlot;
 
 static IdSlot *id_slots;
-static size_t id_capacity, id_used;
+static size_t id_capacity;
 static PyObject *id_dict; /* a strong reference: its address cannot be reused while the table is for it */
 static Py_ssize_t id_dict_size;
 
@@ -702,45 +702,49 @@ static uint64_t hash_bytes(const char *s, Py_ssize_t n) {
     return h ^ (h >> 29);
 }
 
+/* With the GIL (it drops references). */
 static void id_cache_clear(void) {
-    for (size_t i = 0; i < id_capacity; i++) free(id_slots[i].key);
+    for (size_t i = 0; i < id_capacity; i++) Py_XDECREF(id_slots[i].key);
     free(id_slots);
     id_slots = NULL;
-    id_capacity = id_used = 0;
+    id_capacity = 0;
 }
 
-static int id_cache_insert(const char *s, Py_ssize_t n, uint64_t h, long id) {
-    if (2 * (id_used + 1) > id_capacity) { /* grow: rehash the copies */
-        size_t capacity = id_capacity ? 2 * id_capacity : 1024;
-        IdSlot *slots = calloc(capacity, sizeof(IdSlot));
-        if (!slots) return 0;
-        for (size_t i = 0; i < id_capacity; i++) {
-            if (!id_slots[i].key) continue;
-            size_t j = id_slots[i].hash & (capacity - 1);
-            while (slots[j].key) j = (j + 1) & (capacity - 1);
-            slots[j] = id_slots[i];
+/* With the GIL: the table for every compact ASCII key of `ids_of` with an int id; 0 if out of memory. */
+static int id_cache_fill(PyObject *ids_of) {
+    size_t capacity = 1024;
+    while (capacity < 2 * (size_t)PyDict_GET_SIZE(ids_of)) capacity *= 2; /* at most half full */
+    IdSlot *slots = calloc(capacity, sizeof(IdSlot));
+    if (!slots) return 0;
+    id_slots = slots;
+    id_capacity = capacity;
+    Py_ssize_t pos = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(ids_of, &pos, &key, &value)) {
+        if (!PyUnicode_Check(key) || !PyUnicode_IS_COMPACT_ASCII(key) || !PyLong_Check(value)) continue;
+        long id = PyLong_AsLong(value);
+        if (id < 0 || id > INT32_MAX) {
+            PyErr_Clear();
+            continue;
         }
-        free(id_slots);
-        id_slots = slots;
-        id_capacity = capacity;
+        uint32_t h = (uint32_t)hash_bytes((const char *)PyUnicode_DATA(key), PyUnicode_GET_LENGTH(key));
+        size_t j = h & (capacity - 1);
+        while (slots[j].key) j = (j + 1) & (capacity - 1);
+        slots[j] = (IdSlot){Py_NewRef(key), h, (int32_t)id};
     }
-    char *key = malloc((size_t)n + 1);
-    if (!key) return 0;
-    memcpy(key, s, (size_t)n);
-    size_t j = h & (id_capacity - 1);
-    while (id_slots[j].key) j = (j + 1) & (id_capacity - 1);
-    id_slots[j] = (IdSlot){key, n, h, id};
-    id_used++;
     return 1;
 }
 
-/* The table's id for a webid, or -1 (no GIL needed; the table only changes under the parse lock). */
+/* The table's id for a webid, or -1 (no GIL needed: the table and its strings only change under the parse
+ * lock, and a str's text never changes). */
 static long cached_id(const char *s, Py_ssize_t n) {
     if (!id_capacity) return -1;
-    uint64_t h = hash_bytes(s, n);
-    for (size_t j = h & (id_capacity - 1); id_slots[j].key; j = (j + 1) & (id_capacity - 1))
-        if (id_slots[j].hash == h && id_slots[j].len == n && memcmp(id_slots[j].key, s, (size_t)n) == 0)
+    uint32_t h = (uint32_t)hash_bytes(s, n);
+    for (size_t j = h & (id_capacity - 1); id_slots[j].key; j = (j + 1) & (id_capacity - 1)) {
+        PyObject *key = id_slots[j].key;
+        if (id_slots[j].hash == h && PyUnicode_GET_LENGTH(key) == n && memcmp(PyUnicode_DATA(key), s, (size_t)n) == 0)
             return id_slots[j].id;
+    }
     return -1;
 }
 
@@ -757,21 +761,19 @@ static int resolve_id(PyObject *ids_of, const char *s, Py_ssize_t n, long *id) {
     if (!found) return PyErr_Occurred() ? NOMEM : SLOW;
     *id = PyLong_AsLong(found);
     if (*id == -1 && PyErr_Occurred()) return NOMEM;
-    if (!id_cache_insert(s, n, hash_bytes(s, n), *id)) {
-        PyErr_NoMemory();
-        return NOMEM;
-    }
     return OK;
 }
 
-/* The id cache belongs to one dict at a time. */
-static void use_ids(PyObject *ids_of) {
-    if (ids_of != id_dict || PyDict_GET_SIZE(ids_of) != id_dict_size) {
+/* The id table belongs to one dict at a time; with the GIL. 0 if out of memory. */
+static int use_ids(PyObject *ids_of) {
+    if (ids_of != id_dict || PyDict_GET_SIZE(ids_of) != id_dict_size || !id_capacity) {
         id_cache_clear();
         Py_INCREF(ids_of);
         Py_XSETREF(id_dict, ids_of);
         id_dict_size = PyDict_GET_SIZE(ids_of);
+        return id_cache_fill(ids_of);
     }
+    return 1;
 }
 
 static int parse_stream(Cur *c, Out *out, int64_t received) {
@@ -968,7 +970,11 @@ static PyObject *parse(PyObject *self, PyObject *args) {
         PyThread_acquire_lock(parse_lock, WAIT_LOCK);
         Py_END_ALLOW_THREADS
     }
-    use_ids(ids_of);
+    if (!use_ids(ids_of)) {
+        PyThread_release_lock(parse_lock);
+        PyErr_NoMemory();
+        goto done;
+    }
     {
         Py_BEGIN_ALLOW_THREADS /* the scan itself: other threads (the readers) run meanwhile */
         for (Py_ssize_t i = 0; i < count && r == OK; i++) r = parse_frame(texts[i], sizes[i], out, when[i]);

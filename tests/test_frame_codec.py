@@ -127,3 +127,16 @@ def test_a_malformed_raw_frame_is_logged_and_counted_and_the_rest_of_the_batch_g
     count, _ = buffer.add_live_batch([Live(1, None, b'{"Items":[{"WebId":', "ch-1"), Live(2, None, frame.encode())])
     assert count == 1 and buffer.malformed == 1
     assert buffer.take().batch.column("value").to_pylist() == [1.5]
+
+
+def test_every_webid_of_a_large_index_maps_to_its_id_also_one_that_is_not_ascii():
+    """The codec's table refers to the index's own webId strings; one that is not ASCII is looked up in
+    the dict instead."""
+    index = TagIndex()
+    webids = [f"F1DP{i:06d}" for i in range(5000)] + ["Wé"]
+    for webid in webids:
+        index.add(webid, "P" + webid, None)
+    stream = '{"WebId":"%s","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1}]}'
+    frame = '{"Items":[' + ",".join(stream % w for w in reversed(webids)) + "]}"
+    taken = extract_frames([frame], [7], index)
+    assert taken is not None and taken.ids.tolist() == list(range(5000, -1, -1))
