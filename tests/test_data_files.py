@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from conftest import duckdb_delta_connection
 from deltalake import DeltaTable
 
+from pistream import datafiles
 from pistream.datafiles import file_stats
 from pistream.schema import TABLE_SCHEMA
 from pistream.sink import DeltaSink, local_folder, table_files
@@ -164,6 +165,59 @@ def test_files_hold_only_the_tags_their_rows_use(tmp_path):
     assert got.column("tag_webid").to_pylist() == batch.column("tag_webid").cast(pa.string()).to_pylist()
     total = sum(add["size"] for add in log_adds(tmp_path / "t", 1))
     assert total < 20_000  # 50,000 tags' text would be ~800 kB
+
+
+def tag_batch(ids: list[int], tags: int, hour: int = 12) -> pa.Table:
+    """Rows of ``tags`` tags (ids into them, as the buffer keeps them), one second apart."""
+    paths = pa.array([f"\\\\pi\\tag{i:02d}" for i in range(tags)])
+    webids = pa.array([f"W{i:02d}" for i in range(tags)])
+    n = len(ids)
+    times = [START.replace(hour=hour) + timedelta(seconds=i) for i in range(n)]
+    return pa.table({
+        "tag": pa.DictionaryArray.from_arrays(pa.array(ids, pa.int32()), paths),
+        "tag_webid": pa.DictionaryArray.from_arrays(pa.array(ids, pa.int32()), webids),
+        "timestamp": pa.array(times, TABLE_SCHEMA.field("timestamp").type),
+        "value": [float(i) for i in range(n)],
+        "value_text": pa.nulls(n, pa.string()),
+        "state_code": pa.nulls(n, pa.int32()),
+        "system_state": [False] * n,
+        "uom": pa.DictionaryArray.from_arrays(pa.array([i % 2 for i in range(n)], pa.int32()), pa.array(["m", "s"])),
+        "good": [True] * n, "questionable": [False] * n, "substituted": [False] * n, "annotated": [False] * n,
+        "received_timestamp": pa.array(times, TABLE_SCHEMA.field("received_timestamp").type),
+        "partition_date": pa.array([t.date() for t in times], pa.date32()),
+    })
+
+
+def test_tag_columns_of_a_file_over_many_tags_that_repeat_little_are_written_plain(tmp_path, monkeypatch):
+    """Parquet materialises a large tag dictionary's text whole; such files get plain tag columns in row
+    groups. Both readers read the rows back the same; a file whose tags repeat keeps its dictionary pages."""
+    monkeypatch.setattr(datafiles, "MANY_TAGS", 4)
+    monkeypatch.setattr(datafiles, "PLAIN_TAGS_ROW_GROUP", 5)
+    sink = DeltaSink(str(tmp_path / "t"), "app")
+    sink.open()
+    little = tag_batch([9, 0, 5, 3, 9, 4, 1, 8, 2, 7, 6, 0], tags=10)  # 1.2 rows per tag
+    repeating = tag_batch([i % 5 for i in range(40)], tags=10, hour=13)  # 5 tags used (the file's dictionary), 8 rows each
+    sink.commit(little, 1)
+    sink.commit(repeating, 2)
+    for version, batch, plain in ((1, little, True), (2, repeating, False)):
+        (add,) = log_adds(tmp_path / "t", version)
+        meta = pq.ParquetFile(tmp_path / "t" / add["path"]).metadata
+        assert meta.num_rows == batch.num_rows and meta.num_row_groups == (3 if plain else 1)
+        for name in ("tag", "tag_webid"):
+            column = meta.row_group(0).column(meta.schema.names.index(name))
+            assert column.has_dictionary_page is not plain, name
+        uom = meta.row_group(0).column(meta.schema.names.index("uom"))
+        assert uom.has_dictionary_page  # units repeat: dictionary-encoded either way
+    expected = pa.concat_tables([little, repeating]).cast(TABLE_SCHEMA).to_pylist()
+    got = DeltaTable(str(tmp_path / "t")).to_pyarrow_table().sort_by("timestamp")
+    _assert_same_rows(got.to_pylist(), expected)
+    con = duckdb_delta_connection()
+    try:
+        by_duckdb = con.execute(f"SELECT tag, tag_webid, value, uom FROM delta_scan('{tmp_path / 't'}') "
+                                "ORDER BY timestamp").fetchall()
+    finally:
+        con.close()
+    assert by_duckdb == [(r["tag"], r["tag_webid"], r["value"], r["uom"]) for r in expected]
 
 
 def test_local_tables_get_arrow_s_file_system_and_the_others_delta_rs_s(tmp_path):
