@@ -75,7 +75,7 @@ class TagIndex:
     def described(self, webid: str) -> int | None:
         """The tag's id if a path was added for it."""
         tag_id = self.ids.get(webid)
-        if tag_id is None or tag_id >= len(self.uoms) or self.path(tag_id) is None:
+        if tag_id is None or tag_id >= len(self.uoms) or tag_id in self._holes:
             return None
         return tag_id
 
