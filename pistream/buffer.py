@@ -203,7 +203,6 @@ class ColumnBuffer:
 
     def connected(self, webids: list[str]) -> None:
         """A channel (re)connected: its tags wait for their first live value (see ``EventFilter``)."""
-        self.sync_filter()
         self.filter.connected(webids)
 
     def _decode(self, item: Live) -> StreamSetMessage | None:

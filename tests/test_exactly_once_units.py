@@ -280,17 +280,40 @@ def test_recent_events_that_fell_out_of_the_look_back_are_forgotten_with_their_t
 
 
 def test_the_flusher_does_not_keep_every_tag_s_events_from_a_reconnect():
-    """A reconnect sorts every pending bulk event into per-tag lists; a tag that then moves on in bulk never
-    touches its list again, so a take sweeps it (100,000 tags kept ~100k stale lists before)."""
+    """A value taken value by value sorts every pending bulk event into per-tag lists; a tag that then moves
+    on in bulk never touches its list again, so a take sweeps it (100,000 tags kept ~100k stale lists before)."""
     buffer = bulk_buffer(lookback_us=50)
     buffer.add_live_batch([live(("A", 100, 1.0), ("B", 100, 1.0))])
-    buffer.connected(["A"])  # A's channel reconnected: every pending event is sorted in, B's too
-    assert set(buffer.filter.recent) == {"A", "B"}
+    buffer.connected(["A"])
+    _, gaps = buffer.add_live_batch([live(("A", 300, 2.0))])  # A's first live value: value by value
+    assert gaps == [GapRequest("A", 50, 300)] and set(buffer.filter.recent) == {"A", "B"}
     buffer.add_live_batch([live(("B", 400, 3.0))])
-    assert buffer._bulk_rows == 3 and not buffer.tag_webid  # B moved on in bulk
+    assert buffer._bulk_rows == 3 and buffer.tag_webid == ["A"]  # B moved on in bulk
     buffer.take()
     assert "B" not in buffer.filter.recent
-    assert buffer.filter.recent["A"] == [key(100)]  # A is awaiting its first live value: kept
+    assert buffer.filter.recent["A"] == [key(300, 2.0)]
+
+
+def test_a_connect_looks_only_at_its_own_tags_pending_events():
+    """Connecting channels at startup used to sort every tag's pending bulk events into Python lists, held
+    until the next commit (~600,000 objects at 100,000 tags); a connect now reads only its tags' events."""
+    buffer = bulk_buffer(lookback_us=50)
+    buffer.add_live_batch([live(("A", 100, 1.0), ("B", 100, 1.0)), live(("A", 120, 2.0), ("B", 130, 4.0))])
+    buffer.add_live_batch([live(("A", 200, 3.0), ("B", 140, 5.0))])
+    buffer.connected(["C"])  # no floor: nothing to wait for, nothing read
+    assert buffer.filter.open_gaps() == 0
+    buffer.connected(["B"])
+    assert buffer.filter.recent == {} and buffer.filter._pending_rows == 6  # nothing sorted in
+    window = buffer.filter._awaiting["B"]
+    assert window.start_us == 140 - 50 and window.known == {key(100, 1.0), key(130, 4.0), key(140, 5.0)}
+    assert "A" not in buffer.filter._awaiting
+    # B's gap then drops what the buffer has already and takes what it missed
+    _, gaps = buffer.add_live_batch([live(("B", 300, 6.0))])
+    assert gaps == [GapRequest("B", 90, 300)]
+    buffer.add_gap(StreamValues(web_id="B", items=[TimedValue(timestamp=format_iso(t), value=v, good=True)
+                                                   for t, v in ((130, 4.0), (140, 5.0), (150, 9.0), (300, 6.0))]),
+                   0)
+    assert sorted(buffer.timestamp) == [150, 300]
 
 
 def test_a_take_after_spills_describes_the_whole_batch():
