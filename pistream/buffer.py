@@ -85,11 +85,15 @@ class ColumnBuffer:
         self.filter = event_filter if event_filter is not None else EventFilter()
         self.index = TagIndex(self.filter.floors.tags)  # the filter's tag ids: its floors are by id
         self.malformed = 0  # raw frames that did not decode (logged)
-        for webid, info in streams.items():
-            self.index.add(webid, info.path, info.uom)
-        self.index.tag_columns(np.zeros(0, np.int32))  # the paths into Arrow now: the caller drops its own
+        self.describe(list(streams), [s.path for s in streams.values()], [s.uom for s in streams.values()])
         self._next_sweep = 0.0
         self._reset()
+
+    def describe(self, webids: list[str], paths: list[str], uoms: list[str | None]) -> None:
+        """Streams known from tag resolution (parallel lists), before any of their values arrive."""
+        for webid, path, uom in zip(webids, paths, uoms, strict=True):
+            self.index.add(webid, path, uom)
+        self.index.tag_columns(np.zeros(0, np.int32))  # the paths into Arrow now: the caller drops its own
 
     def _reset(self) -> None:
         self._reset_rows()

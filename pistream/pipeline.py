@@ -19,7 +19,7 @@ import structlog
 import trio
 
 from .auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, OidcClientCredentials
-from .buffer import ColumnBuffer, Flush, Spill, StreamInfo
+from .buffer import ColumnBuffer, Flush, Spill
 from .channel import ChannelReader, receive_buffer_size, shard_webids
 from .config import Settings, auth_kind
 from .dedup import EventFilter, EventKey, GapRequest, advance_from_rows, row_keys
@@ -28,7 +28,7 @@ from .flow import Incoming
 from .flusher import Flusher
 from .gapfill import GapFiller, GapQueue
 from .heap import use_returning_arrow_pool
-from .piwebapi import PiWebApi, ResolvedTag, unknown_tags_error
+from .piwebapi import PiWebApi, ResolvedTags, unknown_tags_error
 from .sink import DeltaSink
 from .state import StateStore, state_path
 from .tags import read_tags_file
@@ -64,7 +64,7 @@ def default_app_id() -> str:
 
 
 async def resolve_tags(api: PiWebApi, paths: list[str], skip_unknown: bool, state_dir: str
-                       ) -> list[ResolvedTag]:
+                       ) -> ResolvedTags:
     await api.check_root()
     resolved, unknown = await api.resolve(paths)
     if unknown:
@@ -75,7 +75,7 @@ async def resolve_tags(api: PiWebApi, paths: list[str], skip_unknown: bool, stat
         except OSError:
             listing = None  # type: ignore[assignment]
         error = unknown_tags_error(unknown, len(paths), str(listing) if listing else None)
-        if not skip_unknown or not resolved:
+        if not skip_unknown or not len(resolved):
             raise error
         log.warning("tags_skipped", count=len(unknown), first=unknown[:5], listing=str(listing))
     return resolved
@@ -193,8 +193,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
     tag_list = read_tags_file(settings.tags, settings.server)
     if tag_list.duplicates:
         log.warning("tags_duplicated", count=len(tag_list.duplicates),
-                    first=[f"line {d.line}: {d.path}" for d in tag_list.duplicates[:5]])
-    paths = [t.path for t in tag_list.tags]
+                    first=[f"line {line}: {path}" for line, path in tag_list.duplicates[:5]])
+    paths = tag_list.paths
     kind = auth_kind(settings)
 
     app_id = settings.app_id or default_app_id()
@@ -219,10 +219,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
             committed, txn_version = await trio.to_thread.run_sync(
                 recover_floors, sink, store, int(settings.reread_seconds * 1_000_000))
             open_gaps = await trio.to_thread.run_sync(recover_open_gaps, sink, store)
-            streams = {t.webid: StreamInfo(t.path, t.webid, t.uom) for t in resolved}
-            shards = shard_webids(url, list(streams), settings.max_url_length)
+            shards = shard_webids(url, resolved.webids, settings.max_url_length)
             tag_count = len(resolved)
-            del tag_list, paths, resolved  # the streams keep what is needed (~20 MB at 100,000 tags)
             log.info("tags_resolved", tags=tag_count, channels=len(shards), table=sink.display_uri,
                      seconds=round(time.monotonic() - started, 3))
 
@@ -233,12 +231,15 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
             for gap, known in open_gaps.items():  # read again before the channels bring newer gaps
                 event_filter.reopen(gap, known)
                 gap_queue.put(gap)
-            flusher = Flusher(ColumnBuffer(streams, event_filter), message_recv, flush_send,
+            buffer = ColumnBuffer({}, event_filter)
+            buffer.describe(resolved.webids, resolved.paths, resolved.uoms)
+            del tag_list, paths, resolved  # the buffer's tag index keeps what is needed
+            flusher = Flusher(buffer, message_recv, flush_send,
                               max_rows=settings.flush_rows, max_bytes=settings.flush_bytes,
                               max_age=settings.flush_seconds, gap_queue=gap_queue)
             writer = CommitWriter(sink, flush_recv, txn_version=txn_version, committed=committed, state=store,
                                   open_gaps=open_gaps.keys())
-            del streams, open_gaps  # the buffer's tag index and the filter's windows have them now
+            del buffer, open_gaps  # the flusher and the filter's windows have them now
             gap_filler = GapFiller(api, gap_queue, message_send.clone())
             readers = [
                 ChannelReader(f"channel-{i}", url, shard, message_send.clone(), auth=auth, ssl_context=tls,

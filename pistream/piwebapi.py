@@ -33,15 +33,11 @@ REQUESTED_WITH = {"X-Requested-With": "pistream"}
 
 
 class PIPoint(msgspec.Struct, rename="pascal"):
-    """A PI point or an AF attribute, as ``points/multiple`` / ``attributes/multiple`` describe them."""
+    """A PI point or an AF attribute, as ``points/multiple`` / ``attributes/multiple`` describe them: only
+    the fields pistream uses are decoded (at 100,000 tags every other one was a str per tag)."""
 
     web_id: str | None = None
-    name: str | None = None
-    path: str | None = None
-    point_type: str | None = None
     engineering_units: str | None = None
-    digital_set_name: str | None = None
-    type: str | None = None  # attributes
     default_units_name_abbreviation: str | None = None  # attributes
 
 
@@ -63,15 +59,18 @@ _points_decoder = msgspec.json.Decoder(_PointsMultiple)
 _errors_decoder = msgspec.json.Decoder(_Errors)
 
 
-@dataclass(frozen=True)
-class ResolvedTag:
-    """A tag confirmed by the server: the WebID pistream subscribes with, and its metadata."""
+@dataclass
+class ResolvedTags:
+    """The tags the server confirmed, in the order listed: the WebIDs pistream subscribes with and their
+    units (one str per distinct unit). Parallel lists, not an object per tag: at 100,000 tags those were
+    ~500,000 small objects at startup, whose high-water mark pymalloc keeps for the whole run."""
 
-    path: str
-    webid: str
-    uom: str | None
-    point_type: str | None
-    digital_set: str | None
+    paths: list[str]
+    webids: list[str]
+    uoms: list[str | None]
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
 
 def _error_text(response: httpx.Response) -> str:
@@ -245,27 +244,31 @@ class PiWebApi:
         if chunk:
             yield chunk
 
-    async def resolve(self, paths: list[str], concurrency: int = 4) -> tuple[list[ResolvedTag], list[str]]:
+    async def resolve(self, paths: list[str], concurrency: int = 4) -> tuple[ResolvedTags, list[str]]:
         """Confirm client-computed path-only WebIDs in bulk, points and AF attributes alike, a few
         requests at a time; returns (resolved in the given order, unknown paths)."""
-        found: dict[str, ResolvedTag] = {}
+        webids: dict[str, str] = {}
+        uoms: dict[str, str | None] = {}
+        units: dict[str, str] = {}  # one str per distinct unit
         limiter = trio.CapacityLimiter(concurrency)
         points = [p for p in paths if "|" not in p]
         attributes = [p for p in paths if "|" in p]
 
         async def lookup(endpoint: str, chunk: list[str]) -> None:
             async with limiter:
-                found.update(await self._lookup(endpoint, chunk))
+                await self._lookup(endpoint, chunk, webids, uoms, units)
 
         async with trio.open_nursery() as nursery:
             for endpoint, group in (("points/multiple", points), ("attributes/multiple", attributes)):
                 for chunk in self._chunks(endpoint, group):
                     nursery.start_soon(lookup, endpoint, chunk)
-        resolved = [found[p] for p in paths if p in found]
-        unknown = [p for p in paths if p not in found]
-        return resolved, unknown
+        found = [p for p in paths if p in webids]
+        resolved = ResolvedTags(found, [webids[p] for p in found], [uoms[p] for p in found])
+        return resolved, [p for p in paths if p not in webids]
 
-    async def _lookup(self, endpoint: str, chunk: list[str]) -> dict[str, ResolvedTag]:
+    async def _lookup(self, endpoint: str, chunk: list[str], webids: dict[str, str],
+                      uoms: dict[str, str | None], units: dict[str, str]) -> None:
+        """Resolve one chunk of paths into ``webids`` and ``uoms`` (by path); unknown paths are left out."""
         params = [("webIdType", "PathOnly")] + [("path", p) for p in chunk]
         response = await self._get_with_retry(endpoint, params)
         if response.status_code not in (200, 207):
@@ -275,7 +278,6 @@ class PiWebApi:
         except msgspec.DecodeError as exc:
             raise ServerError(f"tag lookup answer is not PI Web API JSON: {exc}") from exc
         by_identifier = {(item.identifier or "").casefold(): item for item in items}
-        result = {}
         for path in chunk:
             item = by_identifier.get(path.casefold())
             if item is None or item.object is None:
@@ -284,14 +286,9 @@ class PiWebApi:
             webid = path_webid(path)
             if found.web_id and found.web_id != webid:
                 log.debug("webid_differs", tag=path, computed=webid, server=found.web_id)
-            result[path] = ResolvedTag(
-                path=path,
-                webid=webid,
-                uom=found.engineering_units or found.default_units_name_abbreviation or None,
-                point_type=found.point_type or found.type,
-                digital_set=found.digital_set_name or None,
-            )
-        return result
+            webids[path] = webid
+            uom = found.engineering_units or found.default_units_name_abbreviation or None
+            uoms[path] = units.setdefault(uom, uom) if uom else None
 
     async def _get_with_retry(self, path: str, params: list[tuple[str, str]],
                               attempts: int = 6) -> httpx.Response:

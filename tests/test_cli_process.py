@@ -37,11 +37,11 @@ def test_quick_start_job_writes_every_tag_and_exits_0(tmp_path):
     assert proc.returncode == 0, proc.stderr
     events = json_events(proc.stderr)  # not a terminal: JSON lines
     [summary] = [e for e in events if e["event"] == "pistream_stopped"]
-    tags = read_tags_file(EXAMPLE_TAGS).tags
+    tags = read_tags_file(EXAMPLE_TAGS).paths
     assert summary["tags"] == len(tags)
     assert summary["values_written"] == summary["values_received"] > 0
     per_tag = dict(duckdb_rows(table, "tag, count(*)", "GROUP BY tag"))
-    assert sorted(per_tag) == sorted(t.path for t in tags)
+    assert sorted(per_tag) == sorted(tags)
     assert all(n >= 4 for n in per_tag.values()), per_tag  # initial value + about one a second
 
 

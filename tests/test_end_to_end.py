@@ -21,9 +21,11 @@ from pistream.config import build_settings
 from pistream.errors import SinkError
 from pistream.flow import Live, LiveBatch
 from pistream.pipeline import run_pipeline
+from pistream.piwebapi import PiWebApi
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
 from pistream.sink import DeltaSink
+from pistream.webid import path_webid
 
 PATHS = [
     "\\\\SIMSRV\\SINUSOID", "\\\\SIMSRV\\CDT158", "\\\\SIMSRV\\PUMP01.MODE", "\\\\SIMSRV\\BATCH.ID",
@@ -195,6 +197,23 @@ async def test_unknown_tags_reported_together_and_skip_unknown_goes_on(tmp_path)
     assert f"and 3 more (all of them in {listing})" in str(error)
     assert listing.read_text().split() == wanted[2:]
     assert summary.tags == 2 and summary.values_written > 0
+
+
+async def test_resolution_keeps_the_listed_order_with_one_str_per_unit(tmp_path):
+    """Points and AF attributes, unknown paths among them: parallel lists in the listed order (no object per
+    tag), the client-computed WebIDs, and each distinct unit once."""
+    paths = [PATHS[0], "\\\\AF01\\DB\\Pump|Flow", PATHS[1], PATHS[7], "\\\\AF01\\DB\\Pump|Temperature"]
+    model = SimModel.from_paths(paths, rate=1)
+    wanted = [paths[0], "\\\\SIMSRV\\TYPO", *paths[1:3], "\\\\AF01\\DB\\Pump|Missing", *paths[3:]]
+    with trio.fail_after(30):
+        async with served(tmp_path, model) as (simulator, _), PiWebApi(simulator.url) as api:
+            resolved, unknown = await api.resolve(wanted)
+    assert resolved.paths == paths and len(resolved) == 5
+    assert unknown == ["\\\\SIMSRV\\TYPO", "\\\\AF01\\DB\\Pump|Missing"]
+    assert resolved.webids == [path_webid(p) for p in paths]
+    units = {t.path: t.units or None for t in model.tags}
+    assert resolved.uoms == [units[p] for p in paths] == ["degC"] * 5
+    assert len({id(u) for u in resolved.uoms}) == 1  # one str for the unit all five share
 
 
 async def test_a_channel_reader_holds_no_frame_while_it_awaits_the_next():

@@ -11,14 +11,12 @@ def test_windows_editor_file_with_bom_crlf_comments_spaces_and_duplicates(tmp_pa
         "CDT158\r\n\t\\\\AF01\\DB\\Pump|Flow\r\n".encode()
     )
     result = read_tags_file(path, default_server="PISRV01")
-    assert [t.path for t in result.tags] == [
+    assert result.paths == [
         "\\\\PISRV01\\SINUSOID",
         "\\\\PISRV01\\CDT158",
         "\\\\AF01\\DB\\Pump|Flow",
     ]
-    assert [t.line for t in result.tags] == [3, 5, 6]
-    assert [(d.line, d.path) for d in result.duplicates] == [(4, "\\\\pisrv01\\sinusoid")]
-    assert result.tags[2].is_attribute
+    assert result.duplicates == [(4, "\\\\pisrv01\\sinusoid")]
 
 
 def test_bare_name_without_server_names_the_line_and_the_fix():

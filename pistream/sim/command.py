@@ -40,7 +40,7 @@ def build_model(
         raise click.UsageError("give either --tags or --tags-file, not both")
     if tags_file is not None:
         try:
-            paths = [spec.path for spec in read_tags_file(tags_file, server).tags]
+            paths = read_tags_file(tags_file, server).paths
             return SimModel.from_paths(paths, rate, error_values=error_values)
         except (TagsFileError, ValueError) as exc:
             raise click.BadParameter(str(exc), param_hint="--tags-file") from None
