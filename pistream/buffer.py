@@ -172,11 +172,15 @@ class ColumnBuffer:
         return count, gaps
 
     def _accept_bulk(self, columns: LiveColumns) -> bool:
-        """Accept a batch as a whole if it is steady state: no gap open for its tags, every value newer
-        than its tag's floor and in order. Otherwise nothing is accepted and the caller goes value by value."""
+        """Accept a batch as a whole if it is steady state: none of its tags awaiting its first live value
+        since a connect, every value newer than its tag's floor and in order. Tags whose gap is being read
+        back qualify (such values are past their windows): after a restart at 100,000 tags, taking their
+        live values one by one until every gap was read kept the pipeline too busy to read the gaps (1,223
+        of 100,000 in 90 s, 870 MB). Otherwise nothing is accepted and the caller goes value by value."""
         filt = self.filter
         ids, ts = columns.ids, columns.ts
-        if filt.open_gaps() and filt.any_in_gap(list(map(self.index.webids.__getitem__, np.unique(ids).tolist()))):
+        if filt.awaiting_tags() and filt.any_awaiting(list(map(self.index.webids.__getitem__,
+                                                                  np.unique(ids).tolist()))):
             return False
         if not self.index.all_described(ids):  # streams no tag resolution named: their paths first
             return False

@@ -278,9 +278,15 @@ class EventFilter:
     def awaiting(self, webid: str) -> bool:
         return webid in self._awaiting
 
-    def any_in_gap(self, webids: list[str]) -> bool:
-        return bool(self._awaiting or self._windows) and not (
-            self._awaiting.keys().isdisjoint(webids) and self._windows.keys().isdisjoint(webids))
+    def awaiting_tags(self) -> int:
+        return len(self._awaiting)
+
+    def any_awaiting(self, webids: list[str]) -> bool:
+        """Whether one of these tags still waits for its first live value since a connect. A tag whose gap
+        is being read back does not count: its floor is at or past the end of each of its windows (the
+        first live value closed the window and was accepted, or was a known event at most the floor), so
+        its live values newer than the floor are outside every window and need no window bookkeeping."""
+        return bool(self._awaiting) and not self._awaiting.keys().isdisjoint(webids)
 
     def in_gap(self, webid: str) -> bool:
         """Waiting for its first live value, or with a gap being read back: the careful path applies."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import trio
 
 from pistream.buffer import ColumnBuffer, StreamInfo
@@ -314,6 +315,29 @@ def test_a_connect_looks_only_at_its_own_tags_pending_events():
                                                    for t, v in ((130, 4.0), (140, 5.0), (150, 9.0), (300, 6.0))]),
                    0)
     assert sorted(buffer.timestamp) == [150, 300]
+
+
+def test_live_values_past_an_open_gap_go_in_bulk_and_the_gap_still_reads_once():
+    """After a restart every tag reads its downtime back; its live values newer than its floor (past its
+    window) go in bulk meanwhile, and the read adds exactly what was missed."""
+    buffer = bulk_buffer(lookback_us=50)
+    buffer.add_live_batch([live(("A", 100, 1.0), ("B", 100, 1.0))])
+    buffer.connected(["A"])
+    _, gaps = buffer.add_live_batch([live(("A", 300, 3.0))])  # the first live value closes the window
+    assert gaps == [GapRequest("A", 50, 300)] and buffer.tag_webid == ["A"]
+    count, gaps = buffer.add_live_batch([live(("A", 400, 4.0), ("B", 400, 4.0)), live(("A", 500, 5.0))])
+    assert count == 3 and gaps == [] and buffer.tag_webid == ["A"] and buffer._bulk_rows == 5  # in bulk
+    late = buffer.add_live_batch([live(("A", 200, 2.0))])  # at or before the floor: value by value
+    assert late == (1, []) and buffer.timestamp == [300, 200]
+    buffer.add_gap(StreamValues(web_id="A", items=[TimedValue(timestamp=format_iso(t), value=v, good=True)
+                                                   for t, v in ((100, 1.0), (200, 2.0), (250, 2.5), (300, 3.0))]),
+                   0)
+    buffer.filter.gap_done(GapRequest("A", 50, 300))
+    batch = buffer.take().batch
+    times = pc.cast(batch.column("timestamp"), pa.int64()).to_pylist()
+    a_times = sorted(t for w, t in zip(batch.column("tag_webid").to_pylist(), times, strict=True) if w == "A")
+    assert a_times == [100, 200, 250, 300, 400, 500]
+    assert buffer.filter.open_gaps() == 0
 
 
 def test_a_take_after_spills_describes_the_whole_batch():
