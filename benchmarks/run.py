@@ -42,7 +42,8 @@ LIBRARIES = ("pistream", "trio", "trio-websocket", "wsproto", "httpx", "msgspec"
 HIGHER_IS_BETTER = {"values_per_s": True, "cpu_s_per_M_values": False, "peak_rss_MB": False,
                     "p50_receive_to_commit_ms": False, "p99_receive_to_commit_ms": False,
                     "end_rss_MB": False, "warmup_rss_MB": False, "start_to_first_commit_s": False,
-                    "start_to_tags_resolved_s": False, "throughput_over_ceiling": True,
+                    "start_to_tags_resolved_s": False, "start_to_gaps_read_s": False,
+                    "throughput_over_ceiling": True,
                     "throughput_over_naive": True}
 # Columns of the printed table: (figure, heading, format).
 COLUMNS = (("values_per_s", "values/s", "{:,.0f}"), ("cpu_s_per_M_values", "CPU s/M values", "{:.2f}"),
@@ -50,6 +51,7 @@ COLUMNS = (("values_per_s", "values/s", "{:,.0f}"), ("cpu_s_per_M_values", "CPU 
            ("p99_receive_to_commit_ms", "p99 ms", "{:,.0f}"))
 EXTRA = {"memory": ("warmup_rss_MB", "end_rss_MB", "rss_slope_MB_per_min"),
          "startup": ("start_to_tags_resolved_s", "start_to_first_commit_s"),
+         "restart": ("start_to_gaps_read_s", "gap_values", "end_rss_MB"),
          "throughput": ("commits", "mean_commit_s"), "backfill": ("rest_calls", "commits")}
 
 

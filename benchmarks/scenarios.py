@@ -41,6 +41,7 @@ SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
     "latency": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 10.0)},
     "memory": {"tags": (100_000, 20_000), "interval": (1.0, 1.0), "duration": (180.0, 20.0)},
     "startup": {"tags": (100_000, 20_000)},
+    "restart": {"tags": (100_000, 20_000), "first": (20.0, 6.0), "downtime": (5.0, 1.0), "duration": (90.0, 20.0)},
     "backfill": {"tags": (1_000, 200), "minutes": (30, 10)},
 }
 # Bounds the wait for the last partial batch: at most ~4 % of a full run (5 M values, ~6 s); at 200 frames
@@ -466,6 +467,52 @@ def startup(quick: bool) -> dict[str, Any]:
     })
 
 
+# -- restart ----------------------------------------------------------------------------------------------
+
+def restart(quick: bool) -> dict[str, Any]:
+    """100,000 tags at 1 Hz: a first ``pistream`` process fills the table and its state file and stops; after
+    a few seconds' downtime the scenario starts it again in this process, where every tag reads back what it
+    missed (its floor minus the look-back up to its first live value) beside the live values. Peak RSS, the
+    time until the last gap was read, the values read back. The blast server's recorded values come from the
+    simulator's model, not from its frames: this measures the work and the memory of a restart; the tests
+    check that a restart loses and repeats nothing, against the simulator."""
+    p = size("restart", quick)
+    tags = p["tags"]
+    capture = LogCapture().install()
+    with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp:
+        workdir = Path(tmp)
+        frames = int(p["first"] + p["downtime"] + p["duration"]) + 600
+        with blast_server(tags, frames, interval=1.0) as blast:
+            settings = _settings(workdir, blast.url, tags, flush_seconds=10.0, flush_rows=4 * tags * 10,
+                                 duration=p["duration"])
+            first = subprocess.run(
+                [sys.executable, "-m", "pistream", "--tags", str(settings.tags), "--url", blast.url,
+                 "--table", str(settings.table), "--state-dir", str(settings.state_dir), "--app-id", "bench",
+                 "--flush-seconds", "10", "--duration", str(p["first"]), "--log-format", "json"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=RUN_TIMEOUT)
+            if first.returncode != 0:
+                raise RuntimeError(f"the first run failed ({first.returncode}): {first.stderr[-2000:]}")
+            time.sleep(p["downtime"])
+            started = time.time()
+            with Sampler(0.5, other_pid=blast.process.pid) as sampler:
+                summary, peak_rss = _run_pipeline(settings, capture, until_rows=None, timeout=RUN_TIMEOUT)
+    filled = capture.named("gap_filled")
+    all_read = summary.gaps_filled >= tags and summary.gaps_lost == 0
+    samples = [s for s in sampler.samples if s.wall >= started]
+    end = [s.rss_mb for s in samples if s.wall >= samples[-1].wall - 10]
+    return round_figures({
+        "tags": tags, "downtime_s": p["downtime"], "duration_s": p["duration"],
+        "gaps": summary.gaps_filled, "gaps_lost": summary.gaps_lost, "gap_values": summary.gap_values,
+        "start_to_gaps_read_s": filled[-1][0] - started if all_read and filled else None,
+        "values_written": summary.values_written,
+        "cpu_s_total": sampler.cpu_between(started, samples[-1].wall),
+        "peak_rss_MB": peak_rss,
+        "end_rss_MB": sum(end) / len(end),
+        "complete": all_read,
+        "rss_series_MB": [round(s.rss_mb, 1) for s in samples[::4]],  # every 2 s
+    })
+
+
 # -- backfill ---------------------------------------------------------------------------------------------
 
 def backfill(quick: bool) -> dict[str, Any]:
@@ -549,5 +596,6 @@ SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "latency": latency,
     "memory": memory,
     "startup": startup,
+    "restart": restart,
     "backfill": backfill,
 }
