@@ -34,6 +34,7 @@ _DATE = pa.date32()
 _KEY_COLUMNS = list(EVENT_KEY)
 SWEEP_SECONDS = 10.0  # how often a flush also drops every tag's recent events older than the look-back
 ROW_BYTES_ESTIMATE = 64  # Arrow bytes of a typical row (tag ids, times, value, units, flags)
+COMPACT_ROWS = 16_384  # rows taken value by value that go into Arrow columns at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +106,13 @@ class ColumnBuffer:
         self._spilled_recent: list[RecentRows] = []
 
     def _reset_rows(self) -> None:
+        self._reset_value_rows()
+        self._bulk: list[RecentRows] = []  # steady-state batches (and compacted rows), in table columns
+        self._bulk_rows = 0
+        self._bulk_bytes = 0
+
+    def _reset_value_rows(self) -> None:
+        """The rows taken value by value, as Python lists (see ``_compact_if_many``)."""
         self.tag_webid: list[str] = []
         self.timestamp: list[int] = []
         self.value: list[float | None] = []
@@ -117,9 +125,6 @@ class ColumnBuffer:
         self.substituted: list[bool] = []
         self.annotated: list[bool] = []
         self.received_us: list[int] = []
-        self._bulk: list[RecentRows] = []  # steady-state batches, in table columns
-        self._bulk_rows = 0
-        self._bulk_bytes = 0
 
     def __len__(self) -> int:
         """Rows in the batch being gathered, spilled ones included."""
@@ -169,6 +174,7 @@ class ColumnBuffer:
             gap = self.add_live(stream, received_us)
             if gap is not None:
                 gaps.append(gap)
+        self._compact_if_many()
         return count, gaps
 
     def _accept_bulk(self, columns: LiveColumns) -> bool:
@@ -275,6 +281,18 @@ class ColumnBuffer:
         for row in self._rows(path, stream):
             if self.filter.accept_gap(webid, row.key):
                 self._append(webid, row, uom, received_us)
+        self._compact_if_many()
+
+    def _compact_if_many(self) -> None:
+        """Rows taken value by value go into Arrow columns once there are COMPACT_ROWS of them: as Python
+        lists they are ~4 objects a row, and a restart at 100,000 tags reads back over a million values
+        that way (the rows keep their order; a batch's parts are its chunks in arrival order)."""
+        if len(self.tag_webid) >= COMPACT_ROWS:
+            rows = self._take_rows()
+            self._bulk.append(rows)
+            self._bulk_rows += len(rows)
+            self._bulk_bytes += buffered_bytes(rows.data)
+            self._reset_value_rows()
 
     def _add_live_steady(self, webid: str, path: str, uom: str | None, stream: StreamValues,
                          received_us: int) -> None:

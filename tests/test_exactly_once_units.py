@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import trio
 
+import pistream.buffer as buffer_module
 from pistream.buffer import ColumnBuffer, StreamInfo
 from pistream.dedup import EventFilter, GapRequest, advance_from_rows, event_key
 from pistream.flow import Live
@@ -338,6 +339,23 @@ def test_live_values_past_an_open_gap_go_in_bulk_and_the_gap_still_reads_once():
     a_times = sorted(t for w, t in zip(batch.column("tag_webid").to_pylist(), times, strict=True) if w == "A")
     assert a_times == [100, 200, 250, 300, 400, 500]
     assert buffer.filter.open_gaps() == 0
+
+
+def test_rows_taken_value_by_value_go_into_columns_as_they_pile_up(monkeypatch):
+    """A restart's read-back goes value by value: every COMPACT_ROWS such rows become Arrow columns, in
+    arrival order, and the batch holds each row once."""
+    monkeypatch.setattr(buffer_module, "COMPACT_ROWS", 4)
+    buffer = bulk_buffer(lookback_us=0)
+    buffer.add_live_batch([live(("A", 1000, 1.0))])
+    buffer.connected(["A"])
+    _, gaps = buffer.add_live_batch([live(("A", 2000, 2.0))])
+    assert gaps == [GapRequest("A", 1000, 2000)]
+    buffer.add_gap(StreamValues(web_id="A", items=[TimedValue(timestamp=format_iso(t), value=t / 1000, good=True)
+                                                   for t in range(1000, 2001, 100)]), 0)
+    assert len(buffer.tag_webid) == 0 and buffer._bulk_rows == 1 + 10 and len(buffer) == 11
+    batch = buffer.take().batch
+    times = pc.cast(batch.column("timestamp"), pa.int64()).to_pylist()
+    assert times == [1000, 2000, *range(1100, 2000, 100)]  # bulk, first live, then the read-back in order
 
 
 def test_a_take_after_spills_describes_the_whole_batch():
