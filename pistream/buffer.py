@@ -194,12 +194,15 @@ class ColumnBuffer:
         if not (ts > floors[ids]).all() or not _in_order(ids, ts):
             return False
         np.maximum.at(floors, ids, ts)
-        rows = RecentRows(ids, ts, columns.batch)
         filt.add_recent(RecentRows(ids, ts, columns.batch.select(_KEY_COLUMNS)))  # no copy
+        self._hold(RecentRows(ids, ts, columns.batch))
+        return True
+
+    def _hold(self, rows: RecentRows) -> None:
+        """Rows of the batch in table columns: accepted in bulk, or compacted from value-by-value rows."""
         self._bulk.append(rows)
         self._bulk_rows += len(rows)
-        self._bulk_bytes += buffered_bytes(columns.batch)
-        return True
+        self._bulk_bytes += buffered_bytes(rows.data)
 
     def sync_filter(self) -> None:
         """The recent events the bulk path accepted, into the filter's own records (its floors are
@@ -288,10 +291,7 @@ class ColumnBuffer:
         lists they are ~4 objects a row, and a restart at 100,000 tags reads back over a million values
         that way (the rows keep their order; a batch's parts are its chunks in arrival order)."""
         if len(self.tag_webid) >= COMPACT_ROWS:
-            rows = self._take_rows()
-            self._bulk.append(rows)
-            self._bulk_rows += len(rows)
-            self._bulk_bytes += buffered_bytes(rows.data)
+            self._hold(self._take_rows())
             self._reset_value_rows()
 
     def _add_live_steady(self, webid: str, path: str, uom: str | None, stream: StreamValues,
