@@ -145,6 +145,7 @@ class ChannelReader:
         self.stall_timeout = stall_timeout
         self.receive_buffer = receive_buffer
         self.stats = ChannelStats()
+        self.connected = False  # a WebSocket is open and being read (for the periodic stats)
         self.backoff = Backoff()
 
     @property
@@ -228,10 +229,12 @@ class ChannelReader:
             await self._read(ws)
         finally:
             # No close handshake: on a stop or a failure the socket just goes; the server copes.
+            self.connected = False
             await trio.aclose_forcefully(stream)
 
     async def _read(self, ws: WebSocket) -> None:
         self.stats.connects += 1
+        self.connected = True
         log.info("channel_connected", channel=self.name, streams=len(self.webids))
         await self._send_or_pause(Connected(tuple(self.webids)))
         frame: bytes | None

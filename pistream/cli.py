@@ -62,8 +62,14 @@ def entry() -> None:
                                                               "help_option_names": ["-h", "--help"]})
 @click.option("--tags", type=click.Path(dir_okay=False), help="Tags file: one PI point path per line.")
 @click.option("--url", help="PI Web API base URL, e.g. https://pisrv01/piwebapi.")
-@click.option("--table", help="Delta table: a local folder or s3:// abfss:// gs:// URI.  "
-                              "[default: pistream-data/pi_events]")
+@click.option("--table", help="Delta table: a local folder, an s3:// abfss:// gs:// URI, or a Unity Catalog "
+                              "table catalog.schema.table.  [default: pistream-data/pi_events]")
+@click.option("--databricks-profile", help="Profile in ~/.databrickscfg for a Unity Catalog --table.  "
+                                           "[default: DATABRICKS_CONFIG_PROFILE, then DEFAULT]")
+@click.option("--location", help="Create a missing Unity Catalog --table as an external table here "
+                                 "(s3://... or abfss://...).")
+@click.option("--warehouse-id", help="Create the Unity Catalog table through this SQL warehouse "
+                                     "(CREATE TABLE) rather than the Unity Catalog API.")
 @click.option("--server", help="Default PI Data Archive for bare tag names in the tags file.")
 @click.option("--simulate", is_flag=True, default=None,
               help="Start the built-in PI Web API simulator on a loopback port for the listed tags and "
@@ -102,6 +108,11 @@ def entry() -> None:
                                                  "[default: 6000]")
 @click.option("--state-dir", help="Folder for the per-tag floors that make restarts exactly once.  "
                                   "[default: pistream-data/state]")
+@click.option("--maintenance-interval", type=float,
+              help="Compact today's partition, Z-order closed ones and vacuum daily, every this many seconds; "
+                   "0 turns table maintenance off.  [default: 600]")
+@click.option("--stats-interval", type=float, help="Log stream statistics every this many seconds; 0: only at "
+                                                   "the stop.  [default: 60]")
 @click.option("--skip-unknown", is_flag=True, default=None, help="Go on without tags the server does not know.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML file with any of these settings (names with underscores).")

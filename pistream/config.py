@@ -50,6 +50,11 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     max_url_length: Annotated[int, msgspec.Meta(ge=512, le=65_536)] = 6000
     skip_unknown: bool = False
     storage_options: dict[str, str] = {}
+    databricks_profile: str | None = None
+    warehouse_id: str | None = None
+    location: str | None = None
+    maintenance_interval: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 600.0
+    stats_interval: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 60.0
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
@@ -104,6 +109,8 @@ def build_settings(file_values: dict[str, Any], cli_values: dict[str, Any], sour
                           "pistream against its built-in simulator)")
     if not settings.tags:
         raise ConfigError("no tags file given: pass --tags PATH (one PI point path per line)")
+    if settings.maintenance_interval and settings.maintenance_interval < 10:
+        raise ConfigError("--maintenance-interval must be 0 (off) or at least 10 seconds")
     if auth_kind(settings) == "oidc" and not (settings.oidc_client_id and settings.oidc_client_secret):
         raise ConfigError("OIDC needs a client: pass --oidc-client-id and set PISTREAM_OIDC_CLIENT_SECRET")
     if auth_kind(settings) == "bearer" and not settings.token:

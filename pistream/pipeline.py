@@ -31,7 +31,9 @@ from .heap import use_returning_arrow_pool
 from .piwebapi import PiWebApi, ResolvedTags, unknown_tags_error
 from .sink import DeltaSink
 from .state import StateStore, state_path
+from .streamstats import StatsReporter
 from .tags import read_tags_file
+from .target import TableTarget, make_target
 from .timeutil import EPOCH, format_iso
 from .tls import client_context
 from .writer import CommitWriter
@@ -165,6 +167,13 @@ def recover_open_gaps(sink: DeltaSink, store: StateStore) -> dict[GapRequest, li
     return known
 
 
+def open_sink(target: TableTarget, app_id: str) -> DeltaSink:
+    """The sink for a prepared target: a Unity Catalog table's storage options follow its vended credentials."""
+    if target.catalog_name is not None:
+        return DeltaSink(target.uri, app_id, credentials=target, name=target.catalog_name)
+    return DeltaSink(target.uri, app_id, target.base_options)
+
+
 async def watch_signals(stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                         ) -> None:
     """First Ctrl+C/SIGTERM: stop cleanly (flush and commit). A second one: give up at once."""
@@ -198,8 +207,9 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
     kind = auth_kind(settings)
 
     app_id = settings.app_id or default_app_id()
-    sink = sink or DeltaSink(settings.table, app_id, settings.storage_options)
-    store = StateStore(state_path(settings.state_dir, settings.table, app_id), sink.display_uri, app_id)
+    target = make_target(settings.table, storage_options=settings.storage_options,
+                         databricks_profile=settings.databricks_profile, warehouse_id=settings.warehouse_id,
+                         location=settings.location) if sink is None else None
     async with trio.open_nursery() as root:
         if handle_signals:
             await root.start(watch_signals, stop)
@@ -215,6 +225,12 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
         async with api:
             # PI Web API first: a wrong URL or password must not leave an empty table behind.
             resolved = await resolve_tags(api, paths, settings.skip_unknown, settings.state_dir)
+            if target is not None:
+                await trio.to_thread.run_sync(target.prepare)
+                sink = open_sink(target, app_id)
+            assert sink is not None
+            store = StateStore(state_path(settings.state_dir, settings.table, app_id),
+                               target.catalog_name or sink.display_uri if target else sink.display_uri, app_id)
             await trio.to_thread.run_sync(sink.open)
             committed, txn_version = await trio.to_thread.run_sync(
                 recover_floors, sink, store, int(settings.reread_seconds * 1_000_000))
@@ -249,12 +265,17 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                 for i, shard in enumerate(shards)
             ]
             message_send.close()  # each producer owns a clone; the flusher ends when the last one closes
-            async with trio.open_nursery() as flow:
-                await flow.start(writer.run)
-                await flow.start(flusher.run)
-                deadline = trio.current_time() + (settings.duration - (time.monotonic() - started)
-                                                  if settings.duration is not None else math.inf)
-                flow.start_soon(_run_producers, readers, gap_filler, stop, deadline)
+            async with trio.open_nursery() as background:  # cancelled once the last commit has landed
+                if settings.stats_interval:
+                    reporter = StatsReporter(settings.stats_interval, flusher, writer, readers, gap_filler)
+                    background.start_soon(reporter.run)
+                async with trio.open_nursery() as flow:
+                    await flow.start(writer.run)
+                    await flow.start(flusher.run)
+                    deadline = trio.current_time() + (settings.duration - (time.monotonic() - started)
+                                                      if settings.duration is not None else math.inf)
+                    flow.start_soon(_run_producers, readers, gap_filler, stop, deadline)
+                background.cancel_scope.cancel()
         root.cancel_scope.cancel()  # the simulator and the signal watcher
 
     summary = RunSummary(

@@ -39,3 +39,19 @@ TAG_IDS = pa.dictionary(pa.int32(), pa.string())
 BUFFER_SCHEMA = pa.schema([
     field.with_type(TAG_IDS) if field.name in ("tag", "tag_webid") else field for field in TABLE_SCHEMA
 ])
+
+TABLE_COMMENT = "PI System events written by pistream (PI Web API channels -> Delta), one row per event"
+
+# Table properties set when pistream creates a table (delta-rs or a Unity Catalog CREATE TABLE): a week of log
+# history and of removed files before vacuum may delete them; checkpoints every 100 commits (a 1 s flush
+# makes 86,400 commits a day, and opening a table without checkpoints replays every one); statistics only
+# for the columns queries filter on. No transaction retention: app ids must never expire (exactly once).
+# Deletion vectors off: delta-rs cannot write a table that has them (Databricks turns them on for new tables
+# in some workspaces). Not ``delta.enableRowTracking = false``: delta-rs 1.6.6 cannot open a table that has it.
+TABLE_PROPERTIES = {
+    "delta.logRetentionDuration": "interval 7 days",
+    "delta.deletedFileRetentionDuration": "interval 7 days",
+    "delta.checkpointInterval": "100",
+    "delta.dataSkippingStatsColumns": "tag,tag_webid,timestamp,value,state_code,good,received_timestamp",
+    "delta.enableDeletionVectors": "false",
+}

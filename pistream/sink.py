@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -41,9 +41,27 @@ from deltalake.transaction import AddAction, RemoveAction
 
 from .datafiles import write_partitions
 from .errors import SinkError, TableConflictError
-from .schema import EVENT_KEY, PARTITION_COLUMN, TABLE_SCHEMA
+from .schema import EVENT_KEY, PARTITION_COLUMN, TABLE_COMMENT, TABLE_PROPERTIES, TABLE_SCHEMA
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+class CredentialSource(Protocol):
+    """Storage options that change over time (Unity Catalog's vended credentials: ``target.CatalogTarget``)."""
+
+    generation: int  # changes whenever storage_options() starts giving other credentials
+
+    def storage_options(self) -> dict[str, str]: ...
+
+    def invalidate(self) -> None: ...
+
+
+# What a storage error says when the credentials were refused (expired, revoked): worth one retry with
+# freshly vended ones. S3: ExpiredToken, InvalidAccessKeyId, AccessDenied, 403; Azure: AuthenticationFailed.
+_CREDENTIAL_REFUSED = re.compile(
+    r"(?i)expired|InvalidAccessKeyId|InvalidToken|AccessDenied|Access Denied|Forbidden|\b40[13]\b|"
+    r"AuthenticationFailed|AuthorizationFailure|SignatureDoesNotMatch|Unauthorized")
 
 
 @dataclass(frozen=True)
@@ -154,7 +172,7 @@ def redact_text(text: str, secrets: list[str]) -> str:
     return text
 
 
-def _redact(uri: str) -> str:
+def redact_uri(uri: str) -> str:
     """The table URI without any query string or userinfo, which may hold secrets (SAS tokens)."""
     uri = uri.split("?", 1)[0]
     if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
@@ -164,18 +182,28 @@ def _redact(uri: str) -> str:
 
 
 class DeltaSink:
-    """One writer's handle on one Delta table, identified in the log by ``app_id``."""
+    """One writer's handle on one Delta table, identified in the log by ``app_id``.
 
-    def __init__(self, uri: str, app_id: str, storage_options: Mapping[str, str] | None = None):
+    With ``credentials`` (a Unity Catalog table), the storage options come from there: when they change
+    (credentials re-vended before they expire) the table is opened again between commits, and an operation
+    the storage refuses for its credentials is tried once more with freshly vended ones."""
+
+    def __init__(self, uri: str, app_id: str, storage_options: Mapping[str, str] | None = None, *,
+                 credentials: CredentialSource | None = None, name: str | None = None):
         self.uri = uri
         self.app_id = app_id
-        self.storage_options = effective_storage_options(uri, storage_options)
+        self.name = name  # how the user named the table (a Unity Catalog name), for messages
+        self.credentials = credentials
+        self._generation = credentials.generation if credentials is not None else 0
+        options = credentials.storage_options() if credentials is not None else storage_options
+        self.storage_options = effective_storage_options(uri, options)
+        self._retired_secrets: list[str] = []  # of the credentials before the last refresh (late errors)
         self._table: DeltaTable | None = None
         self._files: pafs.FileSystem | None = None  # the table's root, for its data files (table_files)
 
     @property
     def display_uri(self) -> str:
-        return _redact(self.uri)
+        return f"{self.name} ({redact_uri(self.uri)})" if self.name else redact_uri(self.uri)
 
     def _describe(self, exc: BaseException) -> tuple[str, BaseException | None]:
         """The text of a deltalake error on one line with every option value masked, and the exception to
@@ -185,7 +213,7 @@ class DeltaSink:
         return text, (exc if text == raw else None)
 
     def _secrets(self) -> list[str]:
-        secrets = secret_values(self.storage_options)
+        secrets = secret_values(self.storage_options) + self._retired_secrets
         query = self.uri.partition("?")[2]
         return sorted([*secrets, query], key=len, reverse=True) if len(query) >= _MIN_MASKED else secrets
 
@@ -201,7 +229,8 @@ class DeltaSink:
                     mode="ignore",
                     partition_by=[PARTITION_COLUMN],
                     name="pistream_bronze",
-                    description="PI System events written by pistream, one row per event",
+                    description=TABLE_COMMENT,
+                    configuration=TABLE_PROPERTIES,
                     storage_options=self.storage_options or None,
                 )
                 log.info("table_created", table=self.display_uri)
@@ -216,9 +245,33 @@ class DeltaSink:
     def reopen(self, storage_options: Mapping[str, str] | None = None) -> None:
         """Open again, e.g. with refreshed cloud credentials; the transaction state lives in the table."""
         if storage_options is not None:
+            self._retired_secrets = secret_values(self.storage_options, environ={})
             self.storage_options = effective_storage_options(self.uri, storage_options)
         self._table = self._files = None
         self.open()
+
+    def _refresh(self) -> None:
+        """Between operations: if the credentials were re-vended, open the table with the new ones."""
+        if self.credentials is None:
+            return
+        options = self.credentials.storage_options()
+        if self.credentials.generation != self._generation:
+            self._generation = self.credentials.generation
+            log.info("credentials_swapped", table=self.display_uri, generation=self._generation)
+            self.reopen(options)
+
+    def _with_credentials(self, operation: Callable[[], T]) -> T:
+        """Run ``operation`` with fresh credentials; if the storage refuses them, once more with new ones."""
+        self._refresh()
+        try:
+            return operation()
+        except SinkError as exc:
+            if self.credentials is None or not _CREDENTIAL_REFUSED.search(str(exc)):
+                raise
+            log.warning("credentials_refused", table=self.display_uri, error=str(exc), note="vending new ones")
+            self.credentials.invalidate()
+            self._refresh()
+            return operation()
 
     def _check_schema(self) -> None:
         assert self._table is not None
@@ -254,6 +307,27 @@ class DeltaSink:
 
     def last_txn_version(self) -> int:
         """The newest transaction version this writer committed, 0 if none (re-read from the log)."""
+        return self._with_credentials(self._last_txn_version)
+
+    def read_event_keys(self, since: date | None = None, until: date | None = None,
+                        webids: Collection[str] | None = None) -> pa.Table:
+        """The event-key columns of the table (from ``since`` to ``until``, by partition; of ``webids``
+        only, if given), to rebuild floors or to know what a gap read again already has."""
+        return self._with_credentials(lambda: self._read_event_keys(since, until, webids))
+
+    def write_ahead(self, rows: pa.Table) -> list[AddAction]:
+        """Data files for rows of a commit still to come (``buffer.Spill``): in the table's folder but not
+        in its log, so no reader sees them until ``commit`` adds them (or VACUUM removes them)."""
+        return self._with_credentials(lambda: self._write_ahead(rows))
+
+    def commit(self, batch: pa.RecordBatch | pa.Table, txn_version: int,
+               written_ahead: Sequence[AddAction] = ()) -> CommitResult:
+        """Append ``batch`` and the files ``written_ahead`` for it as transaction ``txn_version``, unless the
+        table already holds that version. ``rows`` in the result counts ``batch`` only."""
+        return self._with_credentials(lambda: self._commit(batch, txn_version, written_ahead))
+
+    def _last_txn_version(self) -> int:
+        """The newest transaction version this writer committed, 0 if none (re-read from the log)."""
         table = self.table
         try:
             table.update_incremental()
@@ -262,7 +336,7 @@ class DeltaSink:
             raise SinkError(f"cannot read Delta table {self.display_uri}: {text}") from cause
         return table.transaction_version(self.app_id) or 0
 
-    def read_event_keys(self, since: date | None = None, until: date | None = None,
+    def _read_event_keys(self, since: date | None = None, until: date | None = None,
                         webids: Collection[str] | None = None) -> pa.Table:
         """The event-key columns of the table (from ``since`` to ``until``, by partition; of ``webids``
         only, if given), to rebuild floors or to know what a gap read again already has."""
@@ -281,7 +355,7 @@ class DeltaSink:
             text, cause = self._describe(exc)
             raise SinkError(f"cannot read Delta table {self.display_uri}: {text}") from cause
 
-    def write_ahead(self, rows: pa.Table) -> list[AddAction]:
+    def _write_ahead(self, rows: pa.Table) -> list[AddAction]:
         """Data files for rows of a commit still to come (``buffer.Spill``): in the table's folder but not
         in its log, so no reader sees them until ``commit`` adds them (or VACUUM removes them)."""
         assert self._files is not None
@@ -291,7 +365,7 @@ class DeltaSink:
             text, cause = self._describe(exc)
             raise SinkError(f"cannot write to Delta table {self.display_uri}: {text}") from cause
 
-    def commit(self, batch: pa.RecordBatch | pa.Table, txn_version: int,
+    def _commit(self, batch: pa.RecordBatch | pa.Table, txn_version: int,
                written_ahead: Sequence[AddAction] = ()) -> CommitResult:
         """Append ``batch`` and the files ``written_ahead`` for it as transaction ``txn_version``, unless the
         table already holds that version. ``rows`` in the result counts ``batch`` only."""

@@ -30,6 +30,8 @@ class WriteStats:
     values_written: int = 0
     commits: int = 0
     failed_attempts: int = 0
+    last_commit_at: float | None = None  # trio time of the last commit that landed
+    commit_seconds: float = 0.0  # summed over the commits
 
 
 class CommitWriter:
@@ -103,6 +105,8 @@ class CommitWriter:
         self.backoff.reset()
         self.txn_version = version
         self.stats.commits += 1
+        self.stats.last_commit_at = trio.current_time()
+        self.stats.commit_seconds += time.perf_counter() - started
         rows = result.rows + (0 if result.skipped else flush.spilled_rows)
         self.stats.values_written += rows
         log.info(

@@ -1,0 +1,143 @@
+"""Which table ``--table`` names: a local folder, an object-store URI (``s3://``, ``abfss://``, ``gs://``), or
+a Unity Catalog name ``catalog.schema.table`` whose storage location and short-lived credentials come from
+the Databricks workspace. The pipeline, the sink and the maintenance commands all reach the table through
+a ``TableTarget``: ``uri`` is where the files are, ``storage_options()`` the options to reach them now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from .config import load_config_file
+from .errors import ConfigError
+from .sink import effective_storage_options, is_remote
+
+log = structlog.get_logger(__name__)
+
+REMOTE_LOCATIONS = ("s3://", "s3a://", "abfss://", "abfs://", "az://", "azure://", "gs://")
+
+
+class TableTarget:
+    """A table given by path or URI: its options are the user's, as they are."""
+
+    catalog_name: str | None = None
+    generation = 0  # a new generation of storage options means the table must be opened again
+
+    def __init__(self, uri: str, storage_options: Mapping[str, str] | None = None):
+        self.uri = uri
+        self.base_options = dict(storage_options or {})
+
+    @property
+    def display(self) -> str:
+        from .sink import redact_uri
+
+        return redact_uri(self.uri)
+
+    def prepare(self) -> None:
+        """Blocking: find the table's location and credentials (nothing to do for a path or URI)."""
+
+    def storage_options(self) -> dict[str, str]:
+        """The options to reach the table now (with pistream's defaults for object stores)."""
+        return effective_storage_options(self.uri, self.base_options)
+
+    def invalidate(self) -> None:
+        """The storage refused the credentials: get new ones on the next ``storage_options()``."""
+
+    def close(self) -> None:
+        pass
+
+
+class CatalogTarget(TableTarget):
+    """A Unity Catalog table: resolved (and, with ``location``, created) at ``prepare``; credentials vended
+    and refreshed by ``VendedCredentials``. ``base_options`` add non-secret settings (endpoint, region)."""
+
+    def __init__(self, full_name: str, *, profile: str | None = None, warehouse_id: str | None = None,
+                 location: str | None = None, storage_options: Mapping[str, str] | None = None,
+                 environ: Mapping[str, str] | None = None, workspace: Any = None):
+        from .databricks import Workspace, load_workspace_config
+
+        super().__init__("", storage_options)
+        self.catalog_name = full_name
+        self.warehouse_id = warehouse_id
+        self.location = location.rstrip("/") if location else None
+        if self.location and not self.location.startswith(REMOTE_LOCATIONS):
+            raise ConfigError(f"--location {self.location} is not a cloud storage URI: an external table "
+                              "needs s3://..., abfss://...@ACCOUNT.dfs.core.windows.net/... or gs://...")
+        self.workspace = workspace or Workspace(load_workspace_config(profile, environ))
+        self.credentials: Any = None
+
+    @property
+    def display(self) -> str:
+        from .sink import redact_uri
+
+        return f"{self.catalog_name} ({redact_uri(self.uri)})" if self.uri else str(self.catalog_name)
+
+    @property
+    def generation(self) -> int:  # type: ignore[override]
+        return self.credentials.generation if self.credentials is not None else 0
+
+    def prepare(self) -> None:
+        from .unitycatalog import UnityCatalog, VendedCredentials, check_writable
+
+        assert self.catalog_name is not None
+        catalog = UnityCatalog(self.workspace)
+        table = catalog.get_table(self.catalog_name)
+        if table is None:
+            if not self.location:
+                raise ConfigError(f"Unity Catalog table {self.catalog_name} does not exist: pass --location "
+                                  "s3://BUCKET/PATH (or abfss://...) to create it as an external table there "
+                                  "(with --warehouse-id to create it through a SQL warehouse)")
+            table = catalog.create_table(self.catalog_name, self.location, self.warehouse_id)
+        check_writable(table)
+        if self.location and self.location != table.storage_location.rstrip("/"):
+            log.warning("location_ignored", table=self.catalog_name, location=self.location,
+                        storage_location=table.storage_location, note="the table exists; its own location is used")
+        self.uri = table.storage_location
+        self.credentials = VendedCredentials(catalog, table, self.base_options)
+        self.credentials.storage_options()  # the first vend: refused privileges show here, at start
+        log.info("catalog_table_resolved", table=self.catalog_name, storage_location=self.display,
+                 expires_in=round(self.credentials.expires_at - self.credentials.clock(), 1))
+
+    def storage_options(self) -> dict[str, str]:
+        if self.credentials is None:
+            self.prepare()
+        return effective_storage_options(self.uri, self.credentials.storage_options())
+
+    def invalidate(self) -> None:
+        if self.credentials is not None:
+            self.credentials.invalidate()
+
+    def close(self) -> None:
+        self.workspace.close()
+
+
+def make_target(table: str, *, storage_options: Mapping[str, str] | None = None,
+                databricks_profile: str | None = None, warehouse_id: str | None = None,
+                location: str | None = None) -> TableTarget:
+    """The target ``--table`` names (cheap: a UC target reads its workspace profile, but calls nothing)."""
+    from .unitycatalog import is_table_name
+
+    if is_table_name(table) and not is_remote(table):
+        return CatalogTarget(table, profile=databricks_profile, warehouse_id=warehouse_id, location=location,
+                             storage_options=storage_options)
+    if location or warehouse_id:
+        raise ConfigError(f"--location and --warehouse-id are for Unity Catalog tables (catalog.schema.table), "
+                          f"not {table}: drop them, or name the table as catalog.schema.table")
+    return TableTarget(table, storage_options)
+
+
+def open_target(table: str, config_path: str | None = None, databricks_profile: str | None = None
+                ) -> TableTarget:
+    """For the one-shot commands (optimize, vacuum, stats): the target, prepared, with the storage options
+    and Databricks profile of the config file when one is given (the command line wins)."""
+    values = load_config_file(config_path) if config_path else {}
+    options = values.get("storage_options") or {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"config file {config_path}: storage_options must be a table of strings")
+    target = make_target(table, storage_options={str(k): str(v) for k, v in options.items()},
+                         databricks_profile=databricks_profile or values.get("databricks_profile"))
+    target.prepare()
+    return target

@@ -1,0 +1,301 @@
+"""Unity Catalog: find (or create) the external table behind a three-part name, and keep the short-lived
+cloud credentials UC vends for it fresh.
+
+pistream writes the table's storage location itself with delta-rs, using ``temporary-table-credentials``
+mapped to delta-rs storage options here (delta-rs's own ``uc://`` handler was seen to hang against a
+loopback UC in 1.6.6, ignores ``~/.databrickscfg`` and never renews its credentials). Only EXTERNAL DELTA
+tables are written: UC owns the files of a MANAGED table, and writing them from outside is not allowed.
+
+Credentials last about an hour. ``VendedCredentials`` re-vends before they expire (margin: 20 % of their
+lifetime, at least 10 minutes, at most half of it) and, should UC be down then, keeps the old ones until
+they really expire; only then does a commit fail, and the commit writer retries it like a storage outage.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import pyarrow as pa
+import structlog
+
+from .databricks import Workspace, WorkspaceError
+from .errors import AuthError, ConfigError, SinkError, TableConflictError
+from .schema import PARTITION_COLUMN, TABLE_COMMENT, TABLE_PROPERTIES, TABLE_SCHEMA
+
+log = structlog.get_logger(__name__)
+
+_PART = r"(?:[A-Za-z0-9_][A-Za-z0-9_-]*|`[^`]+`)"
+_NAME = re.compile(rf"^{_PART}\.{_PART}\.{_PART}$")
+STATEMENT_POLL = 1.0  # seconds between polls of a SQL statement
+STATEMENT_TIMEOUT = 600.0  # a warehouse may need minutes to start
+MIN_REVEND_INTERVAL = 1.0  # never ask UC more often than this, whatever the expiration says
+
+
+def is_table_name(table: str) -> bool:
+    """``catalog.schema.table`` (a three-part Unity Catalog name), not a path or a URI."""
+    return bool(_NAME.match(table)) and "/" not in table and "\\" not in table
+
+
+def split_name(full_name: str) -> tuple[str, str, str]:
+    catalog, schema, table = (part.strip("`") for part in re.findall(_PART, full_name))
+    return catalog, schema, table
+
+
+@dataclass(frozen=True)
+class CatalogTable:
+    full_name: str
+    table_id: str
+    storage_location: str
+    table_type: str
+    data_source_format: str
+
+
+class UnityCatalog:
+    """The UC calls pistream makes, on one workspace."""
+
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
+
+    def get_table(self, full_name: str) -> CatalogTable | None:
+        """The table, or None if it does not exist; a missing catalog or schema is a ConfigError."""
+        try:
+            info = self.workspace.call("GET", f"/api/2.1/unity-catalog/tables/{quote(full_name, safe='')}")
+        except WorkspaceError as exc:
+            if exc.code == "TABLE_DOES_NOT_EXIST" or (exc.status == 404 and not exc.code):
+                return None
+            raise self._translate(exc, full_name) from None
+        return CatalogTable(
+            full_name=str(info.get("full_name") or full_name), table_id=str(info.get("table_id") or ""),
+            storage_location=str(info.get("storage_location") or ""), table_type=str(info.get("table_type") or ""),
+            data_source_format=str(info.get("data_source_format") or ""))
+
+    def create_table(self, full_name: str, location: str, warehouse_id: str | None) -> CatalogTable:
+        """Register an EXTERNAL DELTA table at ``location``: through a SQL warehouse when one is given (as a
+        person would, ``CREATE TABLE IF NOT EXISTS``), else through the UC tables API."""
+        catalog, schema, name = split_name(full_name)
+        try:
+            if warehouse_id:
+                self._run_statement(create_table_sql(full_name, location), warehouse_id)
+            else:
+                self.workspace.call("POST", "/api/2.1/unity-catalog/tables", json={
+                    "name": name, "catalog_name": catalog, "schema_name": schema, "table_type": "EXTERNAL",
+                    "data_source_format": "DELTA", "storage_location": location, "columns": uc_columns(),
+                    "comment": TABLE_COMMENT, "properties": dict(TABLE_PROPERTIES)})
+        except WorkspaceError as exc:
+            if exc.code not in ("TABLE_ALREADY_EXISTS", "RESOURCE_ALREADY_EXISTS"):
+                raise self._translate(exc, full_name) from None
+        table = self.get_table(full_name)
+        if table is None:
+            raise SinkError(f"Unity Catalog table {full_name} was created but cannot be found: check that "
+                            "the principal may see it (USE CATALOG, USE SCHEMA, SELECT)")
+        log.info("catalog_table_created", table=full_name, location=location,
+                 via="sql warehouse" if warehouse_id else "unity catalog api")
+        return table
+
+    def _run_statement(self, statement: str, warehouse_id: str) -> None:
+        answer = self.workspace.call("POST", "/api/2.0/sql/statements", json={
+            "warehouse_id": warehouse_id, "statement": statement, "wait_timeout": "30s",
+            "on_wait_timeout": "CONTINUE"})
+        deadline = time.monotonic() + STATEMENT_TIMEOUT
+        while True:
+            status = answer.get("status") or {}
+            state = status.get("state")
+            if state == "SUCCEEDED":
+                return
+            if state in ("FAILED", "CANCELED", "CLOSED"):
+                error = status.get("error") or {}
+                raise WorkspaceError(f"CREATE TABLE on SQL warehouse {warehouse_id} {state}: "
+                                     f"{error.get('message', '')}", 400, str(error.get("error_code") or state))
+            if time.monotonic() > deadline:
+                raise SinkError(f"CREATE TABLE on SQL warehouse {warehouse_id} still {state} after "
+                                f"{STATEMENT_TIMEOUT:.0f} s: check that the warehouse can start")
+            time.sleep(STATEMENT_POLL)
+            answer = self.workspace.call("GET", f"/api/2.0/sql/statements/{answer['statement_id']}")
+
+    def temporary_credentials(self, table_id: str, full_name: str) -> dict[str, Any]:
+        try:
+            return self.workspace.call("POST", "/api/2.1/unity-catalog/temporary-table-credentials",
+                                       json={"table_id": table_id, "operation": "READ_WRITE"})
+        except WorkspaceError as exc:
+            raise self._translate(exc, full_name) from None
+
+    def _translate(self, exc: WorkspaceError, full_name: str) -> Exception:
+        """UC's answers as errors that name the fix."""
+        catalog, schema, _ = split_name(full_name)
+        text = str(exc)
+        lowered = text.lower()
+        if exc.code == "CATALOG_DOES_NOT_EXIST":
+            return ConfigError(f"{text}; check the catalog in --table {full_name} (or create it: "
+                               f"CREATE CATALOG {catalog})")
+        if exc.code == "SCHEMA_DOES_NOT_EXIST":
+            return ConfigError(f"{text}; check the schema in --table {full_name} (or create it: "
+                               f"CREATE SCHEMA {catalog}.{schema})")
+        if "external use schema" in lowered:
+            return AuthError(f"{text}; a schema owner must grant it: GRANT EXTERNAL USE SCHEMA ON SCHEMA "
+                             f"{catalog}.{schema} TO `<principal>` (pistream writes the table's files itself)")
+        if "external data access" in lowered or "external access" in lowered:
+            return AuthError(f"{text}; a metastore admin must enable External data access on the metastore "
+                             "(Catalog Explorer > Metastore details), which credential vending needs")
+        if exc.status == 403:
+            return AuthError(f"{text}; grant the principal USE CATALOG on {catalog}, USE SCHEMA and CREATE "
+                             f"TABLE on {catalog}.{schema}, MODIFY and SELECT on {full_name} (see README)")
+        return SinkError(text)
+
+
+def uc_columns() -> list[dict[str, Any]]:
+    """The bronze schema as UC ``ColumnInfo``s (the partition column with its ``partition_index``)."""
+    columns = []
+    for position, field in enumerate(TABLE_SCHEMA):
+        sql = spark_type(field.type)
+        column: dict[str, Any] = {
+            "name": field.name, "type_name": sql.upper(), "type_text": sql, "position": position,
+            "nullable": field.nullable,
+            "type_json": json.dumps({"name": field.name, "type": sql, "nullable": field.nullable, "metadata": {}}),
+        }
+        if field.name == PARTITION_COLUMN:
+            column["partition_index"] = 0
+        columns.append(column)
+    return columns
+
+
+def spark_type(arrow_type: pa.DataType) -> str:
+    if pa.types.is_string(arrow_type):
+        return "string"
+    if pa.types.is_timestamp(arrow_type):
+        return "timestamp"
+    if pa.types.is_float64(arrow_type):
+        return "double"
+    if pa.types.is_int32(arrow_type):
+        return "int"
+    if pa.types.is_boolean(arrow_type):
+        return "boolean"
+    if pa.types.is_date32(arrow_type):
+        return "date"
+    raise ValueError(f"no Spark type for {arrow_type}")
+
+
+def _quote_name(full_name: str) -> str:
+    return ".".join(f"`{part}`" for part in split_name(full_name))
+
+
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def create_table_sql(full_name: str, location: str) -> str:
+    columns = ",\n  ".join(f"`{f.name}` {spark_type(f.type).upper()}{'' if f.nullable else ' NOT NULL'}"
+                           for f in TABLE_SCHEMA)
+    properties = ", ".join(f"{_sql_string(k)} = {_sql_string(v)}" for k, v in TABLE_PROPERTIES.items())
+    return (f"CREATE TABLE IF NOT EXISTS {_quote_name(full_name)} (\n  {columns}\n) USING DELTA "
+            f"PARTITIONED BY (`{PARTITION_COLUMN}`) LOCATION {_sql_string(location)} "
+            f"COMMENT {_sql_string(TABLE_COMMENT)} TBLPROPERTIES ({properties})")
+
+
+def vended_storage_options(answer: Mapping[str, Any], location: str) -> dict[str, str]:
+    """delta-rs storage options for the credentials UC vended (``temporary-table-credentials``)."""
+    aws = answer.get("aws_temp_credentials")
+    if aws:
+        options = {"AWS_ACCESS_KEY_ID": str(aws["access_key_id"]),
+                   "AWS_SECRET_ACCESS_KEY": str(aws["secret_access_key"])}
+        if aws.get("session_token"):
+            options["AWS_SESSION_TOKEN"] = str(aws["session_token"])
+        return options
+    azure = answer.get("azure_user_delegation_sas")
+    if azure:
+        options = {"azure_storage_sas_key": str(azure["sas_token"]).lstrip("?")}
+        account = re.match(r"^abfss?://[^@/]+@([^./]+)\.", location)
+        if account:
+            options["azure_storage_account_name"] = account.group(1)
+        return options
+    if answer.get("gcp_oauth_token"):
+        raise ConfigError("Unity Catalog vended a GCP OAuth token, which delta-rs cannot take as a storage "
+                          "option: give pistream a service account key in the config file's storage_options "
+                          "(google_service_account_key) for this gs:// table")
+    kinds = ", ".join(k for k in answer if k not in ("expiration_time", "url")) or "none"
+    raise ConfigError(f"Unity Catalog vended credentials pistream cannot use ({kinds}): only S3 (aws_temp_"
+                      "credentials) and ADLS (azure_user_delegation_sas) tables are supported")
+
+
+def refresh_margin(lifetime: float) -> float:
+    """How long before expiry to re-vend: 20 % of the lifetime, at least 10 minutes, at most half of it."""
+    return min(max(600.0, 0.2 * lifetime), 0.5 * lifetime)
+
+
+class VendedCredentials:
+    """The storage options of one UC table: the user's own (endpoint, region, ...) plus credentials UC
+    vends, re-vended before they expire. Thread-safe: the commit writer and maintenance both ask."""
+
+    def __init__(self, catalog: UnityCatalog, table: CatalogTable, base_options: Mapping[str, str] | None = None,
+                 clock: Callable[[], float] = time.time):
+        self.catalog = catalog
+        self.table = table
+        self.base_options = dict(base_options or {})
+        self.clock = clock
+        self.generation = 0  # counts vends: a new generation means the sink must reopen the table
+        self.expires_at = 0.0
+        self._refresh_at = 0.0
+        self._vended_at = -MIN_REVEND_INTERVAL
+        self._options: dict[str, str] | None = None
+        self._lock = threading.Lock()
+
+    def storage_options(self) -> dict[str, str]:
+        """The options to use now; re-vends when due. If UC cannot be reached while the current
+        credentials are still valid, keeps them (and tries again on the next call)."""
+        with self._lock:
+            now = self.clock()
+            if self._options is None or now >= self._refresh_at:
+                try:
+                    self._vend(now)
+                except SinkError as exc:
+                    if self._options is None or now >= self.expires_at:
+                        raise
+                    log.warning("credentials_refresh_failed", table=self.table.full_name, error=str(exc),
+                                expires_in=round(self.expires_at - now, 1))
+                    self._refresh_at = now + min(30.0, max(MIN_REVEND_INTERVAL, (self.expires_at - now) / 4))
+            assert self._options is not None
+            return {**self.base_options, **self._options}
+
+    def invalidate(self) -> None:
+        """The storage refused the credentials (revoked, expired early): vend new ones on the next call."""
+        with self._lock:
+            self._refresh_at = 0.0
+
+    def _vend(self, now: float) -> None:
+        if now - self._vended_at < MIN_REVEND_INTERVAL and self._options is not None:
+            return
+        answer = self.catalog.temporary_credentials(self.table.table_id, self.table.full_name)
+        options = vended_storage_options(answer, self.table.storage_location)
+        expires = float(answer.get("expiration_time") or 0) / 1000.0 or now + 3600.0
+        lifetime = max(expires - now, 0.0)
+        self._options = options
+        self._vended_at = now
+        self.expires_at = expires
+        self._refresh_at = expires - refresh_margin(lifetime)
+        self.generation += 1
+        log.info("credentials_vended", table=self.table.full_name, expires_in=round(lifetime, 1),
+                 refresh_in=round(self._refresh_at - now, 1), generation=self.generation)
+
+
+def check_writable(table: CatalogTable) -> None:
+    """Only EXTERNAL DELTA tables: a clear exit-2 error for a MANAGED table or a view."""
+    kind = table.table_type.upper()
+    if kind != "EXTERNAL":
+        what = {"MANAGED": "a MANAGED table (Unity Catalog owns its files; outside writers may not write them)",
+                "VIEW": "a view", "MATERIALIZED_VIEW": "a materialized view",
+                "STREAMING_TABLE": "a streaming table"}.get(kind, f"of type {kind or 'unknown'}")
+        raise TableConflictError(f"Unity Catalog table {table.full_name} is {what}: pistream writes EXTERNAL "
+                                 "Delta tables only; point --table at a new name and pass --location "
+                                 "s3://...|abfss://... to create one")
+    if table.data_source_format.upper() != "DELTA":
+        raise TableConflictError(f"Unity Catalog table {table.full_name} is {table.data_source_format}, not "
+                                 "DELTA: point --table at a Delta table or a new name with --location")
+    if not table.storage_location or not table.table_id:
+        raise TableConflictError(f"Unity Catalog gave no storage location or id for {table.full_name}: "
+                                 "check that the principal may read the table's metadata")
