@@ -105,7 +105,7 @@ def load_workspace_config(profile: str | None = None, environ: Mapping[str, str]
     name = explicit or "DEFAULT"
     profiles = _read_profiles(path)
     if explicit and name not in profiles:
-        known = ", ".join(sorted(profiles)) or "none"
+        known = ", ".join(sorted(profiles, key=str.lower)) or "none"
         raise ConfigError(f"Databricks profile {name!r} not found in {path} (profiles there: {known}): "
                           f"run `databricks auth login --profile {name}` or `databricks configure --profile "
                           f"{name}`, or pass --databricks-profile with one of the profiles")
