@@ -9,14 +9,18 @@
     ├── ServerError                exit 1  PI Web API answered with an error at run time
     ├── ChannelError               exit 1  a channel closed or failed
     │   └── ChannelRefusedError    exit 2  the server refuses channels (disabled, URL too long)
-    └── SinkError                  exit 1  the Delta table could not be opened or written
-        └── TableConflictError     exit 2  the table does not fit (schema, another writer's app id)
+    ├── SinkError                  exit 1  the Delta table could not be opened or written
+    │   └── TableConflictError     exit 2  the table does not fit (schema, another writer's app id)
+    └── MaintenanceError           exit 1  optimize/vacuum failed, or another maintainer holds the lease
 
-Foreign exceptions are translated once, where they enter (piwebapi, channel, sink), with ``raise ... from``.
+Foreign exceptions are translated once, where they enter (piwebapi, channel, sink, maintenance), with
+``raise ... from``.
 The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``: messages name the cause and the fix.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 
 class PistreamError(Exception):
@@ -69,3 +73,14 @@ class SinkError(PistreamError):
 
 class TableConflictError(SinkError):
     exit_code = 2
+
+
+class MaintenanceError(PistreamError):
+    """Table maintenance failed or could not start; ``held_until`` is set when another maintainer holds the
+    table's maintenance lease (nothing failed: try again after that time)."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, held_until: datetime | None = None):
+        super().__init__(message)
+        self.held_until = held_until
