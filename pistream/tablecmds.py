@@ -1,0 +1,196 @@
+"""``pistream optimize | vacuum | stats --table ...``: table maintenance by hand, the steps the pipeline's
+scheduler runs (``pistream.maintenance``), under the same lease, so they never race it. ``register(main)``
+adds them to the command group. Results go to stdout (a table, or JSON with ``--json``), logs to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+import click
+
+from .errors import PistreamError
+from .logsetup import configure_logging
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _table_options(command: F) -> F:
+    command = click.option("--databricks-profile",
+                           help="Profile in ~/.databrickscfg for a Unity Catalog --table.")(command)
+    command = click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                           help="TOML file; its storage_options table is used to reach the table.")(command)
+    command = click.option("--table", required=True,
+                           help="Delta table: a local folder, an s3:// abfss:// gs:// URI, or a Unity Catalog "
+                                "table catalog.schema.table.")(command)
+    return click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")(command)
+
+
+def _run(work: Callable[[], Any]) -> Any:
+    """Logging as the main command sets it (to stderr); a pistream error as one line and its exit code."""
+    ctx = click.get_current_context()
+    root = ctx.find_root().params
+    configure_logging(root.get("log_format") or "auto", root.get("log_level") or "info")
+    try:
+        return work()
+    except PistreamError as exc:
+        click.echo(f"pistream: error: {exc}", err=True)
+        ctx.exit(exc.exit_code)
+
+
+def _holder(command: str) -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{command}"
+
+
+def _echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def _echo_table(header: list[str], rows: list[list[Any]]) -> None:
+    cells = [header] + [["-" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))))
+
+
+@click.command()
+@_table_options
+@click.option("--zorder", is_flag=True,
+              help="Z-order by tag and time instead of compacting: the --partition, or every partition whose "
+                   "files are not all from one Z-order.")
+@click.option("--partition", type=click.DateTime(["%Y-%m-%d"]), help="Only this partition (UTC date).")
+def optimize(table: str, config_path: str | None, databricks_profile: str | None, as_json: bool, zorder: bool,
+             partition: datetime | None) -> None:
+    """Compact small files (or Z-order) while pistream keeps appending."""
+    from .maintenance import Lease, compact, z_order, zorder_candidates
+    from .target import open_target
+
+    day = partition.date() if partition is not None else None
+
+    def work() -> list[Any]:
+        target = open_target(table, config_path=config_path, databricks_profile=databricks_profile)
+        try:
+            options = target.storage_options
+            with Lease(target.uri, options, holder=_holder("optimize")) as lease:
+                if not zorder:
+                    return [compact(target.uri, options, day, lease=lease)]
+                days = [day] if day is not None else zorder_candidates(target.uri, options)
+                return [z_order(target.uri, options, d, lease=lease) for d in days]
+        finally:
+            target.close()
+
+    results = _run(work)
+    if as_json:
+        _echo_json([r.to_dict() for r in results])
+        return
+    if not results:
+        click.echo("nothing to Z-order: every partition's files come from one Z-order")
+        return
+    _echo_table(["partition", "operation", "files removed", "files added", "rows", "size after", "version",
+                 "seconds"],
+                [[r.partition or "all", r.operation, r.files_removed, r.files_added, f"{r.rows:,}",
+                  _size(r.bytes_added), r.table_version, r.seconds] for r in results])
+
+
+@click.command()
+@_table_options
+@click.option("--retention-hours", type=click.IntRange(min=0),
+              help="Keep removed files this long.  [default: the table's delta.deletedFileRetentionDuration, "
+                   "7 days]")
+@click.option("--dry-run", is_flag=True, help="List the files that would be deleted; delete nothing.")
+@click.option("--force", is_flag=True,
+              help="Allow a retention under 24 hours (only when no pistream writer can have files written "
+                   "ahead of a commit).")
+def vacuum(table: str, config_path: str | None, databricks_profile: str | None, as_json: bool,
+           retention_hours: int | None, dry_run: bool, force: bool) -> None:
+    """Delete data files the table no longer references (a full vacuum)."""
+    from .maintenance import vacuum as run_vacuum
+    from .target import open_target
+
+    def work() -> Any:
+        target = open_target(table, config_path=config_path, databricks_profile=databricks_profile)
+        try:
+            return run_vacuum(target.uri, target.storage_options, retention_hours, dry_run=dry_run, force=force)
+        finally:
+            target.close()
+
+    result = _run(work)
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    for path in result.files if dry_run else ():
+        click.echo(path)
+    verb = "would delete" if dry_run else "deleted"
+    click.echo(f"{verb} {len(result.files)} files older than {result.retention_hours} h "
+               f"({result.seconds} s)")
+
+
+@click.command()
+@_table_options
+@click.option("--scan", is_flag=True,
+              help="Also read the tag_webid and good columns: distinct tags and the share of good values.")
+def stats(table: str, config_path: str | None, databricks_profile: str | None, as_json: bool,
+          scan: bool) -> None:
+    """Rows, files and partitions of the table from its log (no data read without --scan)."""
+    from .maintenance import table_stats
+    from .target import open_target
+
+    def work() -> Any:
+        target = open_target(table, config_path=config_path, databricks_profile=databricks_profile)
+        try:
+            result = table_stats(target.uri, target.storage_options, scan=scan)
+            result.table = target.display  # a Unity Catalog table by its name
+            return result
+        finally:
+            target.close()
+
+    result = _run(work)
+    if as_json:
+        _echo_json(result.to_dict())
+        return
+    click.echo(f"table       {result.table}")
+    checkpoint = "none" if result.last_checkpoint is None else result.last_checkpoint
+    click.echo(f"version     {result.version} (checkpoint {checkpoint}, "
+               f"{result.commits_since_checkpoint} commits since)")
+    click.echo(f"rows        {result.rows:,} in {result.files:,} files ({result.small_files:,} small), "
+               f"{_size(result.bytes)}")
+    if scan:
+        click.echo(f"tags        {result.distinct_tags:,}, good {_share(result.good_share)}")
+    header = ["partition", "files", "small", "rows", "size", "first", "last"]
+    if scan:
+        header += ["tags", "good"]
+    rows = []
+    for p in result.partitions:
+        row = [p.partition, p.files, p.small_files, f"{p.rows:,}", _size(p.bytes), _time(p.first_timestamp),
+               _time(p.last_timestamp)]
+        rows.append(row + ([p.distinct_tags, _share(p.good_share)] if scan else []))
+    click.echo()
+    _echo_table(header, rows)
+
+
+def _time(moment: datetime | None) -> str | None:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else None
+
+
+def _share(share: float | None) -> str:
+    return "-" if share is None else f"{share:.2%}"
+
+
+def register(group: click.Group) -> None:
+    """Add optimize, vacuum and stats to ``group`` (the pistream command)."""
+    for command in (optimize, vacuum, stats):
+        group.add_command(command)
+
