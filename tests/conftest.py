@@ -13,7 +13,7 @@ import duckdb_extension_delta
 import pytest
 
 # Session-scoped S3 (moto_server) and Azure (Azurite) servers on loopback: tests/storage_servers.py
-pytest_plugins = ["storage_servers"]
+pytest_plugins = ["storage_servers", "databricks_fake"]
 
 _exit_status = 0
 
