@@ -157,10 +157,12 @@ def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
         raise
 
 
-def _register_simulate() -> None:
+def _register_commands() -> None:
     from .sim.command import simulate
+    from .tablecmds import register
 
     main.add_command(simulate, name="simulate")
+    register(main)
 
 
-_register_simulate()
+_register_commands()

@@ -28,6 +28,7 @@ from .flow import Incoming
 from .flusher import Flusher
 from .gapfill import GapFiller, GapQueue
 from .heap import use_returning_arrow_pool
+from .maintenance import MaintenanceScheduler
 from .piwebapi import PiWebApi, ResolvedTags, unknown_tags_error
 from .sink import DeltaSink
 from .state import StateStore, state_path
@@ -210,73 +211,81 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
     target = make_target(settings.table, storage_options=settings.storage_options,
                          databricks_profile=settings.databricks_profile, warehouse_id=settings.warehouse_id,
                          location=settings.location) if sink is None else None
-    async with trio.open_nursery() as root:
-        if handle_signals:
-            await root.start(watch_signals, stop)
-        url = settings.url
-        if settings.simulate:
-            url = await _start_simulator(root, paths, settings)
-        assert url is not None
-        tls = client_context(settings.ca_bundle, settings.insecure) if url.startswith("https") else None
-        auth = make_auth(settings, url, tls)
-        hint = AUTH_HINTS[kind]
-        api = PiWebApi(url, auth=auth, verify=tls or True, max_url_length=settings.max_url_length,
-                       auth_hint=hint)
-        async with api:
-            # PI Web API first: a wrong URL or password must not leave an empty table behind.
-            resolved = await resolve_tags(api, paths, settings.skip_unknown, settings.state_dir)
-            if target is not None:
-                await trio.to_thread.run_sync(target.prepare)
-                sink = open_sink(target, app_id)
-            assert sink is not None
-            store = StateStore(state_path(settings.state_dir, settings.table, app_id),
-                               target.catalog_name or sink.display_uri if target else sink.display_uri, app_id)
-            await trio.to_thread.run_sync(sink.open)
-            committed, txn_version = await trio.to_thread.run_sync(
-                recover_floors, sink, store, int(settings.reread_seconds * 1_000_000))
-            open_gaps = await trio.to_thread.run_sync(recover_open_gaps, sink, store)
-            shards = shard_webids(url, resolved.webids, settings.max_url_length)
-            tag_count = len(resolved)
-            log.info("tags_resolved", tags=tag_count, channels=len(shards), table=sink.display_uri,
-                     seconds=round(time.monotonic() - started, 3))
+    try:
+        async with trio.open_nursery() as root:
+            if handle_signals:
+                await root.start(watch_signals, stop)
+            url = settings.url
+            if settings.simulate:
+                url = await _start_simulator(root, paths, settings)
+            assert url is not None
+            tls = client_context(settings.ca_bundle, settings.insecure) if url.startswith("https") else None
+            auth = make_auth(settings, url, tls)
+            hint = AUTH_HINTS[kind]
+            api = PiWebApi(url, auth=auth, verify=tls or True, max_url_length=settings.max_url_length,
+                           auth_hint=hint)
+            async with api:
+                # PI Web API first: a wrong URL or password must not leave an empty table behind.
+                resolved = await resolve_tags(api, paths, settings.skip_unknown, settings.state_dir)
+                if target is not None:
+                    await trio.to_thread.run_sync(target.prepare)
+                    sink = open_sink(target, app_id)
+                assert sink is not None
+                store = StateStore(state_path(settings.state_dir, settings.table, app_id),
+                                   target.catalog_name or sink.display_uri if target else sink.display_uri, app_id)
+                await trio.to_thread.run_sync(sink.open)
+                if settings.maintenance_interval:  # in the root nursery: cancelled after the last commit
+                    await root.start(MaintenanceScheduler(
+                        sink.uri, target.storage_options if target is not None else sink.current_storage_options,
+                        interval=settings.maintenance_interval).run)
+                committed, txn_version = await trio.to_thread.run_sync(
+                    recover_floors, sink, store, int(settings.reread_seconds * 1_000_000))
+                open_gaps = await trio.to_thread.run_sync(recover_open_gaps, sink, store)
+                shards = shard_webids(url, resolved.webids, settings.max_url_length)
+                tag_count = len(resolved)
+                log.info("tags_resolved", tags=tag_count, channels=len(shards), table=sink.display_uri,
+                         seconds=round(time.monotonic() - started, 3))
 
-            message_send, message_recv = trio.open_memory_channel[Incoming](READER_QUEUE)
-            flush_send, flush_recv = trio.open_memory_channel[Flush | Spill](1)
-            gap_queue = GapQueue()
-            event_filter = committed.copy()
-            for gap, known in open_gaps.items():  # read again before the channels bring newer gaps
-                event_filter.reopen(gap, known)
-                gap_queue.put(gap)
-            buffer = ColumnBuffer({}, event_filter)
-            buffer.describe(resolved.webids, resolved.paths, resolved.uoms)
-            del tag_list, paths, resolved  # the buffer's tag index keeps what is needed
-            flusher = Flusher(buffer, message_recv, flush_send,
-                              max_rows=settings.flush_rows, max_bytes=settings.flush_bytes,
-                              max_age=settings.flush_seconds, gap_queue=gap_queue)
-            writer = CommitWriter(sink, flush_recv, txn_version=txn_version, committed=committed, state=store,
-                                  open_gaps=open_gaps.keys())
-            del buffer, open_gaps  # the flusher and the filter's windows have them now
-            gap_filler = GapFiller(api, gap_queue, message_send.clone())
-            readers = [
-                ChannelReader(f"channel-{i}", url, shard, message_send.clone(), auth=auth, ssl_context=tls,
-                              auth_hint=hint,
-                              heartbeat_rate=settings.heartbeat_rate, read_timeout=settings.silence_seconds,
-                              stall_timeout=settings.stall_seconds, receive_buffer=receive_buffer_size(len(shards)))
-                for i, shard in enumerate(shards)
-            ]
-            message_send.close()  # each producer owns a clone; the flusher ends when the last one closes
-            async with trio.open_nursery() as background:  # cancelled once the last commit has landed
-                if settings.stats_interval:
-                    reporter = StatsReporter(settings.stats_interval, flusher, writer, readers, gap_filler)
-                    background.start_soon(reporter.run)
-                async with trio.open_nursery() as flow:
-                    await flow.start(writer.run)
-                    await flow.start(flusher.run)
-                    deadline = trio.current_time() + (settings.duration - (time.monotonic() - started)
-                                                      if settings.duration is not None else math.inf)
-                    flow.start_soon(_run_producers, readers, gap_filler, stop, deadline)
-                background.cancel_scope.cancel()
-        root.cancel_scope.cancel()  # the simulator and the signal watcher
+                message_send, message_recv = trio.open_memory_channel[Incoming](READER_QUEUE)
+                flush_send, flush_recv = trio.open_memory_channel[Flush | Spill](1)
+                gap_queue = GapQueue()
+                event_filter = committed.copy()
+                for gap, known in open_gaps.items():  # read again before the channels bring newer gaps
+                    event_filter.reopen(gap, known)
+                    gap_queue.put(gap)
+                buffer = ColumnBuffer({}, event_filter)
+                buffer.describe(resolved.webids, resolved.paths, resolved.uoms)
+                del tag_list, paths, resolved  # the buffer's tag index keeps what is needed
+                flusher = Flusher(buffer, message_recv, flush_send,
+                                  max_rows=settings.flush_rows, max_bytes=settings.flush_bytes,
+                                  max_age=settings.flush_seconds, gap_queue=gap_queue)
+                writer = CommitWriter(sink, flush_recv, txn_version=txn_version, committed=committed, state=store,
+                                      open_gaps=open_gaps.keys())
+                del buffer, open_gaps  # the flusher and the filter's windows have them now
+                gap_filler = GapFiller(api, gap_queue, message_send.clone())
+                readers = [
+                    ChannelReader(f"channel-{i}", url, shard, message_send.clone(), auth=auth, ssl_context=tls,
+                                  auth_hint=hint,
+                                  heartbeat_rate=settings.heartbeat_rate, read_timeout=settings.silence_seconds,
+                                  stall_timeout=settings.stall_seconds, receive_buffer=receive_buffer_size(len(shards)))
+                    for i, shard in enumerate(shards)
+                ]
+                message_send.close()  # each producer owns a clone; the flusher ends when the last one closes
+                async with trio.open_nursery() as background:  # cancelled once the last commit has landed
+                    if settings.stats_interval:
+                        reporter = StatsReporter(settings.stats_interval, flusher, writer, readers, gap_filler)
+                        background.start_soon(reporter.run)
+                    async with trio.open_nursery() as flow:
+                        await flow.start(writer.run)
+                        await flow.start(flusher.run)
+                        deadline = trio.current_time() + (settings.duration - (time.monotonic() - started)
+                                                          if settings.duration is not None else math.inf)
+                        flow.start_soon(_run_producers, readers, gap_filler, stop, deadline)
+                    background.cancel_scope.cancel()
+            root.cancel_scope.cancel()  # the simulator and the signal watcher
+    finally:
+        if target is not None:
+            target.close()  # the Databricks workspace's connections
 
     summary = RunSummary(
         tags=tag_count,

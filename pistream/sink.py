@@ -250,6 +250,10 @@ class DeltaSink:
         self._table = self._files = None
         self.open()
 
+    def current_storage_options(self) -> dict[str, str]:
+        """The options to reach the table now (fresh credentials for a Unity Catalog table)."""
+        return self.credentials.storage_options() if self.credentials is not None else dict(self.storage_options)
+
     def _refresh(self) -> None:
         """Between operations: if the credentials were re-vended, open the table with the new ones."""
         if self.credentials is None:
