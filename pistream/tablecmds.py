@@ -81,16 +81,13 @@ def optimize(table: str, config_path: str | None, databricks_profile: str | None
     day = partition.date() if partition is not None else None
 
     def work() -> list[Any]:
-        target = open_target(table, config_path=config_path, databricks_profile=databricks_profile)
-        try:
+        with open_target(table, config_path=config_path, databricks_profile=databricks_profile) as target:
             options = target.storage_options
             with Lease(target.uri, options, holder=_holder("optimize")) as lease:
                 if not zorder:
                     return [compact(target.uri, options, day, lease=lease)]
                 days = [day] if day is not None else zorder_candidates(target.uri, options)
                 return [z_order(target.uri, options, d, lease=lease) for d in days]
-        finally:
-            target.close()
 
     results = _run(work)
     if as_json:
@@ -121,11 +118,8 @@ def vacuum(table: str, config_path: str | None, databricks_profile: str | None, 
     from .target import open_target
 
     def work() -> Any:
-        target = open_target(table, config_path=config_path, databricks_profile=databricks_profile)
-        try:
+        with open_target(table, config_path=config_path, databricks_profile=databricks_profile) as target:
             return run_vacuum(target.uri, target.storage_options, retention_hours, dry_run=dry_run, force=force)
-        finally:
-            target.close()
 
     result = _run(work)
     if as_json:
@@ -149,13 +143,10 @@ def stats(table: str, config_path: str | None, databricks_profile: str | None, a
     from .target import open_target
 
     def work() -> Any:
-        target = open_target(table, config_path=config_path, databricks_profile=databricks_profile)
-        try:
+        with open_target(table, config_path=config_path, databricks_profile=databricks_profile) as target:
             result = table_stats(target.uri, target.storage_options, scan=scan)
             result.table = target.display  # a Unity Catalog table by its name
             return result
-        finally:
-            target.close()
 
     result = _run(work)
     if as_json:

@@ -49,6 +49,12 @@ class TableTarget:
     def close(self) -> None:
         pass
 
+    def __enter__(self) -> TableTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class CatalogTarget(TableTarget):
     """A Unity Catalog table: resolved (and, with ``location``, created) at ``prepare``; credentials vended
@@ -139,5 +145,9 @@ def open_target(table: str, config_path: str | None = None, databricks_profile: 
         raise ConfigError(f"config file {config_path}: storage_options must be a table of strings")
     target = make_target(table, storage_options={str(k): str(v) for k, v in options.items()},
                          databricks_profile=databricks_profile or values.get("databricks_profile"))
-    target.prepare()
+    try:
+        target.prepare()
+    except BaseException:
+        target.close()
+        raise
     return target

@@ -28,6 +28,7 @@ import structlog
 from .databricks import Workspace, WorkspaceError
 from .errors import AuthError, ConfigError, SinkError, TableConflictError
 from .schema import PARTITION_COLUMN, TABLE_COMMENT, TABLE_PROPERTIES, TABLE_SCHEMA
+from .timeutil import TIMESTAMP_US
 
 log = structlog.get_logger(__name__)
 
@@ -165,19 +166,13 @@ def uc_columns() -> list[dict[str, Any]]:
     return columns
 
 
+_SPARK_TYPES = {pa.string(): "string", TIMESTAMP_US: "timestamp", pa.float64(): "double", pa.int32(): "int",
+                pa.bool_(): "boolean", pa.date32(): "date"}
+
+
 def spark_type(arrow_type: pa.DataType) -> str:
-    if pa.types.is_string(arrow_type):
-        return "string"
-    if pa.types.is_timestamp(arrow_type):
-        return "timestamp"
-    if pa.types.is_float64(arrow_type):
-        return "double"
-    if pa.types.is_int32(arrow_type):
-        return "int"
-    if pa.types.is_boolean(arrow_type):
-        return "boolean"
-    if pa.types.is_date32(arrow_type):
-        return "date"
+    if arrow_type in _SPARK_TYPES:
+        return _SPARK_TYPES[arrow_type]
     raise ValueError(f"no Spark type for {arrow_type}")
 
 

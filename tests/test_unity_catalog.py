@@ -189,3 +189,39 @@ def test_cli_managed_table_exit_2(workspace, tmp_path):
     assert "pistream: error: Unity Catalog table main.bronze.managed is a MANAGED table" in result.stderr
     assert workspace.pat not in result.stderr + result.stdout
     assert not (tmp_path / "pistream-data").exists()
+
+
+async def test_maintenance_commands_on_a_catalog_table(workspace, tmp_path):
+    """``pistream optimize`` and ``pistream stats`` reach a Unity Catalog table by its name, with vended
+    credentials and the config file's non-secret storage options."""
+    import json
+
+    from click.testing import CliRunner
+
+    from pistream.cli import main
+
+    location = workspace.location("commands")
+    workspace.register_table("main.bronze.commands", location)
+    model = SimModel.from_paths(PATHS[:3], rate=10)
+    with trio.fail_after(60):
+        async with served(tmp_path, model, table="main.bronze.commands", duration=3, flush_seconds=0.3,
+                          maintenance_interval=0, storage_options=workspace.base_storage_options
+                          ) as (simulator, settings):
+            summary = await run_pipeline(settings, handle_signals=False)
+    config = tmp_path / "pistream.toml"
+    config.write_text("[pistream.storage_options]\n" + "".join(
+        f'{key} = "{value}"\n' for key, value in workspace.base_storage_options.items()))
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(main, [*args, "--table", "main.bronze.commands", "--config", str(config)])
+
+    files_before = len(DeltaTable(location, storage_options=workspace.admin_storage_options).file_uris())
+    optimized = run("optimize", "--json")
+    assert optimized.exit_code == 0, optimized.output
+    stats = run("stats", "--json")
+    assert stats.exit_code == 0, stats.output
+    report = json.loads(stats.stdout)
+    assert report["rows"] == summary.values_written and report["files"] < files_before
+    assert "main.bronze.commands" in report["table"]
+    check_exactly_once(workspace, location, model, simulator)
