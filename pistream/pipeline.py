@@ -23,12 +23,12 @@ from .buffer import ColumnBuffer, Flush, Spill
 from .channel import ChannelReader, receive_buffer_size, shard_webids
 from .config import Settings, auth_kind
 from .dedup import EventFilter, EventKey, GapRequest, advance_from_rows, row_keys
-from .errors import ConfigError
+from .errors import ConfigError, PistreamError
 from .flow import Incoming
 from .flusher import Flusher
 from .gapfill import GapFiller, GapQueue
 from .heap import use_returning_arrow_pool
-from .maintenance import MaintenanceScheduler
+from .maintenance import MaintenanceScheduler, table_stats
 from .piwebapi import PiWebApi, ResolvedTags, unknown_tags_error
 from .sink import DeltaSink
 from .state import StateStore, state_path
@@ -175,6 +175,18 @@ def open_sink(target: TableTarget, app_id: str) -> DeltaSink:
     return DeltaSink(target.uri, app_id, target.base_options)
 
 
+def log_table_summary(sink: DeltaSink) -> None:
+    """The table as the run leaves it, from its log (milliseconds): rows, files, partitions, checkpoint."""
+    try:
+        stats = table_stats(sink.uri, sink.current_storage_options)
+    except PistreamError as exc:
+        log.warning("table_summary_unread", error=str(exc))
+        return
+    log.info("table_summary", table=sink.display_uri, version=stats.version, rows=stats.rows, files=stats.files,
+             small_files=stats.small_files, bytes=stats.bytes, partitions=len(stats.partitions),
+             last_checkpoint=stats.last_checkpoint, commits_since_checkpoint=stats.commits_since_checkpoint)
+
+
 async def watch_signals(stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                         ) -> None:
     """First Ctrl+C/SIGTERM: stop cleanly (flush and commit). A second one: give up at once."""
@@ -282,6 +294,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                                                           if settings.duration is not None else math.inf)
                         flow.start_soon(_run_producers, readers, gap_filler, stop, deadline)
                     background.cancel_scope.cancel()
+                await trio.to_thread.run_sync(log_table_summary, sink)
             root.cancel_scope.cancel()  # the simulator and the signal watcher
     finally:
         if target is not None:
