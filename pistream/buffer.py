@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from itertools import repeat
 from typing import Any
 
-import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,7 +23,15 @@ from .columns import FRAME_CODEC, LiveColumns, TagIndex, buffered_bytes, extract
 from .dedup import EventFilter, EventKey, GapRequest, RecentRows, drop_older, event_key, recent_chunks
 from .floors import Floors
 from .flow import Live
-from .messages import StreamSetMessage, StreamValues, TimedValue, channel_decoder, classify_value, flag
+from .messages import (
+    FRAME_ERRORS,
+    StreamSetMessage,
+    StreamValues,
+    TimedValue,
+    channel_decoder,
+    classify_value,
+    flag,
+)
 from .schema import BUFFER_SCHEMA, EVENT_KEY
 from .timeutil import TIMESTAMP_US, to_us
 
@@ -227,7 +234,7 @@ class ColumnBuffer:
         assert item.frame is not None
         try:
             message = channel_decoder.decode(item.frame)
-        except msgspec.DecodeError as exc:
+        except FRAME_ERRORS as exc:
             self.malformed += 1
             log.error("frame_malformed", channel=item.channel, error=str(exc), size=len(item.frame))
             return None

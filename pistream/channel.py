@@ -23,7 +23,7 @@ from .auth import AuthProvider, NoAuth
 from .columns import FRAME_CODEC
 from .errors import AuthError, ChannelRefusedError
 from .flow import Connected, Incoming, Live, LiveBatch
-from .messages import StreamSetMessage, channel_decoder
+from .messages import FRAME_ERRORS, StreamSetMessage, channel_decoder
 from .websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocket, connect
 
 log = structlog.get_logger(__name__)
@@ -277,7 +277,7 @@ class ChannelReader:
         """The frame's values, or None for a heartbeat or a malformed frame (logged and counted)."""
         try:
             message = channel_decoder.decode(frame)
-        except msgspec.DecodeError as exc:
+        except FRAME_ERRORS as exc:
             self.stats.malformed += 1
             log.error("frame_malformed", channel=self.name, error=str(exc), size=len(frame))
             return None

@@ -211,6 +211,8 @@ def extract(streams: list[StreamValues], received_us: list[int], index: TagIndex
     lists = list(map(_items, streams))
     if None in lists:
         return None
+    if not index.all_described(np.array(stream_ids, np.int32)):  # ids the filter knows, with no path/units
+        return None
     counts = list(map(len, lists))
     if counts.count(1) == len(counts):
         flat = list(map(_first, lists))
@@ -282,6 +284,8 @@ def extract_frames(frames: list[str | bytes], received_us: list[int], index: Tag
     (n, ids_b, ts_b, received_b, value_b, value_null_b, text_b, code_b, code_null_b, system_b, good_b, quest_b,
      subst_b, annot_b, uom_b, stream_uom_b, units, texts, raw) = parsed
     ids = np.frombuffer(ids_b, np.int32)
+    if not index.all_described(ids):  # a webid from the state file's floors, no longer configured
+        return None
     ts = np.frombuffer(ts_b, np.int64)
     value = pa.array(np.frombuffer(value_b, np.float64), mask=np.frombuffer(value_null_b, np.bool_))
     text_index = np.frombuffer(text_b, np.int32)
@@ -295,7 +299,7 @@ def extract_frames(frames: list[str | bytes], received_us: list[int], index: Tag
         for row, chunk in raw:
             try:
                 decoded = msgspec.json.decode(chunk)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):
                 return None  # the decoding path reports the frame
             numbers[row], text[row], code[row], system[row], is_error = classify_value(decoded)
             good_default[row] = not (system[row] or is_error)

@@ -134,11 +134,31 @@ class Flusher:
         if not self._live:
             return
         live, self._live, self._live_values = self._live, [], 0
-        count, gaps = self.buffer.add_live_batch(live)
+        try:
+            count, gaps = self.buffer.add_live_batch(live)
+        except Exception:  # a frame no decoding path foresaw: the others go on, that one is reported
+            if len(live) == 1:
+                self._malformed(live[0])
+                return
+            count, gaps = 0, []
+            for item in live:  # one by one, so that only the frame at fault is left out
+                try:
+                    one, item_gaps = self.buffer.add_live_batch([item])
+                except Exception:
+                    self._malformed(item)
+                    continue
+                count += one
+                gaps.extend(item_gaps)
         self.stats.values_received += count
         if self.gap_queue is not None:
             for gap in gaps:
                 self.gap_queue.put(gap)
+
+    def _malformed(self, item: Live) -> None:
+        """Counted and logged with its channel and size (never its text); the stream goes on."""
+        self.buffer.malformed += 1
+        size = len(item.frame) if item.frame is not None else None
+        log.exception("frame_malformed", channel=item.channel, size=size)
 
     def _take_in_other(self, item: Incoming) -> None:
         if isinstance(item, GapValues):

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 MAX_EXACT_INT = 2**53
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # the state_code column's range
 
 
 class TimedValue(msgspec.Struct, rename="pascal", gc=False):
@@ -48,15 +49,19 @@ class StreamSetMessage(msgspec.Struct, rename="pascal", gc=False):
 
 
 channel_decoder = msgspec.json.Decoder(StreamSetMessage)
+# What decoding one frame may raise: msgspec raises RecursionError, not DecodeError, for nesting deeper
+# than the recursion limit (``[[[[...``): a frame, not the reader, is what is wrong.
+FRAME_ERRORS = (msgspec.DecodeError, RecursionError)
 _json_encoder = msgspec.json.Encoder()
 
 
-def flag(raw: bool | str | None, default: bool) -> bool:
-    """A PI quality flag sent as a bool or, by some servers, as the string ``"true"``/``"false"``."""
-    if raw is None:
-        return default
+def flag(raw: Any, default: bool) -> bool:
+    """A PI quality flag sent as a bool or, by some servers, as the string ``"true"``/``"false"``; anything
+    else (a number, an object, null) takes the default."""
     if isinstance(raw, bool):
         return raw
+    if not isinstance(raw, str):
+        return default
     text = raw.strip().lower()
     if text in ("true", "1", "yes"):
         return True
@@ -71,6 +76,14 @@ def _error_text(errors: Any) -> str:
     return str(errors)
 
 
+def _int_text(raw: int) -> str:
+    """An integer's digits, also past Python's int-to-str digit limit (kept as JSON writes it)."""
+    try:
+        return str(raw)
+    except ValueError:
+        return _json_encoder.encode(raw).decode("utf-8")
+
+
 def classify_value(raw: Any) -> tuple[float | None, str | None, int | None, bool, bool]:
     """Map a PI value to ``(value, value_text, state_code, system_state, is_error)``.
 
@@ -80,7 +93,13 @@ def classify_value(raw: Any) -> tuple[float | None, str | None, int | None, bool
     if isinstance(raw, bool):
         return (1.0 if raw else 0.0), ("true" if raw else "false"), None, False, False
     if isinstance(raw, int):
-        return float(raw), (str(raw) if abs(raw) > MAX_EXACT_INT else None), None, False, False
+        if abs(raw) <= MAX_EXACT_INT:
+            return float(raw), None, None, False, False
+        try:
+            number: float | None = float(raw)
+        except OverflowError:  # 310 digits or more: kept as text only
+            number = None
+        return number, _int_text(raw), None, False, False
     if isinstance(raw, float):
         return raw, None, None, False, False
     if isinstance(raw, str):
@@ -92,7 +111,8 @@ def classify_value(raw: Any) -> tuple[float | None, str | None, int | None, bool
             return None, _error_text(raw["Errors"]), None, False, True
         if "Name" in raw and "Value" in raw:
             code = raw.get("Value")
-            state_code = code if isinstance(code, int) and not isinstance(code, bool) else None
+            state_code = (code if isinstance(code, int) and not isinstance(code, bool)
+                          and INT32_MIN <= code <= INT32_MAX else None)  # else the name alone
             return None, str(raw["Name"]), state_code, flag(raw.get("IsSystem"), False), False
     return None, _json_encoder.encode(raw).decode("utf-8"), None, False, False
 
