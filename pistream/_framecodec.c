@@ -12,6 +12,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <pythread.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,6 +20,7 @@
 #define MAX_DEPTH 64
 #define MAX_INTERNED 4096
 #define INTERN_SLOTS 8192 /* open addressing, at most half full */
+#define MAX_PROBES 32 /* a string whose probe runs longer is added without a slot (crafted collisions) */
 
 typedef struct {
     char *data;
@@ -60,16 +62,34 @@ static inline int eat(Cur *c, char ch) {
     return 0;
 }
 
+static int hex4(const char *s, unsigned *out) {
+    unsigned v = 0;
+    for (int i = 0; i < 4; i++) {
+        char ch = s[i];
+        v <<= 4;
+        if (ch >= '0' && ch <= '9') v |= ch - '0';
+        else if (ch >= 'a' && ch <= 'f') v |= ch - 'a' + 10;
+        else if (ch >= 'A' && ch <= 'F') v |= ch - 'A' + 10;
+        else return 0;
+    }
+    *out = v;
+    return 1;
+}
+
 /* Escapes must be JSON's: \" \\ \/ \b \f \n \r \t \uXXXX. */
 static int valid_escapes(const char *s, const char *end) {
     for (const char *p = memchr(s, '\\', end - s); p; p = memchr(p, '\\', end - p)) {
         char next = p + 1 < end ? p[1] : 0;
         if (next == 'u') {
-            if (end - p < 6) return 0;
-            for (int i = 2; i < 6; i++)
-                if (!((p[i] >= '0' && p[i] <= '9') || (p[i] >= 'a' && p[i] <= 'f') || (p[i] >= 'A' && p[i] <= 'F')))
-                    return 0;
+            unsigned cp, lo;
+            if (end - p < 6 || !hex4(p + 2, &cp)) return 0;
             p += 6;
+            if (cp >= 0xDC00 && cp <= 0xDFFF) return 0; /* a lone low surrogate (msgspec refuses it) */
+            if (cp >= 0xD800 && cp <= 0xDBFF) {         /* a high one: its low one must follow */
+                if (end - p < 6 || p[0] != '\\' || p[1] != 'u' || !hex4(p + 2, &lo) || lo < 0xDC00 || lo > 0xDFFF)
+                    return 0;
+                p += 6;
+            }
         } else if (next == '"' || next == '\\' || next == '/' || next == 'b' || next == 'f' || next == 'n' ||
                    next == 'r' || next == 't') {
             p += 2;
@@ -80,8 +100,30 @@ static int valid_escapes(const char *s, const char *end) {
     return 1;
 }
 
-/* A string at the cursor: its raw content (between the quotes) and whether it has escapes. Control
- * characters inside are let through (strict JSON forbids them; nothing here depends on it). */
+/* The length of the well-formed UTF-8 sequence at p (as Python and msgspec read it: no overlongs, no
+ * surrogates, nothing past U+10FFFF), or 0. */
+static int utf8_length(const unsigned char *p, const char *end) {
+    Py_ssize_t room = (const unsigned char *)end - p;
+#define CONT(i) (room > (i) && (p[i] & 0xC0) == 0x80)
+    unsigned char b = p[0];
+    if (b >= 0xC2 && b <= 0xDF) return CONT(1) ? 2 : 0;
+    if (b >= 0xE0 && b <= 0xEF) {
+        if (!CONT(1) || !CONT(2)) return 0;
+        if ((b == 0xE0 && p[1] < 0xA0) || (b == 0xED && p[1] > 0x9F)) return 0;
+        return 3;
+    }
+    if (b >= 0xF0 && b <= 0xF4) {
+        if (!CONT(1) || !CONT(2) || !CONT(3)) return 0;
+        if ((b == 0xF0 && p[1] < 0x90) || (b == 0xF4 && p[1] > 0x8F)) return 0;
+        return 4;
+    }
+#undef CONT
+    return 0;
+}
+
+/* A string at the cursor: its raw content (between the quotes) and whether it has escapes. 0 for
+ * anything msgspec would refuse: raw control characters, bad UTF-8, bad escapes, unpaired surrogates
+ * (the decoding path then reports the frame). */
 static int scan_string(Cur *c, const char **s, Py_ssize_t *len, int *escaped) {
     skip_ws(c);
     if (c->p >= c->end || *c->p != '"') return 0;
@@ -91,24 +133,33 @@ static int scan_string(Cur *c, const char **s, Py_ssize_t *len, int *escaped) {
     const char *start = c->p + 1, *q = start, *end = c->end;
     int esc = 0;
     for (;;) {
-        /* Eight bytes at a time while none of them is a quote or a backslash (SWAR zero-byte test). */
+        /* Eight bytes at a time while none of them is a quote, a backslash, a control character or
+         * non-ASCII (SWAR tests: zero byte, byte < 0x20, high bit). */
         while (end - q >= 8) {
             uint64_t w;
             memcpy(&w, q, 8);
             uint64_t quote = w ^ 0x2222222222222222ull, slash = w ^ 0x5C5C5C5C5C5C5C5Cull;
             if (((quote - 0x0101010101010101ull) & ~quote & 0x8080808080808080ull) |
-                ((slash - 0x0101010101010101ull) & ~slash & 0x8080808080808080ull))
+                ((slash - 0x0101010101010101ull) & ~slash & 0x8080808080808080ull) |
+                ((w - 0x2020202020202020ull) & ~w & 0x8080808080808080ull) | (w & 0x8080808080808080ull))
                 break;
             q += 8;
         }
         /* Byte by byte through the word that has one (or the tail). */
         const char *stop = end - q >= 8 ? q + 8 : end;
         for (; q < stop; q++) {
-            if (*q == '"') goto closed;
-            if (*q == '\\') {
+            unsigned char b = (unsigned char)*q;
+            if (b == '"') goto closed;
+            if (b == '\\') {
                 if (end - q < 2) return 0;
                 esc = 1;
-                q++; /* the escaped character */
+                q++; /* the escaped character (valid_escapes checks it is one of JSON's) */
+            } else if (b < 0x20) {
+                return 0;
+            } else if (b >= 0x80) {
+                int n = utf8_length((const unsigned char *)q, end);
+                if (!n) return 0;
+                q += n - 1;
             }
         }
         if (q >= end) return 0;
@@ -188,6 +239,16 @@ static int skip_value(Cur *c, int depth) {
     }
 }
 
+/* A key of an object this parser reads: 0 if it has an escape (``"Goo\u0064"`` is ``Good`` to msgspec;
+ * declined rather than unescaped, as real servers never write one). */
+static inline int scan_key(Cur *c, const char **s, Py_ssize_t *n) {
+    int escaped;
+    return scan_string(c, s, n, &escaped) && !escaped && eat(c, ':');
+}
+
+/* A field seen twice in one object: msgspec keeps the last, so such a frame is declined. */
+#define ONCE(bit) do { if (seen & (bit)) return SLOW; seen |= (bit); } while (0)
+
 static inline int key_is(const char *s, Py_ssize_t n, int escaped, const char *name) {
     return !escaped && (size_t)n == strlen(name) && memcmp(s, name, n) == 0;
 }
@@ -266,19 +327,6 @@ static int parse_timestamp(const char *s, Py_ssize_t n, int64_t *out) {
 
 /* -- strings ---------------------------------------------------------------------------------------- */
 
-static int hex4(const char *s, unsigned *out) {
-    unsigned v = 0;
-    for (int i = 0; i < 4; i++) {
-        char ch = s[i];
-        v <<= 4;
-        if (ch >= '0' && ch <= '9') v |= ch - '0';
-        else if (ch >= 'a' && ch <= 'f') v |= ch - 'a' + 10;
-        else if (ch >= 'A' && ch <= 'F') v |= ch - 'A' + 10;
-        else return 0;
-    }
-    *out = v;
-    return 1;
-}
 
 /* A JSON string's content as a Python str (NULL with no exception set if the escapes are bad). */
 static PyObject *json_str(const char *s, Py_ssize_t n, int escaped) {
@@ -381,9 +429,13 @@ static Py_ssize_t intern(Interner *in, const char *s, Py_ssize_t n, int escaped)
     uint32_t h = 2166136261u; /* FNV-1a */
     for (Py_ssize_t i = 0; i < n; i++) h = (h ^ (unsigned char)s[i]) * 16777619u;
     uint32_t slot = h % INTERN_SLOTS;
-    for (;; slot = (slot + 1) % INTERN_SLOTS) {
+    int free_slot = 0;
+    for (int probe = 0; probe < MAX_PROBES; probe++, slot = (slot + 1) % INTERN_SLOTS) {
         int k = in->slot[slot] - 1;
-        if (k < 0) break;
+        if (k < 0) {
+            free_slot = 1;
+            break;
+        }
         Span *known = &spans_of(in)[k];
         if (known->len == n && memcmp(known->ptr, s, n) == 0) return k;
     }
@@ -391,7 +443,7 @@ static Py_ssize_t intern(Interner *in, const char *s, Py_ssize_t n, int escaped)
     if (!buf_grow(&in->spans, sizeof(Span))) return -2;
     spans_of(in)[index] = (Span){s, n, escaped};
     in->spans.len += sizeof(Span);
-    if (in->count < MAX_INTERNED) {
+    if (free_slot && in->count < MAX_INTERNED) { /* else a second copy: columns hold indexes, either is right */
         in->slot[slot] = (int16_t)(in->count + 1);
         in->count++;
     }
@@ -470,24 +522,25 @@ static int read_int32(Cur *c, int32_t *out) {
  * else; 0 if the object is anything else (the caller hands it to Python whole). */
 static int read_state(Cur *c, const char **name, Py_ssize_t *name_len, int *name_escaped, int32_t *code,
                       uint8_t *system) {
-    int have_name = 0, have_code = 0;
+    int have_name = 0, have_code = 0, have_system = 0;
     *system = 0;
     if (!eat(c, '{')) return 0;
     if (eat(c, '}')) return 0;
     for (;;) {
         const char *k;
         Py_ssize_t kn;
-        int ke;
-        if (!scan_string(c, &k, &kn, &ke) || !eat(c, ':')) return 0;
+        int ke = 0;
+        if (!scan_key(c, &k, &kn)) return 0; /* escaped keys: Python reads the object */
         if (key_is(k, kn, ke, "Name")) {
-            if (!scan_string(c, name, name_len, name_escaped)) return 0;
+            if (have_name || !scan_string(c, name, name_len, name_escaped)) return 0; /* repeated: Python's */
             have_name = 1;
         } else if (key_is(k, kn, ke, "Value")) {
-            if (!read_int32(c, code)) return 0;
+            if (have_code || !read_int32(c, code)) return 0;
             have_code = 1;
         } else if (key_is(k, kn, ke, "IsSystem")) {
             int8_t flag;
-            if (!read_flag(c, &flag)) return 0;
+            if (have_system || !read_flag(c, &flag)) return 0;
+            have_system = 1;
             *system = flag == 1;
         } else {
             return 0;
@@ -562,6 +615,7 @@ static int read_value(Cur *c, Out *out, Value *v) {
             return OK;
         }
         if (fast_double(start, c->p, &v->number)) {
+            if (integral && v->number == 0.0) v->number = 0.0; /* "-0" is the int 0 to msgspec: +0.0 */
             v->is_null = 0;
             return OK;
         }
@@ -574,7 +628,7 @@ static int read_value(Cur *c, Out *out, Value *v) {
         memcpy(copy, start, (size_t)(c->p - start));
         copy[c->p - start] = 0;
         v->number = strtod(copy, &endp); /* numbers here are ASCII digits, '.', 'e': locale-proof */
-        if (endp != copy + (c->p - start)) return SLOW;
+        if (endp != copy + (c->p - start) || !isfinite(v->number)) return SLOW; /* 1e999: msgspec refuses */
         v->is_null = 0;
         return OK;
     }
@@ -613,29 +667,38 @@ static int parse_value_object(Cur *c, Out *out, int64_t received) {
     Py_ssize_t uom = -1;
     int64_t ts = 0;
     int8_t flags[4] = {-1, -1, -1, -1};
+    unsigned seen = 0;
     Value v = {0.0, 1, 1, 0, 0, -1, NULL, NULL};
     if (!eat(c, '}')) {
         for (;;) {
             const char *k, *s;
             Py_ssize_t kn, n;
-            int ke, e;
-            if (!scan_string(c, &k, &kn, &ke) || !eat(c, ':')) return SLOW;
+            int ke = 0, e;
+            if (!scan_key(c, &k, &kn)) return SLOW;
             if (key_is(k, kn, ke, "Timestamp")) {
+                ONCE(1);
                 if (!scan_string(c, &s, &n, &e) || e || !parse_timestamp(s, n, &ts)) return SLOW;
                 have_ts = 1;
             } else if (key_is(k, kn, ke, "Value")) {
+                ONCE(2);
                 if ((r = read_value(c, out, &v)) != OK) return r;
             } else if (key_is(k, kn, ke, "UnitsAbbreviation")) {
+                ONCE(4);
                 if ((r = read_units(c, out, &uom)) != OK) return r;
             } else if (key_is(k, kn, ke, "Good")) {
+                ONCE(8);
                 if (!read_flag(c, &flags[0])) return SLOW;
             } else if (key_is(k, kn, ke, "Questionable")) {
+                ONCE(16);
                 if (!read_flag(c, &flags[1])) return SLOW;
             } else if (key_is(k, kn, ke, "Substituted")) {
+                ONCE(32);
                 if (!read_flag(c, &flags[2])) return SLOW;
             } else if (key_is(k, kn, ke, "Annotated")) {
+                ONCE(64);
                 if (!read_flag(c, &flags[3])) return SLOW;
             } else if (key_is(k, kn, ke, "Errors")) {
+                ONCE(128);
                 skip_ws(c);
                 if (!skip_literal(c, "null")) return SLOW;
             } else if (!skip_value(c, 2)) {
@@ -784,13 +847,15 @@ static int parse_stream(Cur *c, Out *out, int64_t received) {
     Py_ssize_t miss_len = 0;
     Py_ssize_t stream_uom = -1;
     int have_items = 0, r;
+    unsigned seen = 0;
     if (!eat(c, '}')) {
         for (;;) {
             const char *k, *s;
             Py_ssize_t kn, n;
-            int ke, e;
-            if (!scan_string(c, &k, &kn, &ke) || !eat(c, ':')) return SLOW;
+            int ke = 0, e;
+            if (!scan_key(c, &k, &kn)) return SLOW;
             if (key_is(k, kn, ke, "WebId")) {
+                ONCE(1);
                 if (!scan_string(c, &s, &n, &e) || e) return SLOW;
                 id = cached_id(s, n);
                 if (id < 0) { /* resolved after the scan */
@@ -799,8 +864,13 @@ static int parse_stream(Cur *c, Out *out, int64_t received) {
                     id = 0;
                 }
             } else if (key_is(k, kn, ke, "UnitsAbbreviation")) {
+                ONCE(2);
                 if ((r = read_units(c, out, &stream_uom)) != OK) return r;
+            } else if (key_is(k, kn, ke, "Name") || key_is(k, kn, ke, "Path")) {
+                ONCE(k[0] == 'N' ? 4 : 8); /* str | None to msgspec: anything else fails its decoding */
+                if (string_or_null(c, &s, &n, &e) < 0) return SLOW;
             } else if (key_is(k, kn, ke, "Items")) {
+                ONCE(16);
                 if (!eat(c, '[')) return SLOW;
                 have_items = 1;
                 if (!eat(c, ']')) {
@@ -839,14 +909,16 @@ nomem:
 static int parse_frame(const char *text, Py_ssize_t size, Out *out, int64_t received) {
     Cur c = {text, text + size};
     int r;
+    unsigned seen = 0;
     if (!eat(&c, '{')) return SLOW;
     if (!eat(&c, '}')) {
         for (;;) {
             const char *k;
             Py_ssize_t kn;
-            int ke;
-            if (!scan_string(&c, &k, &kn, &ke) || !eat(&c, ':')) return SLOW;
+            int ke = 0;
+            if (!scan_key(&c, &k, &kn)) return SLOW;
             if (key_is(k, kn, ke, "Items")) {
+                ONCE(1);
                 skip_ws(&c);
                 if (skip_literal(&c, "null")) {
                 } else if (!eat(&c, '[')) {
@@ -860,6 +932,7 @@ static int parse_frame(const char *text, Py_ssize_t size, Out *out, int64_t rece
                     }
                 }
             } else if (key_is(k, kn, ke, "WebException")) {
+                ONCE(2);
                 skip_ws(&c);
                 if (!skip_literal(&c, "null")) return SLOW; /* logged by the slow path */
             } else if (!skip_value(&c, 1)) {
@@ -949,10 +1022,22 @@ static PyObject *parse(PyObject *self, PyObject *args) {
         goto done;
     }
     for (Py_ssize_t i = 0; i < count; i++) { /* with the GIL: the frames' UTF-8 text, kept alive */
-        PyObject *frame = PyList_GET_ITEM(frames, i);
+        /* Nothing below runs Python code (exact ints only: an __index__ could change the lists), and each
+         * frame is held by a reference of our own from here on. */
+        PyObject *frame = held[i] = Py_NewRef(PyList_GET_ITEM(frames, i));
+        PyObject *stamp = PyList_GET_ITEM(received, i);
+        if (!PyLong_CheckExact(stamp)) {
+            PyErr_SetString(PyExc_TypeError, "received_us must be ints");
+            goto done;
+        }
         if (PyUnicode_Check(frame)) {
             texts[i] = PyUnicode_AsUTF8AndSize(frame, &sizes[i]);
-            if (!texts[i]) goto done;
+            if (!texts[i]) {
+                if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) goto done;
+                PyErr_Clear(); /* a lone surrogate in a str frame: the decoding path reports it */
+                result = Py_NewRef(Py_None);
+                goto done;
+            }
         } else if (PyBytes_Check(frame)) {
             texts[i] = PyBytes_AS_STRING(frame);
             sizes[i] = PyBytes_GET_SIZE(frame);
@@ -960,8 +1045,7 @@ static PyObject *parse(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_TypeError, "frames must be str or bytes");
             goto done;
         }
-        held[i] = Py_NewRef(frame);
-        when[i] = PyLong_AsLongLong(PyList_GET_ITEM(received, i));
+        when[i] = PyLong_AsLongLong(stamp);
         if (when[i] == -1 && PyErr_Occurred()) goto done;
     }
     int r = OK;

@@ -140,3 +140,89 @@ def test_every_webid_of_a_large_index_maps_to_its_id_also_one_that_is_not_ascii(
     frame = '{"Items":[' + ",".join(stream % w for w in reversed(webids)) + "]}"
     taken = extract_frames([frame], [7], index)
     assert taken is not None and taken.ids.tolist() == list(range(5000, -1, -1))
+
+
+F_VALUE = '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":%s}]}]}'
+F_STREAM = '{"Items":[{"WebId":"W1",%s,"Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1.5}]}]}'
+
+
+@pytest.mark.parametrize("frame", [
+    F_VALUE % '1,"Goo\\u0064":false', F_VALUE % '1,"Error\\u0073":["broken"]',
+    F_VALUE.replace('"Value"', '"Valu\\u0065"') % "1", F_VALUE.replace('{"Items"', '{"Item\\u0073"') % "1",
+    '{"Items":[],"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1}]}]}',
+    F_STREAM % '"WebId":"W2"', F_VALUE % '1,"Value":2', F_STREAM % '"UnitsAbbreviation":"a","UnitsAbbreviation":"b"',
+    F_VALUE % '"a\x01b"', F_VALUE % '1,"Skipped":"\x1f"', F_VALUE % '1,"Skipped":"\\udc00"',
+    F_VALUE % '"\\ud800x"', F_STREAM % '"Name":5', F_STREAM % '"Path":{}', F_VALUE % "1e999", F_VALUE % "-1E400",
+])
+def test_what_msgspec_reads_otherwise_or_refuses_is_declined(frame):
+    """Escaped or repeated keys, raw control characters, unpaired surrogates, non-string Name/Path and
+    non-finite numbers: the codec declines, so the decoding path's answer (or its frame_malformed) stands."""
+    index = TagIndex()
+    index.add("W1", "\\\\S\\T", None)
+    index.add("W2", "\\\\S\\T2", None)
+    assert extract_frames([frame], [1], index) is None
+    assert extract_frames([frame.encode("utf-8", "surrogatepass")], [1], index) is None
+    infos = {"W1": StreamInfo("\\\\S\\T", "W1"), "W2": StreamInfo("\\\\S\\T2", "W2")}
+    by_frame = ColumnBuffer(infos)
+    by_frame.add_live_batch([Live(7, None, frame.encode("utf-8", "surrogatepass"), "ch")])
+    try:
+        message = channel_decoder.decode(frame.encode("utf-8", "surrogatepass"))
+    except Exception:  # noqa: BLE001 - the decoding path's refusal: the frame is malformed on both paths
+        assert by_frame.malformed == 1 and by_frame.take() is None
+        return
+    by_value = ColumnBuffer(infos)
+    for stream in message.items or ():
+        by_value.add_live(stream, 7)
+    assert normal(by_frame.take().batch.to_pylist()) == normal(by_value.take().batch.to_pylist())
+
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\xc3(", b"\xed\xa0\x80", b"\xe0\x80\x80", b"\xf4\x90\x80\x80", b"\xc0\xaf"])
+def test_invalid_utf8_in_any_string_is_declined(bad):
+    index = TagIndex()
+    index.add("W1", "\\\\S\\T", None)
+    for frame in (F_VALUE.encode() % (b'"' + bad + b'"'), F_VALUE.encode() % (b'1,"Skip":"x' + bad + b'"'),
+                  F_STREAM.encode() % (b'"UnitsAbbreviation":"' + bad + b'"')):
+        assert extract_frames([frame], [1], index) is None
+    good = F_VALUE.encode() % '"\u00b0C \U0001F600 \u20ac"'.encode()
+    taken = extract_frames([good], [1], index)
+    assert taken is not None and taken.batch.column("value_text").to_pylist() == ["\u00b0C \U0001F600 \u20ac"]
+
+
+def test_minus_zero_is_the_integer_zero_as_msgspec_reads_it():
+    index = TagIndex()
+    index.add("W1", "\\\\S\\T", None)
+    [value] = extract_frames([F_VALUE % "-0"], [1], index).batch.column("value").to_pylist()
+    assert value == 0.0 and math.copysign(1.0, value) == 1.0
+    [value] = extract_frames([F_VALUE % "-0.0"], [1], index).batch.column("value").to_pylist()
+    assert math.copysign(1.0, value) == -1.0  # a float -0.0 stays (msgspec keeps it too)
+
+
+def test_a_str_frame_with_a_lone_surrogate_is_declined_not_raised():
+    index = TagIndex()
+    index.add("W1", "\\\\S\\T", None)
+    assert extract_frames([F_VALUE % '"\ud800"'], [1], index) is None
+
+
+def test_received_times_must_be_exact_ints_so_no_python_code_runs_mid_parse():
+    frames = [F_VALUE % "1", F_VALUE % "2"]
+
+    class Sneaky(int):
+        def __index__(self):
+            frames.clear()  # what the borrowed-reference bug turned into a use-after-free
+            return 1
+    index = TagIndex()
+    index.add("W1", "\\\\S\\T", None)
+    with pytest.raises(TypeError):
+        extract_frames(frames, [Sneaky(1), 2], index)
+    assert len(frames) == 2
+
+
+def test_many_distinct_strings_past_the_string_table_keep_their_own_text():
+    index = TagIndex()
+    index.add("W1", "\\\\S\\T", None)
+    texts = [f"s{i}" for i in range(9000)] + ["s5", "s8999"]
+    items = ",".join('{"Timestamp":"2024-03-01T00:00:%02d.%06dZ","Value":"%s"}' % (i // 10**6, i % 10**6, t)
+                     for i, t in enumerate(texts))
+    frame = '{"Items":[{"WebId":"W1","Items":[%s]}]}' % items
+    taken = extract_frames([frame], [1], index)
+    assert taken is not None and taken.batch.column("value_text").to_pylist() == texts
