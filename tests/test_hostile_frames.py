@@ -138,3 +138,54 @@ async def test_the_flusher_outlives_a_frame_that_breaks_decoding(monkeypatch):
     [line] = [e for e in logs if e["event"] == "frame_malformed"]
     assert line["channel"] == "ch-3" and line["size"] == len(bad)
     assert np.all(np.array([f.batch.num_rows for f in flushes]) > 0)
+
+
+HOSTILE = [
+    F(b'{"Name":"x","Value":1,"IsSystem":1}'),
+    F(b"1" + b"0" * 400),
+    F(b'{"Name":"Big","Value":2147483648}'),
+    F(b'{"Name":"Huge","Value":9223372036854775808}'),
+    F(b"[" * 10000 + b"]" * 10000),
+    b"[" * 100 + b"]" * 100,  # small: decoded by the reader itself
+    F(b'1,"Goo\\u0064":false'),
+    F(b'"a\x01b"'),
+    F(b"1e999"),
+]
+
+
+async def test_hostile_frames_over_a_real_channel_do_not_stop_the_pipeline():
+    """A loopback WebSocket server sends each listed frame, then a good one; the real reader and flusher
+    take them: every well-formed frame's row lands, the others are counted, and both keep running."""
+    from trio_websocket import serve_websocket
+
+    async def handler(request):
+        ws = await request.accept()
+        for i, frame in enumerate(HOSTILE):
+            await ws.send_message(frame)
+            await ws.send_message(GOOD.replace(b"00:00:01", b"00:01:%02d" % i))
+        await trio.sleep_forever()
+
+    buffer = ColumnBuffer({"W1": StreamInfo("\\\\S\\T1", "W1", "m")})
+    incoming_send, incoming_receive = trio.open_memory_channel(100)
+    out_send, out_receive = trio.open_memory_channel(100)
+    flusher = Flusher(buffer, incoming_receive, out_send, max_rows=1000, max_age=0.2)
+    with trio.fail_after(20), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
+            await nursery.start(flusher.run)
+            reader = ChannelReader("ch-e2e", f"http://127.0.0.1:{server.port}/piwebapi", ["W1"], incoming_send,
+                                   heartbeat_rate=0)
+            nursery.start_soon(reader.run)
+            rows: list[dict] = []
+            while len(rows) < 2 * len(HOSTILE) - 4:
+                rows.extend((await out_receive.receive()).batch.to_pylist())
+            nursery.cancel_scope.cancel()
+    good = sorted(r["timestamp"].minute * 60 + r["timestamp"].second for r in rows if r["value"] == 2.5)
+    assert good == [60 + i for i in range(len(HOSTILE))]  # every good frame after a hostile one
+    odd = {(r["value"], r["value_text"], r["state_code"], r["system_state"]) for r in rows if r["value"] != 2.5}
+    assert odd == {(None, "x", 1, False), (None, "1" + "0" * 400, None, False), (None, "Big", None, False),
+                   (None, "Huge", None, False), (1.0, None, None, False)}  # Goo\u0064 is Good: value 1, good false
+    assert [r["good"] for r in rows if r["value"] == 1.0] == [False]
+    assert reader.stats.malformed + buffer.malformed == 4  # too deep (twice), the control character, 1e999
+    assert {e["channel"] for e in logs if e["event"] == "frame_malformed"} == {"ch-e2e"}
+    assert {e["event"] for e in logs if e["log_level"] == "critical"} == set()
