@@ -113,6 +113,9 @@ def entry() -> None:
                    "0 turns table maintenance off.  [default: 600]")
 @click.option("--stats-interval", type=float, help="Log stream statistics every this many seconds; 0: only at "
                                                    "the stop.  [default: 60]")
+@click.option("--metrics-port", type=click.IntRange(0, 65535),
+              help="Serve Prometheus /metrics and /healthz on --metrics-host:PORT (off by default).")
+@click.option("--metrics-host", help="Address for --metrics-port.  [default: 127.0.0.1]")
 @click.option("--skip-unknown", is_flag=True, default=None, help="Go on without tags the server does not know.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML file with any of these settings (names with underscores).")

@@ -55,6 +55,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     location: str | None = None
     maintenance_interval: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 600.0
     stats_interval: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 60.0
+    metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None
+    metrics_host: str = "127.0.0.1"
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

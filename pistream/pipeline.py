@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -29,6 +30,7 @@ from .flusher import Flusher
 from .gapfill import GapFiller, GapQueue
 from .heap import use_returning_arrow_pool
 from .maintenance import MaintenanceScheduler, table_stats
+from .metrics import MetricsServer
 from .piwebapi import PiWebApi, ResolvedTags, unknown_tags_error
 from .sink import DeltaSink
 from .state import StateStore, state_path
@@ -175,6 +177,12 @@ def open_sink(target: TableTarget, app_id: str) -> DeltaSink:
     return DeltaSink(target.uri, app_id, target.base_options)
 
 
+def credential_expiry(sink: DeltaSink) -> float | None:
+    """When the table's vended credentials expire (epoch seconds), for the metrics; None if not vended."""
+    vended = getattr(sink.credentials, "credentials", None)  # CatalogTarget -> VendedCredentials
+    return vended.expires_at if vended is not None and vended.expires_at > 0 else None
+
+
 def log_table_summary(sink: DeltaSink) -> None:
     """The table as the run leaves it, from its log (milliseconds): rows, files, partitions, checkpoint."""
     try:
@@ -284,9 +292,15 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                 ]
                 message_send.close()  # each producer owns a clone; the flusher ends when the last one closes
                 async with trio.open_nursery() as background:  # cancelled once the last commit has landed
+                    reporter = StatsReporter(settings.stats_interval, flusher, writer, readers, gap_filler)
                     if settings.stats_interval:
-                        reporter = StatsReporter(settings.stats_interval, flusher, writer, readers, gap_filler)
                         background.start_soon(reporter.run)
+                    if settings.metrics_port is not None:
+                        metrics = MetricsServer(reporter, port=settings.metrics_port, host=settings.metrics_host,
+                                                stale_after=max(3 * settings.flush_seconds, 60.0),
+                                                credential_expiry=partial(credential_expiry, sink))
+                        writer.on_commit = metrics.observe_commit
+                        await background.start(metrics.run)
                     async with trio.open_nursery() as flow:
                         await flow.start(writer.run)
                         await flow.start(flusher.run)

@@ -177,3 +177,27 @@ def test_histogram_is_cumulative():
         h.observe(v)
     assert h.render("x") == ['x_bucket{le="0.1"} 1', 'x_bucket{le="1.0"} 2', 'x_bucket{le="+Inf"} 3',
                              "x_sum 2.55", "x_count 3"]
+
+
+async def test_metrics_port_setting_serves_the_running_pipeline(tmp_path):
+    """``--metrics-port`` as a user sets it: the pipeline serves /metrics itself, with each commit in the
+    commit-duration histogram."""
+    import structlog
+
+    model = SimModel.from_paths(PATHS, rate=20)
+    seen: dict[str, object] = {}
+    with structlog.testing.capture_logs() as logs, trio.fail_after(30):
+        async with served(tmp_path, model, duration=3, flush_seconds=0.3, metrics_port=0) as (_, settings):
+
+            async def scrape():
+                await trio.sleep(2)  # the server started within the first moments; a few commits landed
+                url = next(e["url"] for e in logs if e["event"] == "metrics_served")
+                async with httpx.AsyncClient(timeout=5) as client:
+                    seen["metrics"] = parse((await client.get(url)).text)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(scrape)
+                await run_pipeline(settings, handle_signals=False)
+    metrics = seen["metrics"]
+    assert isinstance(metrics, dict)
+    assert metrics["pistream_commit_duration_seconds_count"] == metrics["pistream_commits_total"] >= 2
