@@ -43,6 +43,9 @@ try:  # the C frame codec, built with the wheel where a compiler was at hand
 except ImportError:  # pragma: no cover - exercised where the extension is not built
     _framecodec = None  # type: ignore[assignment]
 FRAME_CODEC = _framecodec is not None
+# Which decoder reads channel frames, for the start-up log line and ``pistream --version``: the extension is
+# optional (a failed MSVC build falls back silently), so say which one runs.
+DECODER = "C frame codec" if FRAME_CODEC else "msgspec (C frame codec not built)"
 
 
 class TagIndex:
