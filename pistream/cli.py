@@ -13,6 +13,7 @@ import structlog
 import trio
 
 from . import __version__
+from .columns import DECODER
 from .config import SECRET_SETTINGS, build_settings, load_config_file
 from .errors import ConfigError, PistreamError
 from .logsetup import LEVELS, configure_logging
@@ -122,7 +123,8 @@ def entry() -> None:
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]),
               help="Log format; auto is console on a terminal, JSON otherwise.")
 @click.option("--log-level", type=click.Choice(LEVELS))
-@click.version_option(__version__, prog_name="pistream")
+@click.version_option(__version__, prog_name="pistream",
+                      message=f"%(prog)s %(version)s (frame decoder: {DECODER})")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
     """Stream PI System tag values from PI Web API channels into a Delta Lake table until stopped.

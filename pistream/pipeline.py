@@ -22,6 +22,7 @@ import trio
 from .auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, OidcClientCredentials
 from .buffer import ColumnBuffer, Flush, Spill
 from .channel import ChannelReader, receive_buffer_size, shard_webids
+from .columns import DECODER
 from .config import Settings, auth_kind
 from .dedup import EventFilter, EventKey, GapRequest, advance_from_rows, row_keys
 from .errors import ConfigError, PistreamError
@@ -263,6 +264,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                 open_gaps = await trio.to_thread.run_sync(recover_open_gaps, sink, store)
                 shards = shard_webids(url, resolved.webids, settings.max_url_length)
                 tag_count = len(resolved)
+                log.info("decoder_selected", decoder=DECODER)
                 log.info("tags_resolved", tags=tag_count, channels=len(shards), table=sink.display_uri,
                          seconds=round(time.monotonic() - started, 3))
 
