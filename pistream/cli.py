@@ -93,6 +93,9 @@ def entry() -> None:
                                               "and then no longer count).  [default: 67108864 = 64 MiB]")
 @click.option("--flush-seconds", type=float, help="Commit when the oldest buffered value is this old.  "
                                                   "[default: 5]")
+@click.option("--flush-idle-seconds", type=float,
+              help="Commit a batch of 65,536 values or more once no value arrived for this long (a burst "
+                   "or backlog that ended); 0: only size and age.  [default: 1]")
 @click.option("--duration", type=float, help="Stop after this many seconds (flushing everything).")
 @click.option("--app-id", help="Delta transaction app id of this writer.  [default: pistream-HOSTNAME]")
 @click.option("--heartbeat-rate", type=int, help="Channel heartbeat, in server polls; 0 disables.  "

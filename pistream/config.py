@@ -40,6 +40,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     flush_rows: Annotated[int, msgspec.Meta(ge=1, le=10_000_000)] = 1_000_000
     flush_bytes: Annotated[int, msgspec.Meta(ge=1 << 20, le=1 << 34)] = 64 << 20
     flush_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
+    flush_idle_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
     duration: Positive | None = None
     app_id: str | None = None
     heartbeat_rate: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 5

@@ -280,7 +280,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                 del tag_list, paths, resolved  # the buffer's tag index keeps what is needed
                 flusher = Flusher(buffer, message_recv, flush_send,
                                   max_rows=settings.flush_rows, max_bytes=settings.flush_bytes,
-                                  max_age=settings.flush_seconds, gap_queue=gap_queue)
+                                  max_age=settings.flush_seconds, gap_queue=gap_queue,
+                                  idle_seconds=settings.flush_idle_seconds)
                 writer = CommitWriter(sink, flush_recv, txn_version=txn_version, committed=committed, state=store,
                                       open_gaps=open_gaps.keys())
                 del buffer, open_gaps  # the flusher and the filter's windows have them now

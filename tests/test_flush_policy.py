@@ -23,18 +23,20 @@ def autojump_clock():
     return trio.testing.MockClock(autojump_threshold=0)
 
 
-async def run_flusher(script, *, max_rows: int, max_age: float, max_bytes: int = 1 << 40):
+async def run_flusher(script, *, max_rows: int, max_age: float, max_bytes: int = 1 << 40, **policy):
     """Feed messages per ``script`` and return (virtual time, rows) of each batch the writer got."""
     msg_send, msg_recv = trio.open_memory_channel(10)
     flush_send, flush_recv = trio.open_memory_channel(1)
     buffer = ColumnBuffer({"W": StreamInfo("\\\\S\\T", "W")})  # a known stream: the bulk path
-    flusher = Flusher(buffer, msg_recv, flush_send, max_rows=max_rows, max_age=max_age, max_bytes=max_bytes)
+    flusher = Flusher(buffer, msg_recv, flush_send, max_rows=max_rows, max_age=max_age, max_bytes=max_bytes,
+                      **policy)
     got = []
+    start = trio.current_time()
 
     async def writer():
         async with flush_recv:
             async for flush in flush_recv:
-                got.append((round(trio.current_time(), 3), flush.batch.num_rows))
+                got.append((round(trio.current_time() - start, 3), flush.batch.num_rows))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer)
@@ -65,6 +67,42 @@ async def test_flush_on_size_then_remainder_at_shutdown(autojump_clock):
     got, _ = await run_flusher(script, max_rows=8, max_age=60)
     assert [rows for _, rows in got] == [8, 8, 4]
     assert all(t == 0 for t, _ in got)
+
+
+async def test_a_big_batch_commits_once_the_stream_pauses_heartbeats_aside(autojump_clock):
+    async def script(send):
+        await trio.sleep(1)
+        for i in range(4):  # a burst: 12 values within 0.3 s
+            await send.send(Live(0, message(3, start=i * 3)))
+            await trio.sleep(0.1)
+        for _ in range(5):  # then only heartbeats (messages without values), every 0.4 s
+            await send.send(Live(0, StreamSetMessage(items=[])))
+            await trio.sleep(0.4)
+        await trio.sleep(10)
+
+    got, _ = await run_flusher(script, max_rows=1000, max_age=5, idle_seconds=1.0, idle_rows=10)
+    # the last values came at 1.3 s: committed 1 s later, long before the age (6 s)
+    assert got == [(2.3, 12)]
+
+
+async def test_a_pause_leaves_a_small_batch_and_a_steady_stream_to_the_age(autojump_clock):
+    async def small(send):
+        await send.send(Live(0, message(3)))
+        await trio.sleep(10)
+
+    got, _ = await run_flusher(small, max_rows=1000, max_age=5, idle_seconds=1.0, idle_rows=10)
+    assert got == [(5.0, 3)]
+
+    async def steady(send):  # 4 values every 0.8 s: never a 1 s pause
+        for i in range(8):
+            await send.send(Live(0, message(4, start=i * 4)))
+            await trio.sleep(0.8)
+
+    got, _ = await run_flusher(steady, max_rows=1000, max_age=5, idle_seconds=1.0, idle_rows=10)
+    assert got == [(5.0, 28), (6.4, 4)]  # the age, then the rest at the stop
+
+    got, _ = await run_flusher(small, max_rows=1000, max_age=5, idle_seconds=0, idle_rows=1)
+    assert got == [(5.0, 3)]  # 0 turns it off
 
 
 async def test_no_batch_when_nothing_arrives(autojump_clock):
