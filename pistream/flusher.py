@@ -1,6 +1,6 @@
 """The flush policy: collect decoded messages into the column buffer and hand a batch to the writer when
 it holds ``max_rows`` rows or ``max_bytes`` bytes of columns, or its oldest row is ``max_age`` seconds
-old, or it holds at least ``idle_rows`` rows and nothing arrived for ``idle_seconds`` (a burst or a
+old, or nothing arrived for ``idle_seconds`` after a burst of at least ``idle_rows`` values (a first load or a
 backlog that ended: committed now, not at the age limit), and once more at shutdown. A batch larger than
 ``spill_rows`` goes to the writer in parts as it fills (``Spill``), written to data files ahead of the one
 commit that adds them all.
@@ -37,8 +37,8 @@ LIVE_WAIT = 0.05  # seconds of quiet after which gathered messages are taken in 
 # Rows held before they are spilled to data files ahead of the commit: a 1 M-row batch (10 s at 100,000
 # values/s) was ~57 MB of columns in memory plus its Parquet writing at the commit.
 SPILL_ROWS = 1 << 18
-# A batch this big is committed once the stream pauses (``idle_seconds``). Steady streams below ~13,000
-# values/s never hold this many within the 5 s age, so their commits keep the age cadence.
+# A burst of this many values is committed once the stream pauses (``idle_seconds``). Steady streams below
+# ~13,000 values/s never gather this many between two pauses within the 5 s age: they keep the age cadence.
 IDLE_FLUSH_ROWS = 1 << 16
 RAW_BYTES_PER_VALUE = 100  # a low guess (values take ~150-250 bytes of JSON): drains stop early, not late
 
@@ -81,8 +81,9 @@ class Flusher:
         self.gap_queue = gap_queue
         self.idle_seconds = idle_seconds  # 0: no early commit when the stream pauses
         self.idle_rows = idle_rows
-        self._size_seen = 0  # rows buffered or pending when last looked at, and since when
-        self._grew_at = 0.0
+        self._size_seen = 0  # rows buffered or pending when last looked at
+        self._grew_at = -math.inf  # when they last grew
+        self._burst_rows = 0  # values since the last pause of idle_seconds, across commits
         self.stats = FlushStats()
         self._live: list[Live] = []  # live messages not taken in yet (see _take_in)
         self._live_values = 0
@@ -119,11 +120,16 @@ class Flusher:
 
     def _idle_flush_at(self, now: float) -> float:
         """When a pause commits the batch: ``idle_seconds`` after it last grew (heartbeats and other
-        value-less messages do not count), if it is big enough to be worth a commit of its own."""
+        value-less messages do not count), if the burst it ends was big enough to be worth a commit of its
+        own. The burst spans commits, so the rest of a burst that filled a batch does not wait for the age."""
         size = len(self.buffer) + self._live_values
-        if size != self._size_seen:
-            self._size_seen, self._grew_at = size, now
-        if self.idle_seconds <= 0 or size < self.idle_rows:
+        if size > self._size_seen:
+            if now - self._grew_at >= self.idle_seconds:
+                self._burst_rows = 0  # the values after a pause start a new burst
+            self._burst_rows += size - self._size_seen
+            self._grew_at = now
+        self._size_seen = size
+        if self.idle_seconds <= 0 or not size or self._burst_rows < self.idle_rows:
             return math.inf
         return self._grew_at + self.idle_seconds
 
@@ -204,6 +210,7 @@ class Flusher:
     async def _flush(self) -> None:
         self._take_in_live()
         flush = self.buffer.take()
+        self._size_seen = 0
         if flush is None:
             return
         self.stats.flushes += 1

@@ -85,6 +85,17 @@ async def test_a_big_batch_commits_once_the_stream_pauses_heartbeats_aside(autoj
     assert got == [(2.3, 12)]
 
 
+async def test_the_rest_of_a_burst_that_filled_a_batch_commits_at_the_pause_too(autojump_clock):
+    async def script(send):
+        for i in range(5):  # 15 values within 0.4 s: 10 fill a batch, 5 are left
+            await send.send(Live(0, message(3, start=i * 3)))
+            await trio.sleep(0.1)
+        await trio.sleep(10)
+
+    got, _ = await run_flusher(script, max_rows=10, max_age=5, idle_seconds=1.0, idle_rows=10)
+    assert got == [(0.3, 12), (1.4, 3)]  # the rest 1 s after the last values, not at the age
+
+
 async def test_a_pause_leaves_a_small_batch_and_a_steady_stream_to_the_age(autojump_clock):
     async def small(send):
         await send.send(Live(0, message(3)))
