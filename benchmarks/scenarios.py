@@ -43,6 +43,7 @@ SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
     "startup": {"tags": (100_000, 20_000)},
     "restart": {"tags": (100_000, 20_000), "first": (20.0, 6.0), "downtime": (5.0, 1.0), "duration": (90.0, 20.0)},
     "backfill": {"tags": (1_000, 200), "minutes": (30, 10)},
+    "firehose": {"tags": (1_000, 200), "frames": (1_000, 1_000), "paced_interval": (0.007, 0.007)},
 }
 # Bounds the wait for the last partial batch: at most ~4 % of a full run (5 M values, ~6 s); at 200 frames
 # and 0.5 s, the tail was up to 20 % of the window once runs took 2.5 s.
@@ -467,6 +468,94 @@ def startup(quick: bool) -> dict[str, Any]:
     })
 
 
+# -- firehose ---------------------------------------------------------------------------------------------
+
+def _until_committed(cmd: list[str], expected: int) -> dict[str, float]:
+    """Run ``pistream`` (JSON logs on stderr) until ``batch_committed`` lines add up to ``expected`` rows,
+    then stop it with SIGINT; seconds from ``Popen`` to the first line of each event, and to all rows."""
+    import json
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    started = time.time()
+    process = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
+                               env=env)
+    events: dict[str, float] = {}
+    done = threading.Event()
+
+    def read_logs() -> None:
+        assert process.stderr is not None
+        rows = 0
+        for line in process.stderr:
+            now = time.time() - started
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                print(line, end="", file=sys.stderr)
+                continue
+            events.setdefault(event.get("event", ""), now)
+            if event.get("event") == "batch_committed":
+                rows += event.get("rows", 0)
+                if rows >= expected:
+                    events["all_committed"] = now
+                    done.set()
+            if event.get("level") in ("warning", "error"):
+                print(f"[pistream] {line}", end="", file=sys.stderr)
+
+    reader = threading.Thread(target=read_logs, daemon=True)
+    reader.start()
+    try:
+        done.wait(timeout=RUN_TIMEOUT)
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            process.wait(timeout=30)
+        reader.join(timeout=5)
+    events["exit_code"] = process.returncode
+    return events
+
+
+def firehose(quick: bool) -> dict[str, Any]:
+    """A user's first impression: a fixed 1 M values (1,000 tags x 1,000 frames) from process start until
+    every value is committed, with the default flush flags. Twice: sent as fast as pistream reads, and
+    paced over ~7 s (a source slower than pistream, so the batch is not simply full at 1 M). The paced run
+    again with ``--flush-idle-seconds 0`` (commits on size and age only) is the baseline. Each process gets
+    its own blast server, so every run reads the same values."""
+    p = size("firehose", quick)
+    expected = p["tags"] * p["frames"]
+    runs: dict[str, dict[str, Any]] = {}
+    cases = (("fast", None, []), ("paced", p["paced_interval"], []),
+             ("paced_size_and_age_only", p["paced_interval"], ["--flush-idle-seconds", "0"]))
+    with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp:
+        workdir = Path(tmp)
+        tags_file = write_tags_file(workdir / "tags.txt", p["tags"])
+        for name, interval, extra in cases:
+            with blast_server(p["tags"], p["frames"], interval=interval) as blast:
+                cmd = [sys.executable, "-m", "pistream", "--tags", str(tags_file), "--url", blast.url,
+                       "--table", str(workdir / name / "table"), "--state-dir", str(workdir / name / "state"),
+                       "--log-format", "json", "--duration", str(RUN_TIMEOUT), *extra]
+                runs[name] = _until_committed(cmd, expected)
+            rows, _, last, last_commit = received_span(workdir / name / "table")
+            runs[name].update(rows=rows, last_value_to_committed_s=last_commit - last)
+    fast, paced, baseline = runs["fast"], runs["paced"], runs["paced_size_and_age_only"]
+    speedup = None
+    if "all_committed" in paced and "all_committed" in baseline:
+        speedup = baseline["all_committed"] / paced["all_committed"]
+    return round_figures({
+        "tags": p["tags"], "values": fast["rows"],
+        "start_to_tags_resolved_s": fast.get("tags_resolved"),
+        "start_to_all_committed_s": fast.get("all_committed"),
+        "paced_start_to_all_committed_s": paced.get("all_committed"),
+        "paced_last_value_to_committed_s": paced["last_value_to_committed_s"],
+        "size_and_age_only_start_to_all_committed_s": baseline.get("all_committed"),
+        "size_and_age_only_last_value_to_committed_s": baseline["last_value_to_committed_s"],
+        "idle_flush_speedup": speedup,
+        "exit_codes": ",".join(str(run["exit_code"]) for run in runs.values()),
+        "complete": all(run["rows"] == expected for run in runs.values()),
+    })
+
+
 # -- restart ----------------------------------------------------------------------------------------------
 
 def restart(quick: bool) -> dict[str, Any]:
@@ -598,4 +687,5 @@ SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "startup": startup,
     "restart": restart,
     "backfill": backfill,
+    "firehose": firehose,
 }
