@@ -126,6 +126,11 @@ def entry() -> None:
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]),
               help="Log format; auto is console on a terminal, JSON otherwise.")
 @click.option("--log-level", type=click.Choice(LEVELS))
+@click.option("--log-file", help="Write the log to this file (JSON lines), rotated by size, instead of stderr "
+                                 "(for a service).")
+@click.option("--log-file-max-mb", type=float, help="Rotate --log-file at this size.  [default: 10]")
+@click.option("--log-file-backups", type=int, help="Rotated --log-file files kept (FILE.1 the newest).  "
+                                                   "[default: 5]")
 @click.version_option(__version__, prog_name="pistream",
                       message=f"%(prog)s %(version)s (frame decoder: {DECODER})")
 @click.pass_context
@@ -149,7 +154,13 @@ def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
         configure_logging(options.get("log_format") or "auto", "error")
         click.echo(f"pistream: error: {exc}", err=True)
         ctx.exit(exc.exit_code)
-    configure_logging(settings.log_format, settings.log_level)
+    try:
+        configure_logging(settings.log_format, settings.log_level, log_file=settings.log_file,
+                          max_bytes=int(settings.log_file_max_mb * (1 << 20)), backups=settings.log_file_backups)
+    except OSError as exc:
+        click.echo(f"pistream: error: cannot write the log file {settings.log_file}: {exc.strerror or exc}; "
+                   "--log-file must name a file this account may create and write", err=True)
+        ctx.exit(ConfigError.exit_code)
     from .pipeline import run_pipeline
 
     try:

@@ -60,6 +60,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     metrics_host: str = "127.0.0.1"
     log_format: Literal["auto", "console", "json"] = "auto"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_file: str | None = None
+    log_file_max_mb: Annotated[float, msgspec.Meta(ge=0.001, le=1 << 20)] = 10.0
+    log_file_backups: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
 
 
 def auth_kind(settings: Settings) -> str:
