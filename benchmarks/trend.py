@@ -1,5 +1,6 @@
 """Trend of the benchmark suite across results: one panel per measure (values/s, CPU s per million values,
-peak RSS, p99 receive-to-commit), one line per scenario, results in time order labelled by commit.
+peak RSS, p99 receive-to-commit), one line per scenario, and a panel of a user's first impression (seconds
+from process start: startup, the 1 M-value firehose); results in time order labelled by commit.
 
     python -m benchmarks.trend benchmarks/results/*.json -o trend.png
 
@@ -21,6 +22,12 @@ MEASURES = (  # (key in a scenario, panel title)
     ("peak_rss_MB", "peak RSS (MB)"),
     ("p99_receive_to_commit_ms", "p99 receive to commit (ms)"),
 )
+FROM_START = (  # (scenario, key, line label): seconds from process start, as a user first sees pistream
+    ("startup", "start_to_tags_resolved_s", "startup: tags resolved"),
+    ("startup", "start_to_first_commit_s", "startup: first commit"),
+    ("firehose", "start_to_all_committed_s", "firehose: 1 M values committed"),
+)
+FROM_START_TITLE = "seconds from process start"
 
 
 @dataclass
@@ -48,29 +55,50 @@ def load(paths: list[str]) -> list[Result]:
     return sorted(results, key=lambda r: r.started)
 
 
+Series = list[tuple[int, float, bool]]  # (result index, value, quick run)
+
+
+def series(results: list[Result], scenario: str, key: str) -> Series:
+    return [(i, r.scenarios[scenario][key], r.quick) for i, r in enumerate(results)
+            if isinstance(r.scenarios.get(scenario, {}).get(key), int | float)]
+
+
+Line = tuple[str, str, Series]  # (scenario, label, points)
+
+
+def panels(results: list[Result]) -> list[tuple[str, list[Line]]]:
+    """(title, lines) for each panel, lines without a point left out."""
+    scenarios = sorted({name for r in results for name in r.scenarios})
+    out = [(title, [(name, name, series(results, name, key)) for name in scenarios]) for key, title in MEASURES]
+    out.append((FROM_START_TITLE, [(name, label, series(results, name, key)) for name, key, label in FROM_START]))
+    return [(title, [line for line in lines if line[2]]) for title, lines in out]
+
+
 def plot(results: list[Result], output: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scenarios = sorted({name for r in results for name in r.scenarios})
-    figure, axes = plt.subplots(len(MEASURES), 1, figsize=(max(8.0, 0.6 * len(results) + 4), 3.2 * len(MEASURES)),
+    drawn = panels(results)
+    # a scenario has one colour in every panel; a second line of it in one panel is dashed
+    colors = {name: f"C{i % 10}" for i, name in enumerate(sorted({name for r in results for name in r.scenarios}))}
+    figure, axes = plt.subplots(len(drawn), 1, figsize=(max(8.0, 0.6 * len(results) + 4), 3.2 * len(drawn)),
                                 sharex=True)
     labels = [f"{r.started[:10]}\n{r.commit}" for r in results]
-    for axis, (key, title) in zip(axes, MEASURES, strict=True):
-        for index, name in enumerate(scenarios):
-            points = [(i, r.scenarios[name][key], r.quick) for i, r in enumerate(results)
-                      if isinstance(r.scenarios.get(name, {}).get(key), int | float)]
-            if not points:
-                continue
-            color = f"C{index % 10}"
-            axis.plot([p[0] for p in points], [p[1] for p in points], color=color, label=name, linewidth=1)
+    for axis, (title, lines) in zip(axes, drawn, strict=True):
+        seen: set[str] = set()
+        for name, label, points in lines:
+            style = "--" if name in seen else "-"
+            seen.add(name)
+            color = colors.get(name, "k")
+            axis.plot([p[0] for p in points], [p[1] for p in points], style, color=color, label=label, linewidth=1)
             for x, y, quick in points:
                 axis.plot(x, y, "o", color=color, markerfacecolor="none" if quick else color, markersize=5)
         axis.set_title(title, loc="left", fontsize=10)
         axis.grid(True, alpha=0.3)
-        axis.legend(fontsize=7, ncol=4, loc="best")
+        if lines:
+            axis.legend(fontsize=7, ncol=4, loc="best")
     axes[-1].set_xticks(range(len(results)))
     axes[-1].set_xticklabels(labels, rotation=60, ha="right", fontsize=7)
     axes[-1].set_xlabel("result (date, commit); hollow markers: --quick runs")
