@@ -228,7 +228,16 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         parser.error(f"unknown scenario(s) {', '.join(unknown)}; known: {', '.join(SCENARIOS)}")
-    old = json.loads(Path(args.compare).read_text(encoding="utf-8")) if args.compare else None
+    old = None
+    if args.compare:  # read before the suite runs: a wrong path fails now, not after ten minutes
+        try:
+            old = json.loads(Path(args.compare).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            parser.error(f"--compare {args.compare}: cannot read it as a result file ({exc}); "
+                         "give a JSON file written by python -m benchmarks (see benchmarks/results/)")
+        if not isinstance(old, dict) or "scenarios" not in old:
+            parser.error(f"--compare {args.compare}: not a suite result (no \"scenarios\"); "
+                         "give a JSON file written by python -m benchmarks")
 
     started = time.monotonic()
     report: dict[str, Any] = {"started": datetime.now(UTC).isoformat(timespec="seconds"),
