@@ -525,8 +525,9 @@ def firehose(quick: bool) -> dict[str, Any]:
     p = size("firehose", quick)
     expected = p["tags"] * p["frames"]
     runs: dict[str, dict[str, Any]] = {}
-    cases: tuple[tuple[str, float | None, list[str]], ...] = (("fast", None, []), ("paced", p["paced_interval"], []),
-             ("paced_size_and_age_only", p["paced_interval"], ["--flush-idle-seconds", "0"]))
+    cases: tuple[tuple[str, float | None, list[str]], ...] = (
+        ("fast", None, []), ("paced", p["paced_interval"], []),
+        ("paced_size_and_age_only", p["paced_interval"], ["--flush-idle-seconds", "0"]))
     with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp:
         workdir = Path(tmp)
         tags_file = write_tags_file(workdir / "tags.txt", p["tags"])
