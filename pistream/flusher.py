@@ -108,10 +108,10 @@ class Flusher:
                     self._take_in(items)
                 else:
                     self._take_in_live()  # the queue went quiet: what is pending goes in now
+                now = trio.current_time()
                 if deadline == math.inf and (self._live or len(self.buffer)):
-                    deadline = trio.current_time() + self.max_age
-                paused = trio.current_time() >= self._idle_flush_at(trio.current_time())
-                if self._full() or trio.current_time() >= deadline or paused:
+                    deadline = now + self.max_age
+                if self._full() or now >= deadline or now >= self._idle_flush_at(now):
                     await self._flush()
                     deadline = math.inf
                 elif self.buffer.held_rows >= self.spill_rows:
