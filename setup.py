@@ -2,5 +2,5 @@
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("pistream._framecodec", ["pistream/_framecodec.c"], optional=True,
+setup(ext_modules=[Extension("pistream.stream._framecodec", ["pistream/stream/_framecodec.c"], optional=True,
                              extra_compile_args=["-O2"] if __import__("os").name != "nt" else [])])

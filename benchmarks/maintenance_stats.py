@@ -18,11 +18,13 @@ from datetime import UTC, date, datetime, timedelta
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction
 
-from pistream.datafiles import write_partitions
+from pistream.lake.datafiles import write_partitions
+from pistream.lake.optimize import zorder_candidates
+from pistream.lake.sink import DeltaSink
+from pistream.lake.storage import table_files
+from pistream.lake.tablestats import table_stats
 from pistream.logsetup import configure_logging
-from pistream.maintenance import table_stats, zorder_candidates
-from pistream.schema import PARTITION_COLUMN, TABLE_SCHEMA
-from pistream.sink import DeltaSink, table_files
+from pistream.stream.schema import PARTITION_COLUMN, TABLE_SCHEMA
 
 
 def tiny_batch(day: date, first: int, rows: int, tags: int) -> pa.Table:

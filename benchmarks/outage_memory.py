@@ -24,11 +24,11 @@ from deltalake import DeltaTable
 
 from pistream.config import build_settings
 from pistream.errors import SinkError
+from pistream.lake.sink import DeltaSink
 from pistream.logsetup import configure_logging
 from pistream.pipeline import run_pipeline
 from pistream.sim.groundtruth import arrow_rows, compare_rows
 from pistream.sim.model import SimModel
-from pistream.sink import DeltaSink
 
 
 class OutageSink(DeltaSink):

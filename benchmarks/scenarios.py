@@ -78,10 +78,10 @@ def ceiling(quick: bool) -> dict[str, Any]:
 
     import trio
 
-    from pistream.channel import MAX_MESSAGE_SIZE, RECEIVE_BUFFER_SIZE, channel_url, shard_webids
-    from pistream.messages import channel_decoder
-    from pistream.webid import path_webid
-    from pistream.websocket import connect
+    from pistream.pi.channel import MAX_MESSAGE_SIZE, RECEIVE_BUFFER_SIZE, channel_url, shard_webids
+    from pistream.pi.messages import channel_decoder
+    from pistream.pi.webid import path_webid
+    from pistream.pi.websocket import connect
 
     p = size("ceiling", quick)
     webids = [path_webid(path) for path in tag_paths(p["tags"])]
@@ -223,8 +223,8 @@ def naive(quick: bool) -> dict[str, Any]:
     import websockets
     from deltalake import write_deltalake
 
-    from pistream.channel import channel_url, shard_webids
-    from pistream.webid import path_webid
+    from pistream.pi.channel import channel_url, shard_webids
+    from pistream.pi.webid import path_webid
 
     p = size("naive", quick)
     expected = p["tags"] * p["frames"]
@@ -611,15 +611,15 @@ def backfill(quick: bool) -> dict[str, Any]:
     ``CommitWriter``/``DeltaSink``. One gap window per tag covers the whole range."""
     import trio
 
-    from pistream.buffer import ColumnBuffer, Flush, Spill, StreamInfo
-    from pistream.dedup import EventFilter
-    from pistream.flow import Incoming
-    from pistream.flusher import Flusher
-    from pistream.gapfill import GapFiller, GapQueue, group_requests
-    from pistream.piwebapi import PiWebApi
-    from pistream.sink import DeltaSink
-    from pistream.webid import path_webid
-    from pistream.writer import CommitWriter
+    from pistream.lake.sink import DeltaSink
+    from pistream.lake.writer import CommitWriter
+    from pistream.pi.flow import Incoming
+    from pistream.pi.gapfill import GapFiller, GapQueue, group_requests
+    from pistream.pi.piwebapi import PiWebApi
+    from pistream.pi.webid import path_webid
+    from pistream.stream.buffer import ColumnBuffer, Flush, Spill, StreamInfo
+    from pistream.stream.dedup import EventFilter
+    from pistream.stream.flusher import Flusher
 
     p = size("backfill", quick)
     LogCapture().install("warning")

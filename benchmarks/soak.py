@@ -29,13 +29,13 @@ from deltalake import DeltaTable
 
 from benchmarks.common import rss_mb
 from pistream.config import build_settings
+from pistream.lake.maintenance import MaintenanceScheduler
 from pistream.logsetup import configure_logging
-from pistream.maintenance import MaintenanceScheduler
 from pistream.pipeline import run_pipeline
-from pistream.schema import PARTITION_COLUMN
 from pistream.sim.groundtruth import arrow_rows, compare_rows
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
+from pistream.stream.schema import PARTITION_COLUMN
 
 
 def sample(table: str, started: float) -> dict[str, Any]:

@@ -118,7 +118,7 @@ def build() -> bool:
 
 # Modules no smoke run imports (TLS to a real server, Kerberos/NTLM, Unity Catalog) that must be in the
 # bundle all the same; every pistream module is required too (listed from the package itself).
-REQUIRED_MODULES = ["pistream._framecodec", "truststore", "spnego", "spnego._ntlm", "spnego._gss",
+REQUIRED_MODULES = ["pistream.stream._framecodec", "truststore", "spnego", "spnego._ntlm", "spnego._gss",
                     "spnego._sspi", "cryptography.hazmat.bindings._rust", "zoneinfo", "deltalake._internal",
                     "certifi"] + (["sspilib"] if os.name == "nt" else [])
 
@@ -148,7 +148,7 @@ def _pistream_modules() -> list[str]:
 
 def _read_tags(path: Path) -> list[str]:
     """The tags file's tags, as pistream reads them (it dedups case-insensitively)."""
-    from pistream.tags import read_tags_file
+    from pistream.pi.tags import read_tags_file
 
     return list(read_tags_file(path).paths)
 

@@ -13,10 +13,10 @@ import structlog
 import trio
 
 from . import __version__
-from .columns import DECODER
 from .config import SECRET_SETTINGS, build_settings, load_config_file
 from .errors import ConfigError, PistreamError
 from .logsetup import LEVELS, configure_logging
+from .stream.columns import DECODER
 
 log = structlog.get_logger(__name__)
 
@@ -177,8 +177,8 @@ def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
 
 
 def _register_commands() -> None:
+    from .lake.tablecmds import register
     from .sim.command import simulate
-    from .tablecmds import register
 
     main.add_command(simulate, name="simulate")
     register(main)

@@ -115,7 +115,7 @@ def build_settings(file_values: dict[str, Any], cli_values: dict[str, Any], sour
                           "pistream against its built-in simulator)")
     if not settings.tags:
         raise ConfigError("no tags file given: pass --tags PATH (one PI point path per line)")
-    if settings.app_id == "pistream:maintenance":  # maintenance.LEASE_APP_ID: the maintenance lease's own
+    if settings.app_id == "pistream:maintenance":  # lake.lease.LEASE_APP_ID: the maintenance lease's own
         raise ConfigError("--app-id pistream:maintenance is the table maintenance lease's id: choose another")
     if settings.maintenance_interval and settings.maintenance_interval < 10:
         raise ConfigError("--maintenance-interval must be 0 (off) or at least 10 seconds")

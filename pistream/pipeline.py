@@ -19,28 +19,29 @@ from urllib.parse import urlsplit
 import structlog
 import trio
 
-from .auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, OidcClientCredentials
-from .buffer import ColumnBuffer, Flush, Spill
-from .channel import ChannelReader, receive_buffer_size, shard_webids
-from .columns import DECODER
 from .config import Settings, auth_kind
-from .dedup import EventFilter, EventKey, GapRequest, advance_from_rows, row_keys
 from .errors import ConfigError, PistreamError
-from .flow import Incoming
-from .flusher import Flusher
-from .gapfill import GapFiller, GapQueue
-from .heap import use_returning_arrow_pool
-from .maintenance import MaintenanceScheduler, table_stats
+from .lake.maintenance import MaintenanceScheduler
+from .lake.sink import DeltaSink
+from .lake.tablestats import table_stats
+from .lake.target import TableTarget, make_target
+from .lake.writer import CommitWriter
 from .metrics import MetricsServer
-from .piwebapi import PiWebApi, ResolvedTags, unknown_tags_error
-from .sink import DeltaSink
-from .state import StateStore, state_path
+from .pi.auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, OidcClientCredentials
+from .pi.channel import ChannelReader, receive_buffer_size, shard_webids
+from .pi.flow import GapRequest, Incoming
+from .pi.gapfill import GapFiller, GapQueue
+from .pi.piwebapi import PiWebApi, ResolvedTags, unknown_tags_error
+from .pi.tags import read_tags_file
+from .pi.tls import client_context
+from .stream.buffer import ColumnBuffer, Flush, Spill
+from .stream.columns import DECODER, FRAME_CODEC
+from .stream.dedup import EventFilter, EventKey, advance_from_rows, row_keys
+from .stream.flusher import Flusher
+from .stream.heap import use_returning_arrow_pool
+from .stream.state import StateStore, state_path
 from .streamstats import StatsReporter
-from .tags import read_tags_file
-from .target import TableTarget, make_target
 from .timeutil import EPOCH, format_iso
-from .tls import client_context
-from .writer import CommitWriter
 
 log = structlog.get_logger(__name__)
 
@@ -290,7 +291,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                     ChannelReader(f"channel-{i}", url, shard, message_send.clone(), auth=auth, ssl_context=tls,
                                   auth_hint=hint,
                                   heartbeat_rate=settings.heartbeat_rate, read_timeout=settings.silence_seconds,
-                                  stall_timeout=settings.stall_seconds, receive_buffer=receive_buffer_size(len(shards)))
+                                  stall_timeout=settings.stall_seconds, receive_buffer=receive_buffer_size(len(shards)),
+                                  raw_frames=FRAME_CODEC)
                     for i, shard in enumerate(shards)
                 ]
                 message_send.close()  # each producer owns a clone; the flusher ends when the last one closes

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 import structlog
 import trio
 
-from .channel import ChannelReader
-from .flusher import Flusher
-from .gapfill import GapFiller
-from .writer import CommitWriter
+from .lake.writer import CommitWriter
+from .pi.channel import ChannelReader
+from .pi.gapfill import GapFiller
+from .stream.flusher import Flusher
 
 log = structlog.get_logger(__name__)
 

@@ -8,12 +8,12 @@ import pytest
 import trio
 from conftest import compare_with_model
 
-from pistream.auth import BasicAuth, NegotiateAuth
-from pistream.channel import ChannelReader
 from pistream.config import build_settings
 from pistream.errors import AuthError, ConfigError
+from pistream.pi.auth import BasicAuth, NegotiateAuth
+from pistream.pi.channel import ChannelReader
+from pistream.pi.piwebapi import PiWebApi
 from pistream.pipeline import run_pipeline
-from pistream.piwebapi import PiWebApi
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
 

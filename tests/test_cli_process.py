@@ -13,7 +13,7 @@ from pathlib import Path
 
 from conftest import duckdb_rows
 
-from pistream.tags import read_tags_file
+from pistream.pi.tags import read_tags_file
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE_TAGS = ROOT / "examples" / "tags.txt"

@@ -19,15 +19,16 @@ import structlog
 import trio
 from deltalake import DeltaTable
 
-import pistream.flusher as flusher_module
+import pistream.stream.flusher as flusher_module
 from pistream.config import build_settings
 from pistream.errors import SinkError
+from pistream.lake.sink import DeltaSink
+from pistream.lake.storage import redact_text, secret_values
 from pistream.pipeline import run_pipeline
-from pistream.schema import TABLE_SCHEMA
 from pistream.sim.groundtruth import arrow_rows, compare_rows
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
-from pistream.sink import DeltaSink, redact_text, secret_values
+from pistream.stream.schema import TABLE_SCHEMA
 
 PATHS = [
     "\\\\SIMSRV\\SINUSOID", "\\\\SIMSRV\\CDT158", "\\\\SIMSRV\\PUMP01.MODE", "\\\\SIMSRV\\BATCH.ID",

@@ -15,10 +15,10 @@ from unittest import mock
 import pytest
 import structlog
 
-import pistream.buffer
-from pistream.buffer import ColumnBuffer, StreamInfo
-from pistream.columns import FRAME_CODEC, extract_frames
-from pistream.flow import Live
+import pistream.stream.buffer
+from pistream.pi.flow import Live
+from pistream.stream.buffer import ColumnBuffer, StreamInfo
+from pistream.stream.columns import FRAME_CODEC, extract_frames
 
 pytestmark = pytest.mark.skipif(not FRAME_CODEC, reason="the C frame codec is not built here")
 
@@ -124,7 +124,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 
 def rows_of(frames: list[bytes], codec: bool) -> tuple[list[dict], int]:
     buffer = ColumnBuffer(INFOS)
-    with mock.patch.object(pistream.buffer, "FRAME_CODEC", codec), structlog.testing.capture_logs():
+    with mock.patch.object(pistream.stream.buffer, "FRAME_CODEC", codec), structlog.testing.capture_logs():
         buffer.add_live_batch([Live(10 + i, None, f, "ch-d") for i, f in enumerate(frames)])
     taken = buffer.take()
     rows = taken.batch.to_pylist() if taken is not None else []

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pistream.columns import DECODER, FRAME_CODEC
+from pistream.stream.columns import DECODER, FRAME_CODEC
 
 REQUIRED = os.environ.get("PISTREAM_REQUIRE_CODEC") == "1"
 
@@ -16,7 +16,7 @@ REQUIRED = os.environ.get("PISTREAM_REQUIRE_CODEC") == "1"
 def test_the_c_frame_codec_is_built_and_chosen():
     assert FRAME_CODEC and DECODER == "C frame codec"
     # In a fresh interpreter too (no test's monkeypatching), and the module really is the extension.
-    out = subprocess.run([sys.executable, "-c", "import pistream._framecodec as m, pistream.columns as c;"
+    out = subprocess.run([sys.executable, "-c", "import pistream.stream._framecodec as m, pistream.stream.columns as c;"
                           "print(c.FRAME_CODEC, m.__file__)"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     built, path = out.stdout.split()

@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 from conftest import duckdb_delta_connection
 from deltalake import DeltaTable
 
-from pistream import datafiles
-from pistream.datafiles import file_stats
-from pistream.schema import TABLE_SCHEMA
-from pistream.sink import DeltaSink, local_folder, table_files
+from pistream.lake import datafiles
+from pistream.lake.datafiles import file_stats
+from pistream.lake.sink import DeltaSink
+from pistream.lake.storage import local_folder, table_files
+from pistream.stream.schema import TABLE_SCHEMA
 
 START = datetime(2024, 5, 1, 23, 59, 59, 998_765, tzinfo=UTC)  # rows cross midnight: two partitions
 

@@ -9,10 +9,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from deltalake import DeltaTable, write_deltalake
 
-from pistream.databricks import load_workspace_config, normalize_host
 from pistream.errors import ConfigError, TableConflictError
-from pistream.target import CatalogTarget, TableTarget, make_target
-from pistream.unitycatalog import (
+from pistream.lake.databricks import load_workspace_config, normalize_host
+from pistream.lake.target import CatalogTarget, TableTarget, make_target
+from pistream.lake.unitycatalog import (
     CatalogTable,
     VendedCredentials,
     check_writable,
@@ -163,7 +163,7 @@ class _Catalog:
         self.clock, self.lifetime, self.vends, self.down = clock, lifetime, 0, False
 
     def temporary_credentials(self, table_id, full_name):
-        from pistream.databricks import WorkspaceUnavailable
+        from pistream.lake.databricks import WorkspaceUnavailable
 
         if self.down:
             raise WorkspaceUnavailable("down")

@@ -5,10 +5,10 @@ from datetime import UTC, date, datetime
 
 import pytest
 
-from pistream.buffer import ColumnBuffer, StreamInfo
-from pistream.flow import Live
-from pistream.messages import channel_decoder, classify_value
-from pistream.schema import BUFFER_SCHEMA
+from pistream.pi.flow import Live
+from pistream.pi.messages import channel_decoder, classify_value
+from pistream.stream.buffer import ColumnBuffer, StreamInfo
+from pistream.stream.schema import BUFFER_SCHEMA
 from pistream.timeutil import format_iso, parse_iso_us
 
 WEBID = "P1DPU0lNU1JWXFRBRw"

@@ -14,18 +14,19 @@ import trio
 from conftest import compare_with_model
 from deltalake import DeltaTable
 
-import pistream.flusher as flusher_module
-import pistream.writer as writer_module
-from pistream.channel import Backoff, ChannelReader
+import pistream.lake.writer as writer_module
+import pistream.stream.flusher as flusher_module
+from pistream.backoff import Backoff
 from pistream.config import build_settings
 from pistream.errors import SinkError
-from pistream.flow import Live, LiveBatch
+from pistream.lake.sink import DeltaSink
+from pistream.pi.channel import ChannelReader
+from pistream.pi.flow import Live, LiveBatch
+from pistream.pi.piwebapi import PiWebApi
+from pistream.pi.webid import path_webid
 from pistream.pipeline import run_pipeline
-from pistream.piwebapi import PiWebApi
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
-from pistream.sink import DeltaSink
-from pistream.webid import path_webid
 
 PATHS = [
     "\\\\SIMSRV\\SINUSOID", "\\\\SIMSRV\\CDT158", "\\\\SIMSRV\\PUMP01.MODE", "\\\\SIMSRV\\BATCH.ID",
@@ -224,7 +225,7 @@ async def test_a_channel_reader_holds_no_frame_while_it_awaits_the_next():
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             await nursery.start(simulator.run)
-            reader = ChannelReader("c", simulator.url, [t.webid for t in model.tags], send)
+            reader = ChannelReader("c", simulator.url, [t.webid for t in model.tags], send, raw_frames=True)
             nursery.start_soon(reader.run)
             frames: list[str | bytes] = []
             while not frames:

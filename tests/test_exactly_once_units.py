@@ -6,17 +6,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import trio
 
-import pistream.buffer as buffer_module
-from pistream.buffer import ColumnBuffer, StreamInfo
-from pistream.dedup import EventFilter, GapRequest, advance_from_rows, event_key
-from pistream.flow import Live
-from pistream.gapfill import GapFiller, GapQueue, _after_cursor
-from pistream.messages import StreamSetMessage, StreamValues, TimedValue
-from pistream.piwebapi import PiWebApi
+import pistream.stream.buffer as buffer_module
+from pistream.lake.sink import DeltaSink
+from pistream.pi.flow import GapRequest, Live
+from pistream.pi.gapfill import GapFiller, GapQueue, _after_cursor
+from pistream.pi.messages import StreamSetMessage, StreamValues, TimedValue
+from pistream.pi.piwebapi import PiWebApi
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
-from pistream.sink import DeltaSink
-from pistream.state import StateStore
+from pistream.stream.buffer import ColumnBuffer, StreamInfo
+from pistream.stream.dedup import EventFilter, advance_from_rows, event_key
+from pistream.stream.state import StateStore
 from pistream.timeutil import format_iso
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from pistream.buffer import ColumnBuffer, StreamInfo
-from pistream.dedup import EventFilter, event_key
-from pistream.floors import NO_FLOOR, Floors, TagIds
-from pistream.flow import Live
-from pistream.messages import StreamSetMessage, StreamValues, TimedValue
-from pistream.state import StateStore
+from pistream.pi.flow import Live
+from pistream.pi.messages import StreamSetMessage, StreamValues, TimedValue
+from pistream.stream.buffer import ColumnBuffer, StreamInfo
+from pistream.stream.dedup import EventFilter, event_key
+from pistream.stream.floors import NO_FLOOR, Floors, TagIds
+from pistream.stream.state import StateStore
 from pistream.timeutil import format_iso
 
 

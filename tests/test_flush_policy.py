@@ -4,11 +4,11 @@ import pytest
 import trio
 import trio.testing
 
-from pistream.buffer import ColumnBuffer, StreamInfo
-from pistream.flow import Connected, Live
-from pistream.flusher import Flusher
-from pistream.gapfill import GapQueue
-from pistream.messages import StreamSetMessage, StreamValues, TimedValue
+from pistream.pi.flow import Connected, Live
+from pistream.pi.gapfill import GapQueue
+from pistream.pi.messages import StreamSetMessage, StreamValues, TimedValue
+from pistream.stream.buffer import ColumnBuffer, StreamInfo
+from pistream.stream.flusher import Flusher
 from pistream.timeutil import parse_iso_us
 
 

@@ -9,12 +9,12 @@ import random
 
 import pytest
 
-from pistream.buffer import ColumnBuffer, StreamInfo
-from pistream.columns import FRAME_CODEC, TagIndex, extract_frames
-from pistream.flow import Live
-from pistream.messages import channel_decoder
+from pistream.pi.flow import Live
+from pistream.pi.messages import channel_decoder
 from pistream.sim.blast import PLACEHOLDER, frame_templates, wire_timestamp
 from pistream.sim.model import SimModel
+from pistream.stream.buffer import ColumnBuffer, StreamInfo
+from pistream.stream.columns import FRAME_CODEC, TagIndex, extract_frames
 
 pytestmark = pytest.mark.skipif(not FRAME_CODEC, reason="the C frame codec is not built here")
 

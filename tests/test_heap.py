@@ -9,7 +9,7 @@ import sys
 import pyarrow as pa
 import pytest
 
-from pistream import heap
+from pistream.stream import heap
 
 
 def rss_mb() -> float:
@@ -38,7 +38,7 @@ def test_the_arrow_pool_returns_memory_unless_the_user_chose_one():
         assert chosen == "mimalloc"  # the default where jemalloc is not built in
     else:
         assert chosen == "jemalloc"
-    script = "from pistream.heap import use_returning_arrow_pool as use; print(use())"
+    script = "from pistream.stream.heap import use_returning_arrow_pool as use; print(use())"
     named = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
                            env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"})
     assert named.stdout.strip() == "system"

@@ -6,12 +6,13 @@ import pytest
 import structlog
 import trio
 
-from pistream.buffer import ColumnBuffer, StreamInfo
-from pistream.channel import ChannelReader
-from pistream.dedup import EventFilter
-from pistream.flow import Live
-from pistream.flusher import Flusher
-from pistream.messages import classify_value
+from pistream.pi.channel import ChannelReader
+from pistream.pi.flow import Live
+from pistream.pi.messages import classify_value
+from pistream.stream.buffer import ColumnBuffer, StreamInfo
+from pistream.stream.columns import FRAME_CODEC
+from pistream.stream.dedup import EventFilter
+from pistream.stream.flusher import Flusher
 
 GOOD = b'{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:01Z","Value":2.5}]}]}'
 
@@ -108,8 +109,8 @@ def test_a_floor_for_a_tag_no_longer_configured_above_every_configured_id():
 async def test_the_flusher_outlives_a_frame_that_breaks_decoding(monkeypatch):
     """Past every fix above: an exception raised while taking one frame in is that frame's, not the
     flusher's. Forced here by a value the classifier cannot take."""
-    import pistream.buffer as buffer_module
-    import pistream.columns as columns_module
+    import pistream.stream.buffer as buffer_module
+    import pistream.stream.columns as columns_module
 
     real = buffer_module.classify_value
 
@@ -174,7 +175,7 @@ async def test_hostile_frames_over_a_real_channel_do_not_stop_the_pipeline():
             server = await nursery.start(serve_websocket, handler, "127.0.0.1", 0, None)
             await nursery.start(flusher.run)
             reader = ChannelReader("ch-e2e", f"http://127.0.0.1:{server.port}/piwebapi", ["W1"], incoming_send,
-                                   heartbeat_rate=0)
+                                   heartbeat_rate=0, raw_frames=FRAME_CODEC)
             nursery.start_soon(reader.run)
             rows: list[dict] = []
             while len(rows) < 2 * len(HOSTILE) - 4:

@@ -18,20 +18,15 @@ from click.testing import CliRunner
 from conftest import duckdb_rows
 from deltalake import DeltaTable
 
-import pistream.maintenance as maintenance
+import pistream.lake.maintenance as maintenance
 from pistream.errors import ConfigError, MaintenanceError
-from pistream.maintenance import (
-    Lease,
-    MaintenanceScheduler,
-    compact,
-    lease_holder,
-    table_stats,
-    vacuum,
-    z_order,
-    zorder_candidates,
-)
-from pistream.schema import PARTITION_COLUMN, TABLE_SCHEMA
-from pistream.sink import DeltaSink
+from pistream.lake.lease import Lease, lease_holder
+from pistream.lake.maintenance import MaintenanceScheduler
+from pistream.lake.optimize import compact, z_order, zorder_candidates
+from pistream.lake.sink import DeltaSink
+from pistream.lake.tablestats import table_stats
+from pistream.lake.vacuum import vacuum
+from pistream.stream.schema import PARTITION_COLUMN, TABLE_SCHEMA
 
 TODAY = date(2026, 3, 10)
 CLOSED = [TODAY - timedelta(days=2), TODAY - timedelta(days=1)]
@@ -419,7 +414,7 @@ async def test_cancelling_the_scheduler_lets_the_step_in_progress_finish_and_fre
 def command_group():
     import click
 
-    from pistream.tablecmds import register
+    from pistream.lake.tablecmds import register
 
     group = click.Group("pistream")
     register(group)
@@ -468,7 +463,7 @@ def test_command_errors_are_one_line_with_the_exit_code(uri):
 
 STATS_COMMAND = """
 import os, sys, click
-from pistream.tablecmds import register
+from pistream.lake.tablecmds import register
 group = click.Group("pistream")
 register(group)
 try:

@@ -11,10 +11,10 @@ from test_end_to_end import PATHS, served
 
 import pistream.pipeline as pipeline_module
 from pistream.errors import SinkError
+from pistream.lake.sink import DeltaSink
 from pistream.metrics import Histogram, MetricsServer
 from pistream.pipeline import run_pipeline
 from pistream.sim.model import SimModel
-from pistream.sink import DeltaSink
 from pistream.streamstats import StatsReporter
 
 

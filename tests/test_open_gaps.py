@@ -13,17 +13,18 @@ import trio
 from conftest import compare_with_model
 from test_end_to_end import PATHS, served, windows_of
 
-from pistream.buffer import ColumnBuffer, Flush
-from pistream.dedup import EventFilter, GapRequest, event_key
 from pistream.errors import SinkError
-from pistream.messages import StreamValues, TimedValue
+from pistream.lake.sink import DeltaSink
+from pistream.lake.writer import CommitWriter
+from pistream.pi.flow import GapRequest
+from pistream.pi.messages import StreamValues, TimedValue
 from pistream.pipeline import recover_open_gaps, run_pipeline
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
-from pistream.sink import DeltaSink
-from pistream.state import StateStore, state_path
+from pistream.stream.buffer import ColumnBuffer, Flush
+from pistream.stream.dedup import EventFilter, event_key
+from pistream.stream.state import StateStore, state_path
 from pistream.timeutil import format_iso
-from pistream.writer import CommitWriter
 
 T0 = 1_700_000_000_000_000
 

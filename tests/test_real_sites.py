@@ -285,8 +285,8 @@ async def test_untrusted_certificate_of_a_server_on_the_same_event_loop(site):
     """The issuer is fetched in a thread: a blocking fetch in the event loop would stall every other task
     (here the server itself, so the message would say "issuer unknown")."""
     from pistream.errors import ConnectError
-    from pistream.piwebapi import PiWebApi
-    from pistream.tls import client_context
+    from pistream.pi.piwebapi import PiWebApi
+    from pistream.pi.tls import client_context
 
     simulator = Simulator(model_for(), ssl_context=site.server_context)
     with trio.fail_after(10):

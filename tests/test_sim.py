@@ -19,10 +19,10 @@ import trio
 import trio_websocket
 from click.testing import CliRunner
 
+from pistream.pi.webid import dataserver_webid, point_webid
 from pistream.sim.command import simulate
 from pistream.sim.model import SimModel, SimTag, format_timestamp, parse_time
 from pistream.sim.server import Simulator
-from pistream.webid import dataserver_webid, point_webid
 
 US = 1_000_000
 StartSim = Callable[..., Awaitable[Simulator]]

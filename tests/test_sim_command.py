@@ -17,8 +17,8 @@ import trustme
 from click.testing import CliRunner
 from test_sim import upgrade
 
+from pistream.pi.webid import attribute_webid
 from pistream.sim.command import build_model, simulate
-from pistream.webid import attribute_webid
 
 
 def test_tags_file_is_read_like_the_client_reads_it(tmp_path: Path) -> None:
@@ -31,7 +31,7 @@ def test_tags_file_is_read_like_the_client_reads_it(tmp_path: Path) -> None:
         ("\\\\PLANT\\Reactor.Temp", "float"),
         ("\\\\PLANT\\Pump.Mode", "digital"),
         ("\\\\AF\\DB\\Pump1|Run Flag", "bool"),
-    ]  # the BOM, CRLF, comment and the case-insensitive duplicate are handled by pistream.tags
+    ]  # the BOM, CRLF, comment and the case-insensitive duplicate are handled by pistream.pi.tags
     assert model.tags[2].webid == attribute_webid("\\\\AF\\DB\\Pump1|Run Flag")
 
 

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from pistream.pi.webid import attribute_webid, point_webid
 from pistream.sim.groundtruth import expected_row
 from pistream.sim.model import (
     ALL_KINDS,
@@ -23,7 +24,6 @@ from pistream.sim.model import (
     table_columns,
 )
 from pistream.timeutil import format_iso, parse_iso_us
-from pistream.webid import attribute_webid, point_webid
 
 US = 1_000_000
 NOW = 1_767_225_600 * US + 123_456  # 2026-01-01T00:00:00.123456Z

@@ -17,11 +17,11 @@ import trio
 import trustme
 from test_sim import StartSim, channel_path, client, open_channel, upgrade, wire, ws_url
 
+from pistream.pi.webid import attribute_webid, point_webid
 from pistream.sim.auth import RateLimiter
 from pistream.sim.model import ALL_KINDS, SimModel, format_timestamp, parse_time
 from pistream.sim.payloads import Quirks
 from pistream.sim.server import Simulator
-from pistream.webid import attribute_webid, point_webid
 
 US = 1_000_000
 

@@ -10,11 +10,11 @@ import math
 import msgspec
 import structlog
 
-from pistream.buffer import ColumnBuffer, StreamInfo
-from pistream.dedup import EventFilter, event_key
-from pistream.flow import Live
-from pistream.messages import StreamSetMessage, StreamValues, TimedValue
-from pistream.state import StateStore, state_path
+from pistream.pi.flow import Live
+from pistream.pi.messages import StreamSetMessage, StreamValues, TimedValue
+from pistream.stream.buffer import ColumnBuffer, StreamInfo
+from pistream.stream.dedup import EventFilter, event_key
+from pistream.stream.state import StateStore, state_path
 from pistream.timeutil import format_iso
 
 

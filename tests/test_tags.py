@@ -1,7 +1,7 @@
 import pytest
 
 from pistream.errors import TagsFileError
-from pistream.tags import parse_tags, read_tags_file
+from pistream.pi.tags import parse_tags, read_tags_file
 
 
 def test_windows_editor_file_with_bom_crlf_comments_spaces_and_duplicates(tmp_path):

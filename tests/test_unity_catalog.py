@@ -16,12 +16,12 @@ import trio
 from deltalake import DeltaTable
 from test_end_to_end import PATHS, served, windows_of
 
-import pistream.unitycatalog as unitycatalog
+import pistream.lake.unitycatalog as unitycatalog
 from pistream.errors import AuthError, ConfigError, TableConflictError
+from pistream.lake.target import CatalogTarget
 from pistream.pipeline import run_pipeline
 from pistream.sim.groundtruth import arrow_rows, compare_rows
 from pistream.sim.model import SimModel
-from pistream.target import CatalogTarget
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,8 +13,8 @@ import trio
 from conftest import compare_with_model, duckdb_rows
 
 import pistream.pipeline
-from pistream.channel import ChannelReader
 from pistream.config import build_settings
+from pistream.pi.channel import ChannelReader
 from pistream.pipeline import run_pipeline
 from pistream.sim.faults import Faults
 from pistream.sim.model import ALL_KINDS, ERROR_VALUE, IO_TIMEOUT, SHUTDOWN, SimModel

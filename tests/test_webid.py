@@ -2,7 +2,7 @@ import uuid
 
 import pytest
 
-from pistream.webid import (
+from pistream.pi.webid import (
     attribute_webid,
     dataserver_webid,
     id_only_point_webid,

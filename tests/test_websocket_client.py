@@ -12,7 +12,7 @@ from functools import partial
 import pytest
 import trio
 
-from pistream.websocket import (
+from pistream.pi.websocket import (
     WEBSOCKET_GUID,
     ConnectionClosed,
     ConnectionRejected,

@@ -1,7 +1,7 @@
 r"""``pistream simulate``: run the PI Web API simulator in the foreground until Ctrl+C.
 
 Register with ``cli.add_command(simulate)``. Tags come from ``--tags N`` (``\\SIMSRV\SIM000000``...) or a
-tags file, read by ``pistream.tags`` exactly as the client reads it (point paths, AF attribute paths, bare
+tags file, read by ``pistream.pi.tags`` exactly as the client reads it (point paths, AF attribute paths, bare
 names on ``--server``; blank lines and ``#`` comments skipped).
 """
 
@@ -17,11 +17,11 @@ import click
 import trio
 
 from pistream.errors import TagsFileError
+from pistream.pi.tags import read_tags_file
 from pistream.sim.faults import Faults
 from pistream.sim.model import ALL_KINDS, KINDS, SimModel
 from pistream.sim.payloads import Quirks
 from pistream.sim.server import Simulator, is_loopback, serve
-from pistream.tags import read_tags_file
 
 _SHOWN_TAGS = 5
 QUIRKS = ("string-flags", "value-object", "ticks", "utc-offset")

@@ -49,8 +49,8 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from pistream.pi.webid import path_webid, upper_invariant
 from pistream.sim.pitime import US_PER_SECOND, format_timestamp, parse_time
-from pistream.webid import path_webid, upper_invariant
 
 __all__ = [
     "ALL_KINDS",

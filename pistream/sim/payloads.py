@@ -14,9 +14,9 @@ from typing import Any
 
 import msgspec
 
+from pistream.pi.webid import dataserver_webid, upper_invariant
 from pistream.sim.model import SimEvent, SimTag
 from pistream.sim.pitime import format_timestamp
-from pistream.webid import dataserver_webid, upper_invariant
 
 ENCODER = msgspec.json.Encoder()
 DECODER = msgspec.json.Decoder()

@@ -16,6 +16,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import msgspec
 
+from pistream.pi.webid import path_from_webid
 from pistream.sim.channel import ChannelSpec
 from pistream.sim.model import SimEvent, SimModel, SimTag
 from pistream.sim.payloads import (
@@ -33,7 +34,6 @@ from pistream.sim.payloads import (
     server_webid,
 )
 from pistream.sim.pitime import parse_time
-from pistream.webid import path_from_webid
 
 MAX_RETURNED_ITEMS_PER_CALL = 150_000  # the server's MaxReturnedItemsPerCall default
 MAX_URL_SEGMENT = 260  # HTTP.sys UrlSegmentMaxLength

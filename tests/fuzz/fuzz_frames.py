@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))  # tests/, for
 import structlog  # noqa: E402
 from test_codec_differential import generate, mutate, rows_of  # noqa: E402
 
-from pistream.columns import FRAME_CODEC  # noqa: E402
+from pistream.stream.columns import FRAME_CODEC  # noqa: E402
 
 structlog.configure(logger_factory=structlog.ReturnLoggerFactory())  # frame_malformed lines: not printed
 

@@ -25,10 +25,10 @@ from urllib.parse import quote
 import pyarrow as pa
 import structlog
 
+from ..errors import AuthError, ConfigError, SinkError, TableConflictError
+from ..stream.schema import PARTITION_COLUMN, TABLE_COMMENT, TABLE_PROPERTIES, TABLE_SCHEMA
+from ..timeutil import TIMESTAMP_US
 from .databricks import Workspace, WorkspaceError
-from .errors import AuthError, ConfigError, SinkError, TableConflictError
-from .schema import PARTITION_COLUMN, TABLE_COMMENT, TABLE_PROPERTIES, TABLE_SCHEMA
-from .timeutil import TIMESTAMP_US
 
 log = structlog.get_logger(__name__)
 

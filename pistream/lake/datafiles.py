@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from deltalake.transaction import AddAction
 
-from .schema import PARTITION_COLUMN, TABLE_SCHEMA
+from ..stream.schema import PARTITION_COLUMN, TABLE_SCHEMA
 
 FILE_SCHEMA = TABLE_SCHEMA.remove(TABLE_SCHEMA.get_field_index(PARTITION_COLUMN))
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

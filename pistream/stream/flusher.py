@@ -15,9 +15,9 @@ from operator import attrgetter
 import structlog
 import trio
 
+from ..pi.flow import Connected, GapDone, GapValues, Incoming, Live, LiveBatch
+from ..pi.gapfill import GapQueue
 from .buffer import ColumnBuffer, Flush, Spill
-from .flow import Connected, GapDone, GapValues, Incoming, Live, LiveBatch
-from .gapfill import GapQueue
 
 log = structlog.get_logger(__name__)
 

@@ -1,4 +1,4 @@
-/* Channel frames straight into columns: an optional accelerator for pistream.columns.
+/* Channel frames straight into columns: an optional accelerator for pistream.stream.columns.
  *
  * parse(frames, received_us, ids) reads PI Web API streamset channel messages (JSON text) and returns
  * their values as packed column buffers, without a Python object per value. It understands exactly the

@@ -11,7 +11,7 @@ import tempfile
 
 import structlog
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = structlog.get_logger(__name__)
 

@@ -14,13 +14,14 @@ import structlog
 import trio
 from deltalake.transaction import AddAction
 
-from .buffer import Flush, Spill
-from .channel import Backoff
-from .dedup import EventFilter, GapRequest
-from .errors import SinkError, TableConflictError
-from .heap import release_free_memory
+from ..backoff import Backoff
+from ..errors import SinkError, TableConflictError
+from ..pi.flow import GapRequest
+from ..stream.buffer import Flush, Spill
+from ..stream.dedup import EventFilter
+from ..stream.heap import release_free_memory
+from ..stream.state import StateStore
 from .sink import DeltaSink
-from .state import StateStore
 
 log = structlog.get_logger(__name__)
 

@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..pi.messages import StreamValues, classify_value, flag
+from ..timeutil import TIMESTAMP_US, to_us
 from .floors import TagIds
-from .messages import StreamValues, classify_value, flag
 from .schema import BUFFER_SCHEMA
-from .timeutil import TIMESTAMP_US, to_us
 
 _DATE = pa.date32()
 _web_id = attrgetter("web_id")

@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..pi.flow import GapRequest
+from ..timeutil import TIMESTAMP_US
 from .floors import Floors
 from .schema import EVENT_KEY, TABLE_SCHEMA
-from .timeutil import TIMESTAMP_US
 
 # Recent events as columns (the state file's): the table's types, tag_webid as text.
 RECENT_SCHEMA = pa.schema([TABLE_SCHEMA.field(name).with_nullable(True) for name in EVENT_KEY])
@@ -46,16 +47,6 @@ def event_key(ts_us: int, value: float | None, text: str | None, code: int | Non
     if isinstance(value, float) and math.isnan(value):
         value = "NaN"  # type: ignore[assignment]
     return (ts_us, value, text, code, good, questionable, substituted, annotated)
-
-
-@dataclass(frozen=True, slots=True)
-class GapRequest:
-    """Read back ``webid``'s recorded values from ``start_us`` to ``end_us`` (both included). Slots: after a
-    restart there is one per tag (and one ``_Window``), 100,000 of each at 100,000 tags."""
-
-    webid: str
-    start_us: int
-    end_us: int
 
 
 @dataclass(slots=True)

@@ -18,10 +18,10 @@ import msgspec
 import structlog
 import trio
 
+from ..errors import AuthError, ConnectError, ServerError, UnknownTagsError
+from ..timeutil import format_iso
 from .auth import AuthProvider, HttpxAuth, NoAuth
-from .errors import AuthError, ConnectError, ServerError, UnknownTagsError
 from .messages import StreamSetMessage, channel_decoder
-from .timeutil import format_iso
 from .tls import certificate_issuer
 from .webid import path_webid
 

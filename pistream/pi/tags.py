@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import TagsFileError
+from ..errors import TagsFileError
 
 EXAMPLE_LINE = r"\\PISRV01\SINUSOID"
 

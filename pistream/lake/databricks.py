@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import httpx
 import structlog
 
-from .errors import AuthError, ConfigError, PistreamError, SinkError
+from ..errors import AuthError, ConfigError, PistreamError, SinkError
 
 log = structlog.get_logger(__name__)
 

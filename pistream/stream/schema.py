@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from .timeutil import TIMESTAMP_US
+from ..timeutil import TIMESTAMP_US
 
 PARTITION_COLUMN = "partition_date"
 

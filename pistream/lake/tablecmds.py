@@ -1,5 +1,5 @@
 """``pistream optimize | vacuum | stats --table ...``: table maintenance by hand, the steps the pipeline's
-scheduler runs (``pistream.maintenance``), under the same lease, so they never race it. ``register(main)``
+scheduler runs (``pistream.lake.maintenance``), under the same lease, so they never race it. ``register(main)``
 adds them to the command group. Results go to stdout (a table, or JSON with ``--json``), logs to stderr.
 """
 
@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 import click
 
-from .errors import PistreamError
-from .logsetup import configure_logging
+from ..errors import PistreamError
+from ..logsetup import configure_logging
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -75,7 +75,8 @@ def _echo_table(header: list[str], rows: list[list[Any]]) -> None:
 def optimize(table: str, config_path: str | None, databricks_profile: str | None, as_json: bool, zorder: bool,
              partition: datetime | None) -> None:
     """Compact small files (or Z-order) while pistream keeps appending."""
-    from .maintenance import Lease, compact, z_order, zorder_candidates
+    from .lease import Lease
+    from .optimize import compact, z_order, zorder_candidates
     from .target import open_target
 
     day = partition.date() if partition is not None else None
@@ -114,8 +115,8 @@ def optimize(table: str, config_path: str | None, databricks_profile: str | None
 def vacuum(table: str, config_path: str | None, databricks_profile: str | None, as_json: bool,
            retention_hours: int | None, dry_run: bool, force: bool) -> None:
     """Delete data files the table no longer references (a full vacuum)."""
-    from .maintenance import vacuum as run_vacuum
     from .target import open_target
+    from .vacuum import vacuum as run_vacuum
 
     def work() -> Any:
         with open_target(table, config_path=config_path, databricks_profile=databricks_profile) as target:
@@ -139,7 +140,7 @@ def vacuum(table: str, config_path: str | None, databricks_profile: str | None, 
 def stats(table: str, config_path: str | None, databricks_profile: str | None, as_json: bool,
           scan: bool) -> None:
     """Rows, files and partitions of the table from its log (no data read without --scan)."""
-    from .maintenance import table_stats
+    from .tablestats import table_stats
     from .target import open_target
 
     def work() -> Any:

@@ -11,9 +11,9 @@ from typing import Any
 
 import structlog
 
-from .config import load_config_file
-from .errors import ConfigError
-from .sink import effective_storage_options, is_remote
+from ..config import load_config_file
+from ..errors import ConfigError
+from .storage import effective_storage_options, is_remote
 
 log = structlog.get_logger(__name__)
 
@@ -32,7 +32,7 @@ class TableTarget:
 
     @property
     def display(self) -> str:
-        from .sink import redact_uri
+        from .storage import redact_uri
 
         return redact_uri(self.uri)
 
@@ -77,7 +77,7 @@ class CatalogTarget(TableTarget):
 
     @property
     def display(self) -> str:
-        from .sink import redact_uri
+        from .storage import redact_uri
 
         return f"{self.catalog_name} ({redact_uri(self.uri)})" if self.uri else str(self.catalog_name)
 

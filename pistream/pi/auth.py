@@ -20,7 +20,7 @@ import httpx
 import msgspec
 import structlog
 
-from .errors import AuthError, ConfigError
+from ..errors import AuthError, ConfigError
 
 log = structlog.get_logger(__name__)
 

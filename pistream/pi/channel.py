@@ -7,21 +7,20 @@ so a slow sink slows the reader. Any close, error or silence past the watchdog r
 
 from __future__ import annotations
 
-import random
 import re
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import msgspec
 import structlog
 import trio
 
+from ..backoff import Backoff
+from ..errors import AuthError, ChannelRefusedError
 from .auth import AuthProvider, NoAuth
-from .columns import FRAME_CODEC
-from .errors import AuthError, ChannelRefusedError
 from .flow import Connected, Incoming, Live, LiveBatch
 from .messages import FRAME_ERRORS, StreamSetMessage, channel_decoder
 from .websocket import ConnectionClosed, ConnectionRejected, HandshakeError, WebSocket, connect
@@ -94,24 +93,6 @@ def shard_webids(base_url: str, webids: Sequence[str], max_url_length: int) -> l
     return shards
 
 
-@dataclass
-class Backoff:
-    """Exponential backoff with full jitter, capped; reset after a connection that worked."""
-
-    initial: float = 0.5
-    maximum: float = 30.0
-    attempt: int = 0
-    rng: random.Random = field(default_factory=random.Random)
-
-    def next_delay(self) -> float:
-        ceiling = min(self.maximum, self.initial * (2 ** self.attempt))
-        self.attempt += 1
-        return self.rng.uniform(ceiling / 2, ceiling)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
 class ChannelReader:
     """Reads one streamset channel until cancelled, reconnecting whenever it breaks."""
 
@@ -129,6 +110,7 @@ class ChannelReader:
         read_timeout: float | None = 30.0,
         stall_timeout: float = 30.0,
         receive_buffer: int = RECEIVE_BUFFER_SIZE,
+        raw_frames: bool = False,
     ):
         self.name = name
         # Initial values are not optional: each stream's current value marks where its gap fill ends.
@@ -144,6 +126,9 @@ class ChannelReader:
         self.read_timeout = read_timeout if heartbeat_rate > 0 else None
         self.stall_timeout = stall_timeout
         self.receive_buffer = receive_buffer
+        # The stream side reads big frames' text straight into columns when its C frame codec is
+        # built (``stream.columns.FRAME_CODEC``); the composition root says so.
+        self.raw_frames = raw_frames
         self.stats = ChannelStats()
         self.connected = False  # a WebSocket is open and being read (for the periodic stats)
         self.backoff = Backoff()
@@ -248,7 +233,7 @@ class ChannelReader:
             self.backoff.reset()
             batch: list[Live] = []
             while frame is not None:  # and every other frame the same read brought in whole
-                if FRAME_CODEC and len(frame) >= RAW_FRAME_MIN:
+                if self.raw_frames and len(frame) >= RAW_FRAME_MIN:
                     # Read into columns by the flusher, in bulk; heartbeats are small and decoded here.
                     self.stats.messages += 1
                     batch.append(Live(received_us, None, frame, self.name))

@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from .dedup import RECENT_SCHEMA, EventFilter, GapRequest, event_key
+from ..pi.flow import GapRequest
+from .dedup import RECENT_SCHEMA, EventFilter, event_key
 from .schema import EVENT_KEY
 
 log = structlog.get_logger(__name__)

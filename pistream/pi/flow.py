@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .dedup import GapRequest
 from .messages import StreamSetMessage, StreamValues
+
+
+@dataclass(frozen=True, slots=True)
+class GapRequest:
+    """Read back ``webid``'s recorded values from ``start_us`` to ``end_us`` (both included). Slots: after a
+    restart there is one per tag (and one ``_Window``), 100,000 of each at 100,000 tags."""
+
+    webid: str
+    start_us: int
+    end_us: int
 
 
 @dataclass(frozen=True, slots=True)

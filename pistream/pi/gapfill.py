@@ -12,13 +12,12 @@ from urllib.parse import quote
 import structlog
 import trio
 
-from .channel import Backoff
-from .dedup import GapRequest
-from .errors import ConnectError, ServerError
-from .flow import GapDone, GapValues, Incoming
+from ..backoff import Backoff
+from ..errors import ConnectError, ServerError
+from ..timeutil import format_iso, to_us
+from .flow import GapDone, GapRequest, GapValues, Incoming
 from .messages import StreamValues, TimedValue
 from .piwebapi import PiWebApi, RetryableError
-from .timeutil import format_iso, to_us
 
 log = structlog.get_logger(__name__)
 

@@ -19,11 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from .columns import FRAME_CODEC, LiveColumns, TagIndex, buffered_bytes, extract, extract_frames
-from .dedup import EventFilter, EventKey, GapRequest, RecentRows, drop_older, event_key, recent_chunks
-from .floors import Floors
-from .flow import Live
-from .messages import (
+from ..pi.flow import GapRequest, Live
+from ..pi.messages import (
     FRAME_ERRORS,
     StreamSetMessage,
     StreamValues,
@@ -32,8 +29,11 @@ from .messages import (
     classify_value,
     flag,
 )
+from ..timeutil import TIMESTAMP_US, to_us
+from .columns import FRAME_CODEC, LiveColumns, TagIndex, buffered_bytes, extract, extract_frames
+from .dedup import EventFilter, EventKey, RecentRows, drop_older, event_key, recent_chunks
+from .floors import Floors
 from .schema import BUFFER_SCHEMA, EVENT_KEY
-from .timeutil import TIMESTAMP_US, to_us
 
 log = structlog.get_logger(__name__)
 
