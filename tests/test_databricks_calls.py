@@ -127,6 +127,7 @@ async def test_an_unanswered_table_creation_is_looked_up_not_sent_again(workspac
     assert target.uri == location and workspace.calls["temporary_table_credentials"] == 1
     [retried] = events(logs, "workspace_unreachable")
     assert "POST /api/2.1/unity-catalog/tables" in retried["error"] and "not sent again" in retried["error"]
+    assert f"ReadTimeout after {READ_TIMEOUT} s" in retried["error"]
 
 
 @pytest.mark.parametrize("endpoint", ["create_table", "execute_statement"])

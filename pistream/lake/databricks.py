@@ -268,6 +268,8 @@ class Workspace:
                 response = self._client.request(method, path, json=json, params=params)
             except httpx.HTTPError as exc:
                 failure = f"{type(exc).__name__}"
+                if isinstance(exc, httpx.ReadTimeout):
+                    failure += f" after {self.timeout.read} s"
                 status = 0
                 if not resend and not isinstance(exc, NOT_SENT):
                     raise self._uncertain(method, path, failure) from None
@@ -294,9 +296,8 @@ class Workspace:
 
     def _uncertain(self, method: str, path: str, failure: str) -> WorkspaceUncertain:
         return WorkspaceUncertain(
-            f"Databricks workspace {self.config.host} gave no answer to {method} {path} ({failure}, read timeout "
-            f"{self.timeout.read} s); not sent again, as it may have been carried out: pistream looks before "
-            "trying again")
+            f"Databricks workspace {self.config.host} gave no answer to {method} {path} ({failure}); not sent "
+            "again, as it may have been carried out: pistream looks before trying again")
 
     def _error(self, response: httpx.Response, method: str, path: str) -> PistreamError:
         try:
