@@ -39,6 +39,13 @@ def workspace(uc_workspace, tmp_path, monkeypatch):
     return uc_workspace
 
 
+@pytest.fixture(autouse=True)
+def every_log_line():
+    """structlog as it comes (a CLI test run before may have left it filtering out all but errors), so
+    ``capture_logs`` sees the warnings and infos these tests look for."""
+    structlog.reset_defaults()
+
+
 def target_for(workspace, name: str, profile: str | None = None, **kwargs) -> CatalogTarget:
     """A Unity Catalog target whose workspace client gives up reading an answer after READ_TIMEOUT."""
     client = Workspace(load_workspace_config(profile), timeout=httpx.Timeout(READ_TIMEOUT, connect=5.0))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import structlog
 from click.testing import CliRunner
 from deltalake import DeltaTable, write_deltalake
 
@@ -121,8 +122,12 @@ def test_warehouse_wait_setting(cfg, monkeypatch, tmp_path):
     assert make_target("main.bronze.t").warehouse_wait == build_settings({}, base).warehouse_wait == 600
     with pytest.raises(ConfigError, match="--warehouse-wait: Expected `float` > 0"):
         build_settings({}, {**base, "warehouse_wait": 0})
-    result = CliRunner().invoke(main, ["--tags", str(tmp_path / "tags.txt"), "--simulate", "--warehouse-wait",
-                                       "-5"])
+    logging = structlog.get_config()  # the CLI configures logging (errors only, after a bad setting)
+    try:
+        result = CliRunner().invoke(main, ["--tags", str(tmp_path / "tags.txt"), "--simulate",
+                                           "--warehouse-wait", "-5"])
+    finally:
+        structlog.configure(**logging)
     assert result.exit_code == 2 and "--warehouse-wait" in result.output
 
 
