@@ -71,6 +71,8 @@ def entry() -> None:
                                  "(s3://... or abfss://...).")
 @click.option("--warehouse-id", help="Create the Unity Catalog table through this SQL warehouse "
                                      "(CREATE TABLE) rather than the Unity Catalog API.")
+@click.option("--warehouse-wait", type=float, help="How long the SQL warehouse of --warehouse-id may take to "
+                                                   "start and run CREATE TABLE, in seconds.  [default: 600]")
 @click.option("--server", help="Default PI Data Archive for bare tag names in the tags file.")
 @click.option("--simulate", is_flag=True, default=None,
               help="Start the built-in PI Web API simulator on a loopback port for the listed tags and "

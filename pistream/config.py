@@ -53,6 +53,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     storage_options: dict[str, str] = {}
     databricks_profile: str | None = None
     warehouse_id: str | None = None
+    warehouse_wait: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 600.0
     location: str | None = None
     maintenance_interval: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 600.0
     stats_interval: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 60.0

@@ -232,7 +232,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
     app_id = settings.app_id or default_app_id()
     target = make_target(settings.table, storage_options=settings.storage_options,
                          databricks_profile=settings.databricks_profile, warehouse_id=settings.warehouse_id,
-                         location=settings.location) if sink is None else None
+                         location=settings.location, warehouse_wait=settings.warehouse_wait) if sink is None else None
     try:
         async with trio.open_nursery() as root:
             if handle_signals:
@@ -250,7 +250,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                 # PI Web API first: a wrong URL or password must not leave an empty table behind.
                 resolved = await resolve_tags(api, paths, settings.skip_unknown, settings.state_dir)
                 if target is not None:
-                    await trio.to_thread.run_sync(target.prepare)
+                    await target.open()
                     sink = open_sink(target, app_id)
                 assert sink is not None
                 store = StateStore(state_path(settings.state_dir, settings.table, app_id),

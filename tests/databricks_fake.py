@@ -31,12 +31,19 @@ Endpoints (JSON unless said; every ``/api/`` call needs ``Authorization: Bearer 
 ``register_table(full_name, location=None, table_type="EXTERNAL"|"MANAGED"|"VIEW", ...)``, ``table(name)``,
 ``drop_table(name)``, ``add_catalog``, ``add_schema("cat.schema")``, ``databrickscfg(dir, profile, auth)``,
 ``environ(auth)``, ``s3`` (the ``IamS3``). Knobs (plain attributes, reset for every test):
-``credential_lifetime`` (s, default 3600), ``oauth_token_lifetime`` (s, 3600), ``statement_seconds``
-(0.5: a statement is PENDING when submitted with wait_timeout 0s, RUNNING on polls until then, then
-SUCCEEDED/FAILED), ``outage`` (every call 503 TEMPORARILY_UNAVAILABLE), ``outage_retry_after``,
-``external_data_access`` and ``external_use_schema`` (False: the two 403 PERMISSION_DENIED of vending and
-of creating tables through the API), ``fail_next(n, status)``. Counters: ``calls`` (per endpoint),
-``token_requests``, ``credential_vends``, ``vends`` (no secrets), ``request_log`` (no secrets).
+``credential_lifetime`` (s, default 3600), ``oauth_token_lifetime`` (s, 3600), ``warehouse_start_seconds``
+(0: the SQL warehouse starts with the first statement after a reset and is up this long after; statements
+stay PENDING until then, as on a stopped warehouse), ``statement_seconds`` (0.5: a statement is PENDING when
+submitted with wait_timeout 0s, RUNNING on polls once the warehouse is up, until this long after it was
+submitted or the warehouse came up, then SUCCEEDED/FAILED; a submission with a wait_timeout holds the
+answer that long, or until the statement ends), ``outage`` (every call 503 TEMPORARILY_UNAVAILABLE),
+``outage_retry_after``, ``external_data_access`` and ``external_use_schema`` (False: the two 403
+PERMISSION_DENIED of vending and of creating tables through the API), ``slow_answers`` (endpoint -> seconds:
+the call is carried out, its answer held that long: a client's read timeout then meets a call that did
+happen), ``fail_next(n, status, endpoint=None)``, ``down()`` / ``up()`` (the port refuses connections and
+open ones are cut / served again on the same port; a reset brings it up). Counters: ``calls`` (per
+endpoint), ``statements`` (each submitted statement: id, state, wait_timeout), ``token_requests``,
+``credential_vends``, ``vends`` (no secrets), ``request_log`` (no secrets; with each call's User-Agent).
 
 What delta-rs 1.6.6 says with the vended credentials: outside the prefix, ``OSError`` with "403 Forbidden"
 and ``<Code>AccessDenied</Code>``; after expiry, "400 Bad Request" and ``<Code>ExpiredToken</Code>`` (an
@@ -448,6 +455,7 @@ class Statement:
     statement_id: str
     text: str
     submitted: float
+    wait_timeout: str
     state: str = "PENDING"
     error: dict[str, str] | None = None
 
@@ -483,6 +491,8 @@ class FakeWorkspace:
         self._lock = threading.RLock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        self._port = 0  # kept across down() and up()
+        self._connections: set[socket.socket] = set()
         self.reset()
 
     # -- lifecycle --------------------------------------------------------------------------------------
@@ -493,8 +503,9 @@ class FakeWorkspace:
         class Handler(_Handler):
             fake = workspace
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
         self._server.daemon_threads = True
+        self._port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="fake-databricks", daemon=True)
         self._thread.start()
@@ -503,21 +514,50 @@ class FakeWorkspace:
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+            self._server = None
         if self._thread is not None:
             self._thread.join(timeout=STOP_TIMEOUT)
+            self._thread = None
+
+    def down(self) -> None:
+        """The workspace unreachable: its port refuses connections, and open (keep-alive) ones are cut."""
+        self.stop()
+        with self._lock:
+            connections = list(self._connections)
+        for connection in connections:
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def up(self) -> None:
+        """Served again, on the same port (``host`` does not change)."""
+        if self._server is None and self._port:
+            self.start()
+
+    def _track(self, connection: socket.socket, is_open: bool) -> None:
+        with self._lock:
+            if is_open:
+                self._connections.add(connection)
+            else:
+                self._connections.discard(connection)
 
     def reset(self) -> None:
         """Knobs to defaults; catalog ``main`` with schema ``bronze`` and no table; counters, log, issued
-        OAuth tokens and statements cleared (vended S3 credentials stay valid until they expire)."""
+        OAuth tokens and statements cleared (vended S3 credentials stay valid until they expire); served
+        (up) again after a ``down()``."""
         with self._lock:
             self.credential_lifetime: float = self.DEFAULT_CREDENTIAL_LIFETIME
             self.oauth_token_lifetime: float = self.DEFAULT_OAUTH_TOKEN_LIFETIME
             self.statement_seconds: float = self.DEFAULT_STATEMENT_SECONDS
+            self.warehouse_start_seconds: float = 0.0
+            self._warehouse_up_at: float | None = None
+            self.slow_answers: dict[str, float] = {}
             self.outage = False
             self.outage_retry_after: int | None = None
             self.external_data_access = True
             self.external_use_schema = True
-            self._fail_next: list[int] = []
+            self._fail_next: list[tuple[int, str | None]] = []
             self._catalogs: dict[str, set[str]] = {"main": {"bronze"}}
             self._tables: dict[str, dict[str, Any]] = {}
             self._tokens: dict[str, tuple[str, float]] = {}
@@ -525,13 +565,14 @@ class FakeWorkspace:
             self._calls: Counter[str] = Counter()
             self._log: list[dict[str, Any]] = []
             self._vends: list[Vend] = []
+        self.up()
 
     # -- what tests use ---------------------------------------------------------------------------------
 
     @property
     def host(self) -> str:
-        assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        assert self._port, "the fake workspace was never started"
+        return f"http://127.0.0.1:{self._port}"
 
     @property
     def s3_endpoint(self) -> str:
@@ -603,10 +644,18 @@ class FakeWorkspace:
         with self._lock:
             self._tables.pop(full_name.lower(), None)
 
-    def fail_next(self, count: int, status: int = 503) -> None:
-        """The next ``count`` calls (any endpoint) answer ``status`` (429/5xx) with the real error code."""
+    def fail_next(self, count: int, status: int = 503, endpoint: str | None = None) -> None:
+        """The next ``count`` calls (of ``endpoint``, or any) answer ``status`` (429/5xx) with the real
+        error code, without doing anything."""
         with self._lock:
-            self._fail_next.extend([status] * count)
+            self._fail_next.extend([(status, endpoint)] * count)
+
+    @property
+    def statements(self) -> list[dict[str, str]]:
+        """Every statement submitted since the reset, in order: statement_id, state, wait_timeout."""
+        with self._lock:
+            return [{"statement_id": s.statement_id, "state": s.state, "wait_timeout": s.wait_timeout}
+                    for s in self._statements.values()]
 
     @property
     def calls(self) -> Counter[str]:
@@ -672,11 +721,11 @@ class FakeWorkspace:
         path, query = parts.path, parse_qs(parts.query)
         endpoint = _endpoint(method, path)
         entry: dict[str, Any] = {"time": time.time(), "method": method, "path": path, "endpoint": endpoint,
-                                 "auth": "none", "principal": None}
+                                 "auth": "none", "principal": None, "user_agent": headers.get("user-agent")}
         with self._lock:
             self._calls[endpoint] += 1
         try:
-            self._maybe_fail(path)
+            self._maybe_fail(path, endpoint)
             if path.startswith("/oidc/"):
                 status, answer = self._oidc(method, path, headers, body, entry)
             elif path.startswith("/api/"):
@@ -691,11 +740,15 @@ class FakeWorkspace:
         entry["error_code"] = answer.get("error_code") or answer.get("error") if status >= 400 else None
         with self._lock:
             self._log.append(entry)
+        delay = self.slow_answers.get(endpoint)
+        if delay:
+            time.sleep(delay)
         return status, reply_headers, answer
 
-    def _maybe_fail(self, path: str) -> None:
+    def _maybe_fail(self, path: str, endpoint: str) -> None:
         with self._lock:
-            status = self._fail_next.pop(0) if self._fail_next else None
+            index = next((i for i, (_, only) in enumerate(self._fail_next) if only in (None, endpoint)), None)
+            status = self._fail_next.pop(index)[0] if index is not None else None
         if status is None and self.outage:
             status = 503
         if status is None:
@@ -962,8 +1015,10 @@ class FakeWorkspace:
             raise _api_error(400, "INVALID_PARAMETER_VALUE",
                              f"wait_timeout must be 0s or between 5s and 50s, not {wait!r}.")
         on_timeout = str(request.get("on_wait_timeout") or "CONTINUE").upper()
-        statement = Statement(str(uuid.uuid4()), str(request["statement"]), time.monotonic())
+        statement = Statement(str(uuid.uuid4()), str(request["statement"]), time.monotonic(), wait)
         with self._lock:
+            if self._warehouse_up_at is None:  # a stopped warehouse starts with its first statement
+                self._warehouse_up_at = statement.submitted + self.warehouse_start_seconds
             self._statements[statement.statement_id] = statement
         seconds = int(match.group(1))
         if seconds:
@@ -987,11 +1042,13 @@ class FakeWorkspace:
         return self._render(statement)
 
     def _advance(self, statement: Statement, principal: str) -> str:
-        """PENDING until polled, RUNNING until ``statement_seconds`` after submission, then run."""
+        """PENDING until polled and the warehouse is up, RUNNING until ``statement_seconds`` after
+        submission (or after the warehouse came up), then run."""
         with self._lock:
-            if statement.state == "PENDING":
+            now, up_at = time.monotonic(), self._warehouse_up_at or 0.0
+            if statement.state == "PENDING" and now >= up_at:
                 statement.state = "RUNNING"
-            elif statement.state == "RUNNING" and time.monotonic() - statement.submitted >= self.statement_seconds:
+            elif statement.state == "RUNNING" and now - max(statement.submitted, up_at) >= self.statement_seconds:
                 try:
                     self._run_sql(statement.text, principal)
                     statement.state = "SUCCEEDED"
@@ -1159,6 +1216,17 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "databricks-fake"
 
+    def setup(self) -> None:
+        super().setup()
+        self.fake._track(self.connection, True)
+
+    def finish(self) -> None:
+        self.fake._track(self.connection, False)
+        try:
+            super().finish()
+        except OSError:  # the client went away (its read timeout) or down() cut the connection
+            pass
+
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
@@ -1173,8 +1241,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for key, value in extra.items():
             self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:  # the client went away (its read timeout) or down() cut the connection
+            self.close_connection = True
 
     do_GET = do_POST = do_DELETE = do_PATCH = do_PUT = _serve
 

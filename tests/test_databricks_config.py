@@ -7,8 +7,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import structlog
+from click.testing import CliRunner
 from deltalake import DeltaTable, write_deltalake
 
+from pistream.cli import main
+from pistream.config import build_settings
 from pistream.errors import ConfigError, TableConflictError
 from pistream.lake.databricks import load_workspace_config, normalize_host
 from pistream.lake.target import CatalogTarget, TableTarget, make_target
@@ -106,6 +110,25 @@ def test_catalog_target_needs_a_cloud_location(cfg, monkeypatch):
     monkeypatch.setenv("DATABRICKS_CONFIG_FILE", cfg["DATABRICKS_CONFIG_FILE"])
     with pytest.raises(ConfigError, match="not a cloud storage URI"):
         CatalogTarget("main.bronze.t", location="/local/folder")
+
+
+def test_warehouse_wait_setting(cfg, monkeypatch, tmp_path):
+    """--warehouse-wait reaches the Unity Catalog target (default 10 minutes); 0 or less is refused."""
+    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", cfg["DATABRICKS_CONFIG_FILE"])
+    base = {"tags": "tags.txt", "simulate": True, "table": "main.bronze.t"}
+    settings = build_settings({"warehouse_wait": 90}, base)
+    target = make_target(settings.table, warehouse_wait=settings.warehouse_wait)
+    assert isinstance(target, CatalogTarget) and target.warehouse_wait == 90
+    assert make_target("main.bronze.t").warehouse_wait == build_settings({}, base).warehouse_wait == 600
+    with pytest.raises(ConfigError, match="--warehouse-wait: Expected `float` > 0"):
+        build_settings({}, {**base, "warehouse_wait": 0})
+    logging = structlog.get_config()  # the CLI configures logging (errors only, after a bad setting)
+    try:
+        result = CliRunner().invoke(main, ["--tags", str(tmp_path / "tags.txt"), "--simulate",
+                                           "--warehouse-wait", "-5"])
+    finally:
+        structlog.configure(**logging)
+    assert result.exit_code == 2 and "--warehouse-wait" in result.output
 
 
 def test_aws_credentials_mapping():

@@ -428,3 +428,55 @@ def test_request_log_holds_no_secret(uc_workspace):
     assert [(e["endpoint"], e["status"], e["auth"]) for e in uc_workspace.request_log] == [
         ("oidc_token", 200, "client_credentials"), ("temporary_table_credentials", 200, "pat"),
         ("get_table", 200, "oauth"), ("get_table", 403, "invalid")]
+
+
+# -- knobs for pistream's own tests: a warehouse that starts slowly, late answers, refused connections ------
+
+def test_a_cold_warehouse_keeps_statements_pending(uc_workspace):
+    """The warehouse comes up ``warehouse_start_seconds`` after the first statement; a submission that waits
+    (wait_timeout 5s) holds its answer as long, as the real API does: longer than a short read timeout."""
+    uc_workspace.warehouse_start_seconds = 1.5
+    uc_workspace.statement_seconds = 0
+    location = uc_workspace.location("cold")
+    statement = CREATE_SQL.format(location=location)
+    first = api(uc_workspace, "POST", "/api/2.0/sql/statements", json={
+        "warehouse_id": uc_workspace.warehouse_id, "statement": statement, "wait_timeout": "0s"}).json()
+    assert first["status"] == {"state": "PENDING"}
+    assert poll(uc_workspace, first["statement_id"])["status"] == {"state": "PENDING"}  # still starting
+    other = CREATE_SQL.format(location=uc_workspace.location("cold2")).replace("from_sql", "from_sql_2")
+    with pytest.raises(httpx.ReadTimeout):  # a client whose read timeout is below the warehouse's start
+        api(uc_workspace, "POST", "/api/2.0/sql/statements", timeout=httpx.Timeout(0.5, connect=5), json={
+            "warehouse_id": uc_workspace.warehouse_id, "statement": other, "wait_timeout": "5s"})
+    deadline = time.monotonic() + 30
+    while poll(uc_workspace, first["statement_id"])["status"]["state"] != "SUCCEEDED":
+        assert time.monotonic() < deadline, "the warehouse never came up"
+        time.sleep(0.1)
+    assert uc_workspace.table("main.bronze.from_sql")["storage_location"] == location
+    assert [s["wait_timeout"] for s in uc_workspace.statements] == ["0s", "5s"]
+    assert uc_workspace.calls["execute_statement"] == 2
+
+
+def test_slow_answers_failures_by_endpoint_and_refused_connections(uc_workspace):
+    """``slow_answers``: the call is carried out and its answer comes late; ``fail_next(..., endpoint=)``
+    fails only that endpoint; ``down()`` refuses connections (also to a client with a pooled keep-alive
+    connection) until ``up()``; every request's User-Agent is in the log."""
+    path = f"/api/2.1/unity-catalog/tables/{TABLE}"
+    uc_workspace.slow_answers = {"delete_table": 2.0}
+    uc_workspace.register_table(TABLE)
+    with pytest.raises(httpx.ReadTimeout):
+        api(uc_workspace, "DELETE", path, timeout=httpx.Timeout(0.3, connect=5))
+    assert uc_workspace.table(TABLE) is None  # carried out all the same
+    uc_workspace.fail_next(1, 504, endpoint="list_tables")
+    assert api(uc_workspace, "GET", path).status_code == 404  # not list_tables: not failed
+    query = {"catalog_name": "main", "schema_name": "bronze"}
+    assert api(uc_workspace, "GET", "/api/2.1/unity-catalog/tables", params=query).status_code == 504
+    assert api(uc_workspace, "GET", "/api/2.1/unity-catalog/tables", params=query).status_code == 200
+    headers = {"Authorization": f"Bearer {uc_workspace.pat}", "User-Agent": "probe/1"}
+    with httpx.Client(base_url=uc_workspace.host, timeout=httpx.Timeout(5), trust_env=False) as client:
+        assert client.get(path, headers=headers).status_code == 404  # a keep-alive connection now
+        uc_workspace.down()
+        with pytest.raises(httpx.ConnectError):
+            client.get(path, headers=headers)
+        uc_workspace.up()
+        assert client.get(path, headers=headers).status_code == 404
+    assert {e["user_agent"] for e in uc_workspace.request_log} >= {"probe/1", f"python-httpx/{httpx.__version__}"}

@@ -12,7 +12,16 @@ Authentication: a personal access token, or OAuth machine-to-machine (client cre
 imported only then: it costs ~45 MB and ~0.9 s at start.
 
 Calls are blocking (httpx): they run at start and, for credential refreshes, in the commit writer's worker
-thread. Tokens never appear in messages or logs; ``repr`` masks them.
+thread. Tokens never appear in messages or logs; ``repr`` masks them. Every call says ``User-Agent:
+pistream/<version>``.
+
+Which calls are tried again after a failure (``Workspace.call``): GETs, the OAuth token POST (a second token
+is harmless), ``temporary-table-credentials`` (it only mints short-lived credentials) and a statement's
+``cancel`` (cancelling twice is a no-op) after no connection, 429 or 5xx. Two POSTs change the workspace and
+are sent with ``resend=False``: ``POST /api/2.0/sql/statements`` (each one queues a new statement) and
+``POST /api/2.1/unity-catalog/tables``. They are sent again only when they surely did not arrive (no
+connection, 429, 503); when one may have arrived without an answer (read timeout, a dropped connection,
+500/502/504) ``WorkspaceUncertain`` says so, and the caller looks (GET the table) before creating again.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from urllib.parse import urlsplit
 import httpx
 import structlog
 
+from .. import __version__
 from ..errors import AuthError, ConfigError, PistreamError, SinkError
 
 log = structlog.get_logger(__name__)
@@ -38,6 +48,10 @@ log = structlog.get_logger(__name__)
 TOKEN_MARGIN = 60.0  # an OAuth token is renewed this long before it expires
 REQUEST_TIMEOUT = httpx.Timeout(30.0, connect=10.0)
 ATTEMPTS = 4  # a call that meets 429/5xx or no connection is tried this often, with backoff
+USER_AGENT = f"pistream/{__version__}"
+RETRIED_STATUS = (429, 500, 502, 503, 504)
+NOT_RECEIVED_STATUS = (429, 503)  # refused before any work: safe to send again, whatever the call
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)  # the request never left
 
 
 def is_loopback(hostname: str | None) -> bool:
@@ -46,6 +60,10 @@ def is_loopback(hostname: str | None) -> bool:
 
 class WorkspaceUnavailable(SinkError):
     """The workspace did not answer (outage, 5xx, throttling): like storage down, retried by the caller."""
+
+
+class WorkspaceUncertain(WorkspaceUnavailable):
+    """A call that must not run twice went out, but no answer came: it may or may not have been carried out."""
 
 
 class WorkspaceError(PistreamError):
@@ -220,11 +238,13 @@ def _oauth_error(response: httpx.Response) -> str:
 class Workspace:
     """Blocking JSON calls to one workspace; errors become pistream errors that name the fix."""
 
-    def __init__(self, config: WorkspaceConfig, *, transport: httpx.BaseTransport | None = None):
+    def __init__(self, config: WorkspaceConfig, *, transport: httpx.BaseTransport | None = None,
+                 timeout: httpx.Timeout = REQUEST_TIMEOUT):
         self.config = config
-        self._client = httpx.Client(base_url=config.host, timeout=REQUEST_TIMEOUT, transport=transport,
+        self.timeout = timeout
+        self._client = httpx.Client(base_url=config.host, timeout=timeout, transport=transport,
                                     trust_env=not config.host.startswith("http://"),
-                                    headers={"User-Agent": "pistream"})
+                                    headers={"User-Agent": USER_AGENT})
         self._client.auth = _WorkspaceAuth(config, self._client)
 
     def close(self) -> None:
@@ -236,23 +256,32 @@ class Workspace:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, path: str, json: Any = None, params: Mapping[str, str] | None = None
-             ) -> dict[str, Any]:
-        """One call, retried on 429/5xx/no connection with jittered backoff; the JSON answer, or an error."""
+    def call(self, method: str, path: str, json: Any = None, params: Mapping[str, str] | None = None,
+             *, resend: bool = True) -> dict[str, Any]:
+        """One call, retried on 429/5xx/no connection with jittered backoff; the JSON answer, or an error.
+
+        ``resend=False`` for a call that must not be carried out twice: it is sent again only when it surely
+        did not arrive; ``WorkspaceUncertain`` when it may have been carried out without an answer."""
         delay = 0.5
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 response = self._client.request(method, path, json=json, params=params)
             except httpx.HTTPError as exc:
                 failure = f"{type(exc).__name__}"
+                if isinstance(exc, httpx.ReadTimeout):
+                    failure += f" after {self.timeout.read} s"
                 status = 0
+                if not resend and not isinstance(exc, NOT_SENT):
+                    raise self._uncertain(method, path, failure) from None
             else:
                 status = response.status_code
                 if status < 300:
                     return response.json() if response.content else {}
-                if status not in (429, 500, 502, 503, 504):
+                if status not in RETRIED_STATUS:
                     raise self._error(response, method, path)
                 failure = f"HTTP {status}"
+                if not resend and status not in NOT_RECEIVED_STATUS:
+                    raise self._uncertain(method, path, failure)
                 retry_after = response.headers.get("Retry-After", "")
                 if retry_after.isdigit():
                     delay = max(delay, min(float(retry_after), 30.0))
@@ -265,6 +294,11 @@ class Workspace:
             delay = min(delay * 2, 10.0)
         raise AssertionError("unreachable")
 
+    def _uncertain(self, method: str, path: str, failure: str) -> WorkspaceUncertain:
+        return WorkspaceUncertain(
+            f"Databricks workspace {self.config.host} gave no answer to {method} {path} ({failure}); not sent "
+            "again, as it may have been carried out: pistream looks before trying again")
+
     def _error(self, response: httpx.Response, method: str, path: str) -> PistreamError:
         try:
             body = response.json()
@@ -272,9 +306,14 @@ class Workspace:
             body = {}
         code = str(body.get("error_code") or body.get("error") or "")
         message = " ".join(str(body.get("message") or body.get("error_description") or response.reason_phrase
-                               ).split())
+                               ).split()).rstrip(".")
         status = response.status_code
-        where = f"Databricks {method} {path} answered {status} {code}: {message}".rstrip(": ")
+        if code and code != str(status):  # some errors carry the status as their code ("403 403: ...")
+            where = f"Databricks {method} {path} answered {status} {code}"
+        else:
+            where = f"Databricks {method} {path} answered {status}"
+        if message:
+            where += f": {message}"
         if status == 401 or (status == 403 and "invalid access token" in message.lower()):
             return AuthError(f"{where}; the credentials of {self.config.source} were refused: create a new "
                              "personal access token (or OAuth secret) and update the profile")

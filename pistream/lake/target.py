@@ -2,18 +2,28 @@
 a Unity Catalog name ``catalog.schema.table`` whose storage location and short-lived credentials come from
 the Databricks workspace. The pipeline, the sink and the maintenance commands all reach the table through
 a ``TableTarget``: ``uri`` is where the files are, ``storage_options()`` the options to reach them now.
+
+``await target.open()`` gets a target ready in a stream: a Unity Catalog table's workspace is asked again
+with backoff while it is unreachable, answers 5xx or times out (``workspace_unreachable``), as a storage outage
+is later; only what a person must fix (credentials, names, privileges) ends the start. Cancelling it (the
+stop) cancels what it waits for. ``prepare()`` is for the one-shot commands: blocking, no retry, no creation.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
+import trio
 
+from ..backoff import Backoff
 from ..config import load_config_file
 from ..errors import ConfigError
 from .storage import effective_storage_options, is_remote
+
+if TYPE_CHECKING:
+    from .unitycatalog import CatalogTable, UnityCatalog
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +49,10 @@ class TableTarget:
     def prepare(self) -> None:
         """Blocking: find the table's location and credentials (nothing to do for a path or URI)."""
 
+    async def open(self) -> None:
+        """``prepare`` for a stream (a Unity Catalog table: retried while the workspace is unreachable)."""
+        self.prepare()
+
     def storage_options(self) -> dict[str, str]:
         """The options to reach the table now (with pistream's defaults for object stores)."""
         return effective_storage_options(self.uri, self.base_options)
@@ -62,12 +76,15 @@ class CatalogTarget(TableTarget):
 
     def __init__(self, full_name: str, *, profile: str | None = None, warehouse_id: str | None = None,
                  location: str | None = None, storage_options: Mapping[str, str] | None = None,
-                 environ: Mapping[str, str] | None = None, workspace: Any = None):
+                 environ: Mapping[str, str] | None = None, workspace: Any = None,
+                 warehouse_wait: float | None = None):
         from .databricks import Workspace, load_workspace_config
+        from .unitycatalog import WAREHOUSE_WAIT
 
         super().__init__("", storage_options)
         self.catalog_name = full_name
         self.warehouse_id = warehouse_id
+        self.warehouse_wait = warehouse_wait or WAREHOUSE_WAIT
         self.location = location.rstrip("/") if location else None
         if self.location and not self.location.startswith(REMOTE_LOCATIONS):
             raise ConfigError(f"--location {self.location} is not a cloud storage URI: an external table "
@@ -86,26 +103,68 @@ class CatalogTarget(TableTarget):
         return self.credentials.generation if self.credentials is not None else 0
 
     def prepare(self) -> None:
-        from .unitycatalog import UnityCatalog, VendedCredentials, check_writable
+        """Blocking, for the one-shot commands: find the table (never created here) and vend its first
+        credentials; an unreachable workspace is an error at once."""
+        from .unitycatalog import UnityCatalog
 
         assert self.catalog_name is not None
         catalog = UnityCatalog(self.workspace)
         table = catalog.get_table(self.catalog_name)
         if table is None:
+            raise self._missing()
+        self._use(catalog, table)
+
+    async def open(self, *, retry: bool = True) -> None:
+        """Find (or create) the table and vend its first credentials. An unreachable workspace, a 5xx or a
+        timeout is tried again with backoff until it answers or this is cancelled; what a person must fix
+        (credentials, a missing catalog or schema, a managed table) raises at once."""
+        from .databricks import WorkspaceUnavailable
+
+        backoff = Backoff(initial=1.0, maximum=60.0)
+        while True:
+            try:
+                await self._open_once()
+                return
+            except WorkspaceUnavailable as exc:
+                if not retry:
+                    raise
+                delay = backoff.next_delay()
+                log.warning("workspace_unreachable", host=self.workspace.config.host, table=self.catalog_name,
+                            attempt=backoff.attempt, next_delay=round(delay, 1), error=str(exc))
+                await trio.sleep(delay)
+
+    async def _open_once(self) -> None:
+        from .unitycatalog import UnityCatalog, in_thread
+
+        assert self.catalog_name is not None
+        catalog = UnityCatalog(self.workspace)
+        table = await in_thread(catalog.get_table, self.catalog_name)  # first: an unanswered create may have landed
+        if table is None:
             if not self.location:
-                raise ConfigError(f"Unity Catalog table {self.catalog_name} does not exist: pass --location "
-                                  "s3://BUCKET/PATH (or abfss://...) to create it as an external table there "
-                                  "(with --warehouse-id to create it through a SQL warehouse)")
-            table = catalog.create_table(self.catalog_name, self.location, self.warehouse_id)
+                raise self._missing()
+            table = await catalog.create_table(self.catalog_name, self.location, self.warehouse_id,
+                                               self.warehouse_wait)
+        await in_thread(self._use, catalog, table)
+
+    def _missing(self) -> ConfigError:
+        return ConfigError(f"Unity Catalog table {self.catalog_name} does not exist: pass --location "
+                           "s3://BUCKET/PATH (or abfss://...) to create it as an external table there "
+                           "(with --warehouse-id to create it through a SQL warehouse)")
+
+    def _use(self, catalog: UnityCatalog, table: CatalogTable) -> None:
+        """Blocking: check the table, then the first vend (refused privileges show here, at start)."""
+        from .unitycatalog import VendedCredentials, check_writable
+
         check_writable(table)
         if self.location and self.location != table.storage_location.rstrip("/"):
             log.warning("location_ignored", table=self.catalog_name, location=self.location,
                         storage_location=table.storage_location, note="the table exists; its own location is used")
         self.uri = table.storage_location
-        self.credentials = VendedCredentials(catalog, table, self.base_options)
-        self.credentials.storage_options()  # the first vend: refused privileges show here, at start
+        credentials = VendedCredentials(catalog, table, self.base_options)
+        credentials.storage_options()
+        self.credentials = credentials
         log.info("catalog_table_resolved", table=self.catalog_name, storage_location=self.display,
-                 expires_in=round(self.credentials.expires_at - self.credentials.clock(), 1))
+                 expires_in=round(credentials.expires_at - credentials.clock(), 1))
 
     def storage_options(self) -> dict[str, str]:
         if self.credentials is None:
@@ -122,13 +181,13 @@ class CatalogTarget(TableTarget):
 
 def make_target(table: str, *, storage_options: Mapping[str, str] | None = None,
                 databricks_profile: str | None = None, warehouse_id: str | None = None,
-                location: str | None = None) -> TableTarget:
+                location: str | None = None, warehouse_wait: float | None = None) -> TableTarget:
     """The target ``--table`` names (cheap: a UC target reads its workspace profile, but calls nothing)."""
     from .unitycatalog import is_table_name
 
     if is_table_name(table) and not is_remote(table):
         return CatalogTarget(table, profile=databricks_profile, warehouse_id=warehouse_id, location=location,
-                             storage_options=storage_options)
+                             storage_options=storage_options, warehouse_wait=warehouse_wait)
     if location or warehouse_id:
         raise ConfigError(f"--location and --warehouse-id are for Unity Catalog tables (catalog.schema.table), "
                           f"not {table}: drop them, or name the table as catalog.schema.table")

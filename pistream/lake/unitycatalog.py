@@ -6,6 +6,11 @@ mapped to delta-rs storage options here (delta-rs's own ``uc://`` handler was se
 loopback UC in 1.6.6, ignores ``~/.databrickscfg`` and never renews its credentials). Only EXTERNAL DELTA
 tables are written: UC owns the files of a MANAGED table, and writing them from outside is not allowed.
 
+A missing table is created once: ``create_table`` never sends its POST twice (see ``databricks``); through a SQL
+warehouse the statement is submitted with ``wait_timeout`` 0s (answered at once, however long the warehouse
+takes to start) and polled by id with backoff for up to ``--warehouse-wait``; stopped or out of time, it is
+cancelled on the warehouse.
+
 Credentials last about an hour. ``VendedCredentials`` re-vends before they expire (margin: 20 % of their
 lifetime, at least 10 minutes, at most half of it) and, should UC be down then, keeps the old ones until
 they really expire; only then does a commit fail, and the commit writer retries it like a storage outage.
@@ -19,24 +24,39 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import pyarrow as pa
 import structlog
+import trio
 
-from ..errors import AuthError, ConfigError, SinkError, TableConflictError
+from ..backoff import Backoff
+from ..errors import AuthError, ConfigError, PistreamError, SinkError, TableConflictError
 from ..stream.schema import PARTITION_COLUMN, TABLE_COMMENT, TABLE_PROPERTIES, TABLE_SCHEMA
 from ..timeutil import TIMESTAMP_US
-from .databricks import Workspace, WorkspaceError
+from .databricks import Workspace, WorkspaceError, WorkspaceUnavailable
 
 log = structlog.get_logger(__name__)
 
 _PART = r"(?:[A-Za-z0-9_][A-Za-z0-9_-]*|`[^`]+`)"
 _NAME = re.compile(rf"^{_PART}\.{_PART}\.{_PART}$")
-STATEMENT_POLL = 1.0  # seconds between polls of a SQL statement
-STATEMENT_TIMEOUT = 600.0  # a warehouse may need minutes to start
+TABLES = "/api/2.1/unity-catalog/tables"
+STATEMENTS = "/api/2.0/sql/statements"
+WAREHOUSE_WAIT = 600.0  # --warehouse-wait: a classic SQL warehouse may need minutes to start
+POLL_INITIAL, POLL_MAXIMUM = 0.25, 10.0  # backoff between polls of a SQL statement
+CANCEL_TIMEOUT = 5.0  # a stopped statement's cancel gets this long
+FINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELED", "CLOSED")
 MIN_REVEND_INTERVAL = 1.0  # never ask UC more often than this, whatever the expiration says
+
+
+T = TypeVar("T")
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A blocking workspace call in a worker thread, abandoned (it ends by its own timeout) if cancelled."""
+    return await trio.to_thread.run_sync(partial(fn, *args, **kwargs), abandon_on_cancel=True)
 
 
 def is_table_name(table: str) -> bool:
@@ -77,22 +97,28 @@ class UnityCatalog:
             storage_location=str(info.get("storage_location") or ""), table_type=str(info.get("table_type") or ""),
             data_source_format=str(info.get("data_source_format") or ""))
 
-    def create_table(self, full_name: str, location: str, warehouse_id: str | None) -> CatalogTable:
+    async def create_table(self, full_name: str, location: str, warehouse_id: str | None,
+                           warehouse_wait: float = WAREHOUSE_WAIT) -> CatalogTable:
         """Register an EXTERNAL DELTA table at ``location``: through a SQL warehouse when one is given (as a
-        person would, ``CREATE TABLE IF NOT EXISTS``), else through the UC tables API."""
+        person would, ``CREATE TABLE IF NOT EXISTS``), else through the UC tables API. Sent once: a create
+        that got no answer raises ``WorkspaceUncertain``, and the caller GETs the table before trying again."""
         catalog, schema, name = split_name(full_name)
         try:
             if warehouse_id:
-                self._run_statement(create_table_sql(full_name, location), warehouse_id)
+                await self.run_statement(create_table_sql(full_name, location), warehouse_id,
+                                         wait=warehouse_wait, what=f"CREATE TABLE {full_name}")
             else:
-                self.workspace.call("POST", "/api/2.1/unity-catalog/tables", json={
+                await in_thread(self.workspace.call, "POST", TABLES, resend=False, json={
                     "name": name, "catalog_name": catalog, "schema_name": schema, "table_type": "EXTERNAL",
                     "data_source_format": "DELTA", "storage_location": location, "columns": uc_columns(),
                     "comment": TABLE_COMMENT, "properties": dict(TABLE_PROPERTIES)})
         except WorkspaceError as exc:
+            if warehouse_id and exc.status == 404 and exc.code == "RESOURCE_DOES_NOT_EXIST":
+                raise ConfigError(f"{exc}; check --warehouse-id (the id in the SQL warehouse's connection "
+                                  "details), or leave it out to create the table through Unity Catalog") from None
             if exc.code not in ("TABLE_ALREADY_EXISTS", "RESOURCE_ALREADY_EXISTS"):
                 raise self._translate(exc, full_name) from None
-        table = self.get_table(full_name)
+        table = await in_thread(self.get_table, full_name)
         if table is None:
             raise SinkError(f"Unity Catalog table {full_name} was created but cannot be found: check that "
                             "the principal may see it (USE CATALOG, USE SCHEMA, SELECT)")
@@ -100,25 +126,56 @@ class UnityCatalog:
                  via="sql warehouse" if warehouse_id else "unity catalog api")
         return table
 
-    def _run_statement(self, statement: str, warehouse_id: str) -> None:
-        answer = self.workspace.call("POST", "/api/2.0/sql/statements", json={
-            "warehouse_id": warehouse_id, "statement": statement, "wait_timeout": "30s",
+    async def run_statement(self, statement: str, warehouse_id: str, *, wait: float, what: str) -> None:
+        """Submit ``statement`` once with ``wait_timeout`` 0s (answered at once, whatever the warehouse
+        does), then poll it by id with backoff for up to ``wait`` seconds while the warehouse starts.
+        Stopped (cancelled), out of time or failing: the statement is cancelled on the warehouse."""
+        answer = await in_thread(self.workspace.call, "POST", STATEMENTS, resend=False, json={
+            "warehouse_id": warehouse_id, "statement": statement, "wait_timeout": "0s",
             "on_wait_timeout": "CONTINUE"})
-        deadline = time.monotonic() + STATEMENT_TIMEOUT
-        while True:
-            status = answer.get("status") or {}
-            state = status.get("state")
-            if state == "SUCCEEDED":
+        statement_id = str(answer.get("statement_id") or "")
+        status: dict[str, Any] = answer.get("status") or {}
+        started = trio.current_time()
+        backoff = Backoff(initial=POLL_INITIAL, maximum=POLL_MAXIMUM)
+        try:
+            while status.get("state") not in FINAL_STATES:
+                elapsed = trio.current_time() - started
+                if elapsed >= wait:
+                    raise SinkError(f"{what} on SQL warehouse {warehouse_id} still {status.get('state')} after "
+                                    f"{elapsed:.0f} s: start the warehouse (or see why it cannot start) and try "
+                                    f"again, or give it longer with --warehouse-wait (now {wait:g} s)")
+                if status.get("state") == "PENDING":
+                    log.info("warehouse_starting", warehouse_id=warehouse_id, statement_id=statement_id,
+                             elapsed=round(elapsed, 1))
+                await trio.sleep(min(backoff.next_delay(), wait - elapsed))
+                try:
+                    answer = await in_thread(self.workspace.call, "GET", f"{STATEMENTS}/{statement_id}")
+                except WorkspaceUnavailable as exc:  # the statement goes on meanwhile: ask again later
+                    log.warning("statement_poll_failed", statement_id=statement_id, error=str(exc))
+                    continue
+                status = answer.get("status") or {}
+        finally:
+            if status.get("state") not in FINAL_STATES:
+                with trio.CancelScope(shield=True):
+                    await self._cancel_statement(statement_id)
+        if status.get("state") != "SUCCEEDED":
+            error = status.get("error") or {}
+            raise WorkspaceError(f"{what} on SQL warehouse {warehouse_id} {status.get('state')}: "
+                                 f"{error.get('message', '')}", 400, str(error.get("error_code") or status["state"]))
+
+    async def _cancel_statement(self, statement_id: str) -> None:
+        """Best effort and brief: a statement left behind would still wait for (or start) the warehouse."""
+        with trio.move_on_after(CANCEL_TIMEOUT) as scope:
+            try:
+                await in_thread(self.workspace.call, "POST", f"{STATEMENTS}/{statement_id}/cancel")
+            except PistreamError as exc:
+                log.warning("statement_cancel_failed", statement_id=statement_id, error=str(exc))
                 return
-            if state in ("FAILED", "CANCELED", "CLOSED"):
-                error = status.get("error") or {}
-                raise WorkspaceError(f"CREATE TABLE on SQL warehouse {warehouse_id} {state}: "
-                                     f"{error.get('message', '')}", 400, str(error.get("error_code") or state))
-            if time.monotonic() > deadline:
-                raise SinkError(f"CREATE TABLE on SQL warehouse {warehouse_id} still {state} after "
-                                f"{STATEMENT_TIMEOUT:.0f} s: check that the warehouse can start")
-            time.sleep(STATEMENT_POLL)
-            answer = self.workspace.call("GET", f"/api/2.0/sql/statements/{answer['statement_id']}")
+        if scope.cancelled_caught:
+            log.warning("statement_cancel_failed", statement_id=statement_id,
+                        error=f"no answer within {CANCEL_TIMEOUT:g} s")
+        else:
+            log.info("statement_cancelled", statement_id=statement_id)
 
     def temporary_credentials(self, table_id: str, full_name: str) -> dict[str, Any]:
         try:
@@ -144,7 +201,7 @@ class UnityCatalog:
         if "external data access" in lowered or "external access" in lowered:
             return AuthError(f"{text}; a metastore admin must enable External data access on the metastore "
                              "(Catalog Explorer > Metastore details), which credential vending needs")
-        if exc.status == 403:
+        if exc.status == 403 or "[insufficient_permissions]" in lowered:
             return AuthError(f"{text}; grant the principal USE CATALOG on {catalog}, USE SCHEMA and CREATE "
                              f"TABLE on {catalog}.{schema}, MODIFY and SELECT on {full_name} (see README)")
         return SinkError(text)
