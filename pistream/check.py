@@ -225,6 +225,8 @@ def _state_folder(settings: Settings) -> str:
 def _metrics_port(settings: Settings) -> str:
     if settings.metrics_port is None:
         return "off (no --metrics-port)"
+    if settings.metrics_port == 0:
+        return f"port 0: a free port on {settings.metrics_host} is picked at the start (logged as metrics_served)"
     where = f"{settings.metrics_host}:{settings.metrics_port}"
     try:
         infos = socket.getaddrinfo(settings.metrics_host, settings.metrics_port, type=socket.SOCK_STREAM)
