@@ -13,7 +13,8 @@ import structlog
 import trio
 
 from . import __version__
-from .config import SECRET_SETTINGS, build_settings, load_config_file
+from .config import SECRET_SETTINGS, settings_from
+from .configfile import unknown_variables
 from .errors import ConfigError, PistreamError
 from .logsetup import LEVELS, configure_logging
 from .stream.columns import DECODER
@@ -146,12 +147,7 @@ def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
     if ctx.invoked_subcommand is not None:
         return
     try:
-        file_values = load_config_file(config_path) if config_path else {}
-        for name in SECRET_SETTINGS:  # secrets: environment or config file only
-            secret = os.environ.get(f"PISTREAM_{name.upper()}")
-            if secret is not None:
-                options[name] = secret
-        settings = build_settings(file_values, options, source=config_path or "config")
+        settings = settings_from(config_path, options)
     except ConfigError as exc:
         configure_logging(options.get("log_format") or "auto", "error")
         click.echo(f"pistream: error: {exc}", err=True)
@@ -163,6 +159,7 @@ def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
         click.echo(f"pistream: error: cannot write the log file {settings.log_file}: {exc.strerror or exc}; "
                    "--log-file must name a file this account may create and write", err=True)
         ctx.exit(ConfigError.exit_code)
+    warn_unknown_variables(ctx.command)
     from .pipeline import run_pipeline
 
     try:
@@ -170,7 +167,8 @@ def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
         error = _first_pistream_error(exc)
         if error is not None:
-            log.error("pistream_failed", error=str(error), error_type=type(error).__name__)
+            if settings.log_file:  # on a console the one line below is the message; a log file gets it too
+                log.error("pistream_failed", error=str(error), error_type=type(error).__name__)
             click.echo(f"pistream: error: {error}", err=True)
             ctx.exit(error.exit_code)
         if _is_interrupt(exc):
@@ -178,11 +176,27 @@ def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
         raise
 
 
+def known_variables(command: click.Command) -> set[str]:
+    """The PISTREAM_* variables a command reads: its options' (click's automatic names) and the secrets."""
+    names = {param.name for param in command.params if isinstance(param, click.Option) and param.name}
+    return {f"PISTREAM_{name.upper()}" for name in names | set(SECRET_SETTINGS)}
+
+
+def warn_unknown_variables(command: click.Command) -> None:
+    """A misspelt PISTREAM_* variable is ignored by click without a word: say so at the start."""
+    unknown = unknown_variables(os.environ, known_variables(command))
+    if unknown:
+        log.warning("environment_unknown", variables=unknown,
+                    note="these PISTREAM_* variables match no setting and are ignored")
+
+
 def _register_commands() -> None:
+    from .check import check_command
     from .lake.tablecmds import register
     from .sim.command import simulate
 
     main.add_command(simulate, name="simulate")
+    main.add_command(check_command(main), name="check")
     register(main)
 
 

@@ -4,12 +4,14 @@ environment variables (click reads those). Validated once, with bounds, into a f
 
 from __future__ import annotations
 
-import tomllib
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
 
+from .configfile import ConfigFile, read_config_file, suggestion, unit_of
 from .errors import ConfigError
 
 DEFAULT_TABLE = "pistream-data/pi_events"
@@ -85,32 +87,37 @@ SECRET_SETTINGS = ("password", "token", "oidc_client_secret")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """The config file's settings as a dict (dashes in keys accepted as underscores)."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8-sig"))
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(path)!r} not found: check --config") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {str(path)!r} is not valid TOML: {exc}") from exc
-    table = data.get("pistream", data)  # either top-level keys or a [pistream] table
-    return {key.replace("-", "_"): value for key, value in table.items()}
+    """The config file's settings as a dict (dashes in keys accepted as underscores); a ``ConfigFile``
+    that knows each setting's line, for messages."""
+    return read_config_file(path, FIELDS)
+
+
+def settings_from(config_path: str | None, options: dict[str, Any], environ: Mapping[str, str] | None = None
+                  ) -> Settings:
+    """The settings of one invocation: the config file, overlaid by the command line and PISTREAM_*
+    variables (``options``, as click parsed them), with the secrets from the environment."""
+    environ = os.environ if environ is None else environ
+    file_values = load_config_file(config_path) if config_path else {}
+    options = dict(options)
+    for name in SECRET_SETTINGS:  # secrets: environment or config file only
+        secret = environ.get(f"PISTREAM_{name.upper()}")
+        if secret is not None:
+            options[name] = secret
+    return build_settings(file_values, options, source=config_path or "config")
 
 
 def build_settings(file_values: dict[str, Any], cli_values: dict[str, Any], source: str = "config") -> Settings:
     """Merge (command line wins over the file) and validate; one ConfigError names the bad setting."""
     unknown = sorted(set(file_values) - FIELDS)
     if unknown:
-        raise ConfigError(
-            f"{source}: unknown setting {', '.join(unknown)}; known settings: {', '.join(sorted(FIELDS))}"
-        )
-    merged = {**file_values, **{k: v for k, v in cli_values.items() if v is not None}}
+        raise ConfigError(f"{source}: unknown setting {unknown[0]}{suggestion(unknown[0], FIELDS)}; the settings "
+                          "are the long options with underscores (pistream --help)")
+    given = {k: v for k, v in cli_values.items() if v is not None}
+    merged = {**file_values, **given}
     try:
         settings = msgspec.convert(merged, Settings)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"invalid setting: {_describe(exc)}") from None
+        raise ConfigError(f"invalid setting: {_describe(exc, merged, file_values, set(given))}") from None
     if not settings.url and not settings.simulate:
         raise ConfigError("no PI Web API given: pass --url https://HOST/piwebapi (or --simulate to try "
                           "pistream against its built-in simulator)")
@@ -129,14 +136,23 @@ def build_settings(file_values: dict[str, Any], cli_values: dict[str, Any], sour
     return settings
 
 
-def _describe(exc: msgspec.ValidationError) -> str:
-    """msgspec says '... - at `$.flush_rows`'; turn that into '--flush-rows: ...'."""
+def _describe(exc: msgspec.ValidationError, values: Mapping[str, Any] | None = None,
+              file_values: Mapping[str, Any] | None = None, from_command_line: set[str] | None = None) -> str:
+    """msgspec says '... - at `$.flush_rows`'; turn that into '--flush-rows: ...', and say where a value from
+    the config file is and what unit a number is in when it was given as text ('10s')."""
     text = str(exc)
-    if " - at `$." in text:
-        message, _, where = text.partition(" - at `$.")
-        name = where.rstrip("`").split(".")[0].split("[")[0]
-        return f"--{name.replace('_', '-')}: {message}"
-    return text
+    if " - at `$." not in text:
+        return text
+    message, _, where = text.partition(" - at `$.")
+    name = where.rstrip("`").split(".")[0].split("[")[0]
+    value = (values or {}).get(name)
+    if isinstance(value, str) and ("`float" in message or "`int" in message):
+        unit = unit_of(name)
+        message += (f" ({value!r} is text: write a plain number" + (f" of {unit}" if unit else "")
+                    + f", without unit or quotes, e.g. {name} = 10)")
+    if isinstance(file_values, ConfigFile) and name in file_values and name not in (from_command_line or ()):
+        return f"--{name.replace('_', '-')}: {message} ({file_values.where(name)})"
+    return f"--{name.replace('_', '-')}: {message}"
 
 
 def _settings_repr(self: Settings) -> str:

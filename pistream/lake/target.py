@@ -11,6 +11,7 @@ stop) cancels what it waits for. ``prepare()`` is for the one-shot commands: blo
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +79,7 @@ class CatalogTarget(TableTarget):
                  location: str | None = None, storage_options: Mapping[str, str] | None = None,
                  environ: Mapping[str, str] | None = None, workspace: Any = None,
                  warehouse_wait: float | None = None):
-        from .databricks import Workspace, load_workspace_config
+        from .databricks import Workspace
         from .unitycatalog import WAREHOUSE_WAIT
 
         super().__init__("", storage_options)
@@ -89,7 +90,7 @@ class CatalogTarget(TableTarget):
         if self.location and not self.location.startswith(REMOTE_LOCATIONS):
             raise ConfigError(f"--location {self.location} is not a cloud storage URI: an external table "
                               "needs s3://..., abfss://...@ACCOUNT.dfs.core.windows.net/... or gs://...")
-        self.workspace = workspace or Workspace(load_workspace_config(profile, environ))
+        self.workspace = workspace or Workspace(_workspace_config(full_name, profile, environ))
         self.credentials: Any = None
 
     @property
@@ -179,6 +180,41 @@ class CatalogTarget(TableTarget):
         self.workspace.close()
 
 
+def _workspace_config(full_name: str, profile: str | None, environ: Mapping[str, str] | None) -> Any:
+    """The workspace of a Unity Catalog ``--table``; without one, say that the name was read as a UC table,
+    where a workspace was looked for, and the least that configures one."""
+    import os
+
+    from .databricks import config_file_path, load_workspace_config
+
+    try:
+        return load_workspace_config(profile, environ)
+    except ConfigError as exc:
+        environ = os.environ if environ is None else environ
+        path = config_file_path(environ)
+        name = profile or environ.get("DATABRICKS_CONFIG_PROFILE") or "DEFAULT"
+        looked = (f"looked for DATABRICKS_HOST, DATABRICKS_TOKEN, DATABRICKS_CLIENT_ID/_SECRET and profile {name} in "
+                  f"{path}" + ("" if path.exists() else " (no such file; DATABRICKS_CONFIG_FILE names another)"))
+        raise ConfigError(
+            f"--table {full_name} was read as a Unity Catalog table (catalog.schema.table), but {exc} ({looked}); "
+            f"the least that works: a [{name}] profile in {path} with host = https://<workspace> and client_id "
+            "and client_secret of a service principal (or token), or the DATABRICKS_HOST and DATABRICKS_TOKEN "
+            f"variables; for a local folder of that name write --table ./{full_name} (docs/unity-catalog.md)"
+        ) from None
+
+
+_DOTTED_LOCAL = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+$")
+
+
+def dotted_local_name(table: str) -> str | None:
+    """A note for a local ``--table`` that looks like a misspelt Unity Catalog name (``bronze.pi_events``:
+    two parts), else None."""
+    if _DOTTED_LOCAL.match(table) and table.count(".") != 2:
+        return (f"read as the local folder ./{table}: a Unity Catalog table has three parts, "
+                f"catalog.schema.table; write --table ./{table} if the folder is meant")
+    return None
+
+
 def make_target(table: str, *, storage_options: Mapping[str, str] | None = None,
                 databricks_profile: str | None = None, warehouse_id: str | None = None,
                 location: str | None = None, warehouse_wait: float | None = None) -> TableTarget:
@@ -191,6 +227,9 @@ def make_target(table: str, *, storage_options: Mapping[str, str] | None = None,
     if location or warehouse_id:
         raise ConfigError(f"--location and --warehouse-id are for Unity Catalog tables (catalog.schema.table), "
                           f"not {table}: drop them, or name the table as catalog.schema.table")
+    note = dotted_local_name(table)
+    if note:
+        log.warning("table_name_dotted", table=table, note=note)
     return TableTarget(table, storage_options)
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import re
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
@@ -19,7 +20,7 @@ import structlog
 import trio
 
 from ..backoff import Backoff
-from ..errors import AuthError, ChannelRefusedError
+from ..errors import AuthError, ChannelError, ChannelRefusedError
 from .auth import AuthProvider, NoAuth
 from .flow import Connected, Incoming, Live, LiveBatch
 from .messages import FRAME_ERRORS, StreamSetMessage, channel_decoder
@@ -189,7 +190,27 @@ class ChannelReader:
             ) from exc
 
     async def _connect_and_read(self) -> None:
-        """One connection's life. pistream owns the TCP/TLS stream and always closes it."""
+        """One connection's life."""
+        async with self._connection() as ws:
+            await self._read(ws)
+
+    async def probe(self) -> None:
+        """Open the channel once and close it (``pistream check``): raises what a run would meet at its start,
+        a refusal that retrying cannot heal as AuthError or ChannelRefusedError, anything else as ChannelError."""
+        try:
+            async with self._connection():
+                pass
+        except ConnectionRejected as exc:
+            self._raise_if_final(exc)
+            raise ChannelError(f"PI Web API refused the channel (HTTP {exc.status_code}"
+                               f"{_rejection_text(exc)}): check the PI Web API log") from exc
+        except (ConnectionClosed, HandshakeError, OSError, trio.TooSlowError) as exc:
+            raise ChannelError(f"cannot open a channel to {websocket_base(self.base_url)} ({_reason(exc)}): "
+                               "check that WebSocket upgrades reach PI Web API (proxies, firewalls)") from exc
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[WebSocket]:
+        """An open WebSocket on the channel URL. pistream owns the TCP/TLS stream and always closes it."""
         url = self.url
         parts = urlsplit(url)
         secure = parts.scheme == "wss"
@@ -211,7 +232,7 @@ class ChannelReader:
                 ws = await connect(stream, host_header, resource, headers, max_message_size=MAX_MESSAGE_SIZE,
                                    receive_buffer_size=self.receive_buffer)
             del url, parts, resource, headers  # not held while the connection lasts
-            await self._read(ws)
+            yield ws
         finally:
             # No close handshake: on a stop or a failure the socket just goes; the server copes.
             self.connected = False
