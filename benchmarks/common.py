@@ -153,13 +153,15 @@ def _read_lines(stream: Any, into: queue.Queue[str | None]) -> None:
 
 @contextmanager
 def blast_server(tags: int, frames: int, *, interval: float | None = None, max_seconds: float = 1800,
-                 start_timeout: float = 60) -> Iterator[BlastProcess]:
+                 start_timeout: float = 60, late: bool = False) -> Iterator[BlastProcess]:
     """``python -m pistream.sim.blast`` in its own process; always stopped (SIGTERM, then kill) on exit.
     After the block, ``.stats`` holds what the server reported (frames, values, its CPU seconds)."""
     cmd = [sys.executable, "-m", "pistream.sim.blast", "--tags", str(tags), "--frames", str(frames),
            "--port", "0", "--max-seconds", str(max_seconds)]
     if interval is not None:
         cmd += ["--interval", str(interval)]
+    if late:
+        cmd.append("--late")
     process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
     lines: queue.Queue[str | None] = queue.Queue()
     reader = threading.Thread(target=_read_lines, args=(process.stdout, lines), daemon=True)

@@ -44,6 +44,7 @@ SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
     "restart": {"tags": (100_000, 20_000), "first": (20.0, 6.0), "downtime": (5.0, 1.0), "duration": (90.0, 20.0)},
     "backfill": {"tags": (1_000, 200), "minutes": (30, 10)},
     "firehose": {"tags": (1_000, 200), "frames": (1_000, 1_000), "paced_interval": (0.007, 0.007)},
+    "late": {"tags": (1_000, 200), "frames": (500, 500)},
 }
 # Bounds the wait for the last partial batch: at most ~4 % of a full run (5 M values, ~6 s); at 200 frames
 # and 0.5 s, the tail was up to 20 % of the window once runs took 2.5 s.
@@ -557,6 +558,38 @@ def firehose(quick: bool) -> dict[str, Any]:
     })
 
 
+def late(quick: bool) -> dict[str, Any]:
+    """A late burst at full speed: the same values (1,000 tags x 500) from process start until all are
+    committed, default flags, sent in time order after the channel opens (the baseline, same run), and with
+    each channel's newest value first, so that every other value is older than what the channel already
+    delivered for its tag. Reported as the ratio late / in order (goal <= 1.5)."""
+    p = size("late", quick)
+    expected = p["tags"] * p["frames"]
+    runs: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp:
+        workdir = Path(tmp)
+        tags_file = write_tags_file(workdir / "tags.txt", p["tags"])
+        for name, is_late in (("in_order", False), ("late", True)):
+            with blast_server(p["tags"], p["frames"], late=is_late) as blast:
+                cmd = [sys.executable, "-m", "pistream", "--tags", str(tags_file), "--url", blast.url,
+                       "--table", str(workdir / name / "table"), "--state-dir", str(workdir / name / "state"),
+                       "--log-format", "json", "--duration", str(RUN_TIMEOUT)]
+                runs[name] = _until_committed(cmd, expected)
+            runs[name]["rows"] = received_span(workdir / name / "table")[0]
+    in_order, burst = runs["in_order"], runs["late"]
+    ratio = None
+    if "all_committed" in in_order and "all_committed" in burst:
+        ratio = burst["all_committed"] / in_order["all_committed"]
+    return round_figures({
+        "tags": p["tags"], "values": burst["rows"],
+        "in_order_start_to_all_committed_s": in_order.get("all_committed"),
+        "late_start_to_all_committed_s": burst.get("all_committed"),
+        "late_over_in_order": ratio,
+        "exit_codes": ",".join(str(run["exit_code"]) for run in runs.values()),
+        "complete": all(run["rows"] == expected for run in runs.values()),
+    })
+
+
 # -- restart ----------------------------------------------------------------------------------------------
 
 def restart(quick: bool) -> dict[str, Any]:
@@ -689,4 +722,5 @@ SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "restart": restart,
     "backfill": backfill,
     "firehose": firehose,
+    "late": late,
 }

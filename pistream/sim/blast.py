@@ -15,7 +15,10 @@ second until the client leaves. A frame costs the server one ``bytes.replace`` o
 in a template built once per connection (a few variants, so values differ from frame to frame), so the
 client, not the server, sets the pace. Timestamps rise by ``--period-us`` per frame (blast mode, ending
 about now) or are the wall-clock time of the send (paced mode, ``--interval``), so no value repeats
-another and the exactly-once filter drops nothing.
+another and the exactly-once filter drops nothing. ``--late`` (blast mode) sends the newest frame first, as
+a channel's current value, and then the others in time order: every value after the first frame is older
+than what the channel already delivered for its tag (a late burst: a recalculation, a buffer flushed after
+an outage), the same values as without it.
 """
 
 from __future__ import annotations
@@ -86,9 +89,12 @@ class BlastServer:
     """The ``HttpApp`` of the blast server: REST from ``RestApi``, channels from templates."""
 
     def __init__(self, model: SimModel, *, frames: int, interval: float | None = None,
-                 period_us: int = 1_000_000, host: str = "127.0.0.1", port: int = 0) -> None:
+                 period_us: int = 1_000_000, host: str = "127.0.0.1", port: int = 0, late: bool = False) -> None:
         if frames < 1:
             raise ValueError(f"frames must be >= 1, got {frames}")
+        if late and interval is not None:
+            raise ValueError("late applies to blast mode (no interval)")
+        self.late = late
         self.model = model
         self.frames = frames
         self.interval = interval
@@ -165,7 +171,8 @@ class BlastServer:
         templates = frame_templates(self.model, spec.tags, min(VARIANTS, self.frames))
         streams = len(spec.tags)
         next_tick = trio.current_time()
-        for k in range(self.frames):
+        order = [self.frames - 1, *range(self.frames - 1)] if self.late else range(self.frames)
+        for k in order:
             if self.interval is not None:
                 await trio.sleep_until(next_tick)
                 next_tick = max(next_tick + self.interval, trio.current_time())
@@ -187,7 +194,7 @@ class BlastServer:
 async def serve(args: argparse.Namespace) -> BlastStats:
     model = SimModel.generated(args.tags, rate=1.0)
     server = BlastServer(model, frames=args.frames, interval=args.interval, period_us=args.period_us,
-                         host=args.host, port=args.port)
+                         host=args.host, port=args.port, late=args.late)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
@@ -207,12 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=None,
                         help="seconds between frames (paced); default: as fast as the client reads")
     parser.add_argument("--period-us", type=int, default=1_000_000, help="event spacing in blast mode")
+    parser.add_argument("--late", action="store_true",
+                        help="the newest frame first, then the rest in time order: a late burst")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--max-seconds", type=float, default=MAX_LIFETIME, help="stop after this long")
     args = parser.parse_args(argv)
     if not is_loopback(args.host):
         parser.error(f"{args.host} is not a loopback address")
+    if args.late and args.interval is not None:
+        parser.error("--late sends as fast as the client reads: leave out --interval")
     if args.tags < 1 or args.frames < 1:
         parser.error("--tags and --frames must be >= 1")
     started = time.monotonic()

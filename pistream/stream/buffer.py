@@ -31,7 +31,7 @@ from ..pi.messages import (
 )
 from ..timeutil import TIMESTAMP_US, to_us
 from .columns import FRAME_CODEC, LiveColumns, TagIndex, buffered_bytes, extract, extract_frames
-from .dedup import EventFilter, EventKey, RecentRows, drop_older, event_key, recent_chunks
+from .dedup import EventFilter, EventKey, RecentRows, drop_older, event_key, event_keys_of, recent_chunks
 from .floors import Floors
 from .schema import BUFFER_SCHEMA, EVENT_KEY
 
@@ -198,11 +198,52 @@ class ColumnBuffer:
         if not self.index.all_described(ids):  # streams no tag resolution named: their paths first
             return False
         floors = filt.floors.array()
-        if not (ts > floors[ids]).all() or not _in_order(ids, ts):
+        if not _in_order(ids, ts):
             return False
+        newer = ts > floors[ids]
+        if not newer.all():
+            return self._accept_late(columns, floors, newer)
         np.maximum.at(floors, ids, ts)
         filt.add_recent(RecentRows(ids, ts, columns.batch.select(_KEY_COLUMNS)))  # no copy
         self._hold(RecentRows(ids, ts, columns.batch))
+        return True
+
+    def _accept_late(self, columns: LiveColumns, floors: np.ndarray, newer: np.ndarray) -> bool:
+        """A batch in order per tag with values at or before their tag's floor: a late burst (a PI Analysis
+        recalculation, an interface's buffer flushed after an outage, a backfill) that channels deliver after
+        the current value. The same decisions as ``_add_live_steady`` value by value, as arrays: values older
+        than the floor's look-back are kept (they cannot be told from repeats), those within it are checked
+        against the tag's recent events (only these become keys), newer ones move the floor. Tags with a gap
+        being read back are left to the careful path (their windows decide)."""
+        filt = self.filter
+        ids, ts = columns.ids, columns.ts
+        late = ~newer
+        if filt.any_window([self.index.webids[i] for i in np.unique(ids[late]).tolist()]):
+            return False
+        band = late & (ts >= floors[ids] - filt.lookback_us)
+        keep = np.ones(len(ids), np.bool_)
+        if band.any():
+            self.sync_filter()
+            rows = np.flatnonzero(band)
+            recent_of = filt.recent
+            for row, (webid, key) in zip(rows.tolist(), event_keys_of(RecentRows(ids, ts, columns.batch), rows),
+                                         strict=True):
+                recent = recent_of.get(webid)
+                if recent is None:
+                    recent = recent_of[webid] = []
+                if key in recent:
+                    keep[row] = False
+                    filt.stats.repeats_dropped += 1
+                else:
+                    recent.append(key)
+        filt.stats.late_accepted += int(np.count_nonzero(late & ~band))
+        np.maximum.at(floors, ids[newer], ts[newer])
+        if newer.any():
+            filt.add_recent(RecentRows(ids[newer], ts[newer], columns.batch.filter(pa.array(newer)).select(_KEY_COLUMNS)))
+        if keep.all():
+            self._hold(RecentRows(ids, ts, columns.batch))
+        elif keep.any():
+            self._hold(RecentRows(ids[keep], ts[keep], columns.batch.filter(pa.array(keep))))
         return True
 
     def _hold(self, rows: RecentRows) -> None:

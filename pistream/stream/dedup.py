@@ -101,7 +101,7 @@ def drop_older(recent: list[EventKey], horizon: int) -> None:
         del recent[:drop]
 
 
-def _event_keys(rows: RecentRows, keep: np.ndarray) -> Iterator[tuple[str, EventKey]]:
+def event_keys_of(rows: RecentRows, keep: np.ndarray) -> Iterator[tuple[str, EventKey]]:
     """Rows ``keep`` of rows accepted in bulk as (webid, event key), NaN made equal to itself."""
     data = rows.data.take(pa.array(keep))
     columns = [data.column(name).to_pylist() for name in EVENT_KEY[2:]]
@@ -209,7 +209,7 @@ class EventFilter:
             floors = self.floors.of(rows.data.column("tag_webid").to_pylist())
             keep = np.flatnonzero(rows.ts >= floors - lookback)
             horizons = (floors[keep] - lookback).tolist()
-            for horizon, (webid, key) in zip(horizons, _event_keys(rows, keep), strict=True):
+            for horizon, (webid, key) in zip(horizons, event_keys_of(rows, keep), strict=True):
                 recent = recent_of.get(webid)
                 if recent is None:
                     recent = recent_of[webid] = []
@@ -231,7 +231,7 @@ class EventFilter:
                 continue
             floors = self.floors.of(column.take(pa.array(chosen)).to_pylist())
             keep = chosen[rows.ts[chosen] >= floors - self.lookback_us]
-            for webid, key in _event_keys(rows, keep):
+            for webid, key in event_keys_of(rows, keep):
                 found.setdefault(webid, []).append(key)
         return found
 
@@ -279,6 +279,10 @@ class EventFilter:
         first live value closed the window and was accepted, or was a known event at most the floor), so
         its live values newer than the floor are outside every window and need no window bookkeeping."""
         return bool(self._awaiting) and not self._awaiting.keys().isdisjoint(webids)
+
+    def any_window(self, webids: list[str]) -> bool:
+        """Whether one of these tags waits for its first live value or has a gap being read back."""
+        return not (self._awaiting.keys().isdisjoint(webids) and self._windows.keys().isdisjoint(webids))
 
     def in_gap(self, webid: str) -> bool:
         """Waiting for its first live value, or with a gap being read back: the careful path applies."""
