@@ -79,7 +79,7 @@ def ceiling(quick: bool) -> dict[str, Any]:
 
     import trio
 
-    from pistream.pi.channel import MAX_MESSAGE_SIZE, RECEIVE_BUFFER_SIZE, channel_url, shard_webids
+    from pistream.pi.channel import RECEIVE_BUFFER_SIZE, channel_url, message_limit, shard_webids
     from pistream.pi.messages import channel_decoder
     from pistream.pi.webid import path_webid
     from pistream.pi.websocket import connect
@@ -88,13 +88,13 @@ def ceiling(quick: bool) -> dict[str, Any]:
     webids = [path_webid(path) for path in tag_paths(p["tags"])]
     received = {"values": 0, "frames": 0, "first": 0.0, "last": 0.0}
 
-    async def read(url: str, frames: int) -> None:
+    async def read(url: str, frames: int, tags: int) -> None:
         parts = urlsplit(url)
         with trio.fail_after(30):
             stream = await trio.open_tcp_stream(parts.hostname, parts.port)
         async with stream:
             ws = await connect(stream, parts.netloc, f"{parts.path}?{parts.query}", [],
-                               max_message_size=MAX_MESSAGE_SIZE, receive_buffer_size=RECEIVE_BUFFER_SIZE)
+                               max_message_size=message_limit(tags), receive_buffer_size=RECEIVE_BUFFER_SIZE)
             for _ in range(frames):
                 with trio.fail_after(60):
                     frame = await ws.get_message()
@@ -107,13 +107,13 @@ def ceiling(quick: bool) -> dict[str, Any]:
 
     with blast_server(p["tags"], p["frames"]) as blast, Sampler(other_pid=blast.process.pid) as sampler:
         shards = shard_webids(blast.url, webids, 6000)
-        urls = [channel_url(blast.url, s, include_initial_values=True, heartbeat_rate=5) for s in shards]
+        urls = [(channel_url(blast.url, s, include_initial_values=True, heartbeat_rate=5), len(s)) for s in shards]
 
         async def main() -> None:
             with trio.fail_after(RUN_TIMEOUT):
                 async with trio.open_nursery() as nursery:
-                    for url in urls:
-                        nursery.start_soon(read, url, p["frames"])
+                    for url, tags in urls:
+                        nursery.start_soon(read, url, p["frames"], tags)
 
         trio.run(main)
     window = received["last"] - received["first"]

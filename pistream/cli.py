@@ -113,6 +113,9 @@ def entry() -> None:
                                                   "[default: 2]")
 @click.option("--max-url-length", type=int, help="Longest request URL; more tags open more channels.  "
                                                  "[default: 6000]")
+@click.option("--max-message-mb", type=float,
+              help="Largest channel message accepted, in MiB; a larger one closes the channel (it reconnects "
+                   "and reads the gap back).  [default: 16 KiB per tag on the channel, at least 1 MiB]")
 @click.option("--state-dir", help="Folder for the per-tag floors that make restarts exactly once.  "
                                   "[default: pistream-data/state]")
 @click.option("--maintenance-interval", type=float,

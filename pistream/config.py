@@ -51,6 +51,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     reread_seconds: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 2.0
     state_dir: str = DEFAULT_STATE_DIR
     max_url_length: Annotated[int, msgspec.Meta(ge=512, le=65_536)] = 6000
+    max_message_mb: Annotated[float, msgspec.Meta(gt=0, le=4096)] | None = None  # None: by the channel's tags
     skip_unknown: bool = False
     storage_options: dict[str, str] = {}
     databricks_profile: str | None = None

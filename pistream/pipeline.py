@@ -287,12 +287,13 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                                       open_gaps=open_gaps.keys())
                 del buffer, open_gaps  # the flusher and the filter's windows have them now
                 gap_filler = GapFiller(api, gap_queue, message_send.clone())
+                message_size = int(settings.max_message_mb * (1 << 20)) if settings.max_message_mb else None
                 readers = [
                     ChannelReader(f"channel-{i}", url, shard, message_send.clone(), auth=auth, ssl_context=tls,
                                   auth_hint=hint,
                                   heartbeat_rate=settings.heartbeat_rate, read_timeout=settings.silence_seconds,
                                   stall_timeout=settings.stall_seconds, receive_buffer=receive_buffer_size(len(shards)),
-                                  raw_frames=FRAME_CODEC)
+                                  max_message_size=message_size, raw_frames=FRAME_CODEC)
                     for i, shard in enumerate(shards)
                 ]
                 message_send.close()  # each producer owns a clone; the flusher ends when the last one closes

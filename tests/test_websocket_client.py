@@ -52,12 +52,13 @@ def accept_for(request: bytes) -> bytes:
 
 async def with_server(script: Script, client: Callable[[WebSocket], Awaitable[None]], *,
                       max_message_size: int = 1 << 20, headers: list[tuple[bytes, bytes]] | None = None,
-                      receive_buffer_size: int = 7) -> None:
+                      receive_buffer_size: int = 7, message_timeout: float | None = None,
+                      seconds: float = 10) -> None:
     async def serve(stream: trio.SocketStream) -> None:
         await script(stream, await read_request(stream))
 
     failure: Exception | None = None
-    with trio.fail_after(10):
+    with trio.fail_after(seconds):
         async with trio.open_nursery() as nursery:
             [listener] = await nursery.start(partial(trio.serve_tcp, serve, 0, host="127.0.0.1"))
             port = listener.socket.getsockname()[1]
@@ -66,7 +67,7 @@ async def with_server(script: Script, client: Callable[[WebSocket], Awaitable[No
                 try:
                     ws = await connect(stream, f"127.0.0.1:{port}", "/piwebapi/streamsets/channel?webId=W",
                                        headers or [], max_message_size=max_message_size,
-                                       receive_buffer_size=receive_buffer_size)
+                                       receive_buffer_size=receive_buffer_size, message_timeout=message_timeout)
                     await client(ws)
                 except (ConnectionRejected, HandshakeError) as exc:
                     failure = exc  # raised outside the nursery, not in an exception group

@@ -28,7 +28,12 @@ from .websocket import ConnectionClosed, ConnectionRejected, HandshakeError, Web
 
 log = structlog.get_logger(__name__)
 
-MAX_MESSAGE_SIZE = 512 * 1024 * 1024  # first frames with includeInitialValues can be megabytes
+# The largest message a channel may send: its tags x this, at least MIN_MESSAGE_LIMIT. A stream takes
+# ~400 bytes of JSON with its first value and ~150 a value after that, so 16 KiB is ~100 values of each tag
+# in one message (a 1 Hz site sends one), or a long string value; the first message with initial values,
+# one value a stream, is ~40x under it. ``--max-message-mb`` sets one limit for every channel instead.
+MESSAGE_BYTES_PER_TAG = 16 * 1024
+MIN_MESSAGE_LIMIT = 1024 * 1024
 RECEIVE_BUFFER_SIZE = 1024 * 1024  # 4 KiB (the default) halves throughput, see DESIGN.md
 RECEIVE_BUDGET = 64 * 1024 * 1024  # all channels' receive buffers together
 MIN_RECEIVE_BUFFER = 64 * 1024
@@ -38,7 +43,15 @@ def receive_buffer_size(channels: int) -> int:
     """1 MiB per channel for a few channels; with hundreds, a share of a fixed budget (at least 64 KiB,
     which still reads ~0.75 M values/s): each buffer is allocated on every read."""
     return max(MIN_RECEIVE_BUFFER, min(RECEIVE_BUFFER_SIZE, RECEIVE_BUDGET // max(1, channels)))
-CONNECT_TIMEOUT = 30.0
+
+
+def message_limit(tags: int) -> int:
+    """The default limit on one message of a channel of ``tags`` streams, in bytes (2.8 MiB for the ~180
+    streams of a 6,000-character URL); a larger message closes the channel with 1009."""
+    return max(MIN_MESSAGE_LIMIT, tags * MESSAGE_BYTES_PER_TAG)
+
+
+CONNECT_TIMEOUT = 30.0  # TCP, TLS and the upgrade's answer, each
 RAW_FRAME_MIN = 256  # smaller frames (heartbeats) are decoded by the reader
 
 
@@ -111,6 +124,7 @@ class ChannelReader:
         read_timeout: float | None = 30.0,
         stall_timeout: float = 30.0,
         receive_buffer: int = RECEIVE_BUFFER_SIZE,
+        max_message_size: int | None = None,
         raw_frames: bool = False,
     ):
         self.name = name
@@ -125,6 +139,10 @@ class ChannelReader:
         # With heartbeats on, silence longer than a few heartbeat periods means a dead socket, not a
         # quiet plant; without them, silence proves nothing.
         self.read_timeout = read_timeout if heartbeat_rate > 0 else None
+        # A message that has begun must end within it, heartbeats or not: a server trickling a frame
+        # byte by byte (or stopping mid-frame) is not a quiet plant.
+        self.message_timeout = read_timeout
+        self.max_message_size = max_message_size or message_limit(len(self.webids))
         self.stall_timeout = stall_timeout
         self.receive_buffer = receive_buffer
         # The stream side reads big frames' text straight into columns when its C frame codec is
@@ -229,8 +247,9 @@ class ChannelReader:
             # Computed afresh for each connection: Negotiate tokens are single-use, OIDC ones expire.
             headers = [(k.encode(), v.encode()) for k, v in (await self.auth.headers(url)).items()]
             with trio.fail_after(CONNECT_TIMEOUT):
-                ws = await connect(stream, host_header, resource, headers, max_message_size=MAX_MESSAGE_SIZE,
-                                   receive_buffer_size=self.receive_buffer)
+                ws = await connect(stream, host_header, resource, headers,
+                                   max_message_size=self.max_message_size,
+                                   receive_buffer_size=self.receive_buffer, message_timeout=self.message_timeout)
             del url, parts, resource, headers  # not held while the connection lasts
             yield ws
         finally:
@@ -318,5 +337,7 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, trio.TooSlowError):
         return "no message or heartbeat within the read timeout"
     if isinstance(exc, ConnectionClosed):
+        if exc.code == 1009:
+            return f"closed ({exc.reason}); if the server's messages are that large, raise --max-message-mb"
         return f"closed ({exc.reason})"
     return str(exc) or type(exc).__name__
