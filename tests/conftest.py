@@ -11,11 +11,21 @@ from pathlib import Path
 import duckdb
 import duckdb_extension_delta
 import pytest
+import structlog
 
 # Session-scoped S3 (moto_server) and Azure (Azurite) servers on loopback: tests/storage_servers.py
 pytest_plugins = ["storage_servers", "databricks_fake"]
 
 _exit_status = 0
+
+
+@pytest.fixture(autouse=True)
+def default_logging():
+    """Every test starts from structlog's defaults: a CLI test that configured logging (level error, a log
+    file) must not hide the info and warning lines a later test captures with ``capture_logs``."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 def duckdb_delta_connection() -> duckdb.DuckDBPyConnection:
