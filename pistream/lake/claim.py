@@ -94,9 +94,11 @@ class ClaimRecord:
 
 
 def _search(table: DeltaTable, wanted: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
-    for commit in table.history(limit=_HISTORY_SEARCH):
-        if wanted(commit):
-            return commit
+    """The newest commit ``wanted``: among the last 20 first (each a read of object storage), then further."""
+    for limit in (20, _HISTORY_SEARCH):
+        for commit in table.history(limit=limit):
+            if wanted(commit):
+                return commit
     return None
 
 
@@ -154,8 +156,8 @@ class WriterClaim:
         """Take the claim; TableConflictError (exit 2) naming the holder if another live process has it."""
         for attempt in range(_TAKE_ATTEMPTS):
             current = table.transaction_version(self.txn_id) or 0
-            record = claim_record(table, self.app_id, current) if current else None
             held = current > self._now_ms()
+            record = claim_record(table, self.app_id, current) if held else None
             if held and (record is None or not record.ended()):
                 raise self._held(record, current)
             self.since_ms = self._now_ms()
@@ -171,8 +173,8 @@ class WriterClaim:
             self.txn_version = self.attempted = table.transaction_version(self.app_id) or 0
             _LIVE_INSTANCES.add(self.instance)
             previous: dict[str, Any] = {}
-            if record is not None and record.action != "released":
-                previous = {"previous": record.holder.text(), "reason": "ended" if held else "expired"}
+            if record is not None:  # taken over from a holder that has ended (an expired claim is just free)
+                previous = {"previous": record.holder.text(), "reason": "ended"}
             log.info("claim_taken", app_id=self.app_id, table=self.table, run=self.instance,
                      expires=iso_ms(expires), txn_version=self.txn_version, **previous)
             return
