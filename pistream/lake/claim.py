@@ -323,3 +323,5 @@ def _release_quietly(table: ClaimedTable, claim: WriterClaim) -> None:
         table.release_claim()
     except Exception as exc:  # noqa: BLE001 - an unreleased claim expires, or is taken over on this host at once
         log.warning("claim_release_failed", app_id=claim.app_id, table=claim.table, error=str(exc))
+    finally:
+        _LIVE_INSTANCES.discard(claim.instance)  # a later run in this process may take it over at once
