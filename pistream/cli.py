@@ -100,7 +100,10 @@ def entry() -> None:
               help="Commit a batch of 65,536 values or more once no value arrived for this long (a burst "
                    "or backlog that ended); 0: only size and age.  [default: 1]")
 @click.option("--duration", type=float, help="Stop after this many seconds (flushing everything).")
-@click.option("--app-id", help="Delta transaction app id of this writer.  [default: pistream-HOSTNAME]")
+@click.option("--app-id", help="Delta transaction app id of this writer; one live process per app id and table.  "
+                              "[default: pistream-HOSTNAME-<hash of the tags file's path>[-sK-of-N]]")
+@click.option("--shard", metavar="K/N", help="Stream only shard K (1 to N) of the tags file's tags, split by a "
+                                             "stable hash of each path: N processes share one tags file.")
 @click.option("--heartbeat-rate", type=int, help="Channel heartbeat, in server polls; 0 disables.  "
                                                  "[default: 5]")
 @click.option("--silence-seconds", type=float, help="With heartbeats on, reconnect a channel that sent nothing "

@@ -4,7 +4,10 @@ environment variables (click reads those). Validated once, with bounds, into a f
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -45,6 +48,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     flush_idle_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
     duration: Positive | None = None
     app_id: str | None = None
+    shard: str | None = None  # "K/N": this process streams shard K (1-based) of N of the tags file
     heartbeat_rate: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 5
     silence_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
     stall_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 30.0
@@ -124,8 +128,13 @@ def build_settings(file_values: dict[str, Any], cli_values: dict[str, Any], sour
                           "pistream against its built-in simulator)")
     if not settings.tags:
         raise ConfigError("no tags file given: pass --tags PATH (one PI point path per line)")
-    if settings.app_id == "pistream:maintenance":  # lake.lease.LEASE_APP_ID: the maintenance lease's own
-        raise ConfigError("--app-id pistream:maintenance is the table maintenance lease's id: choose another")
+    if settings.app_id is not None and (not settings.app_id.strip() or settings.app_id.startswith("pistream:")):
+        # "pistream:..." are pistream's own records in the table (the maintenance lease, writer claims)
+        raise ConfigError(f"--app-id {settings.app_id!r}: an app id must not be empty or start with 'pistream:' "
+                          "(pistream's own records in the table use those): choose another")
+    shard = shard_of(settings)
+    if shard is not None and "state_dir" not in merged:
+        settings = msgspec.structs.replace(settings, state_dir=f"{DEFAULT_STATE_DIR}/shard-{shard[0]}-of-{shard[1]}")
     if settings.maintenance_interval and settings.maintenance_interval < 10:
         raise ConfigError("--maintenance-interval must be 0 (off) or at least 10 seconds")
     if auth_kind(settings) == "oidc" and not (settings.oidc_client_id and settings.oidc_client_secret):
@@ -135,6 +144,38 @@ def build_settings(file_values: dict[str, Any], cli_values: dict[str, Any], sour
     if auth_kind(settings) == "basic" and not settings.username:
         raise ConfigError("--auth basic needs --username (the password comes from PISTREAM_PASSWORD)")
     return settings
+
+
+_SHARD = re.compile(r"\s*(\d{1,4})\s*/\s*(\d{1,4})\s*")
+
+
+def shard_of(settings: Settings) -> tuple[int, int] | None:
+    """``--shard K/N`` as (K, N), K counted from 1; None without it. ConfigError for anything else."""
+    if settings.shard is None:
+        return None
+    match = _SHARD.fullmatch(settings.shard)
+    k, n = (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    if not match or not 1 <= n <= 1024 or not 1 <= k <= n:
+        raise ConfigError(f"--shard {settings.shard!r}: write K/N with 1 <= K <= N <= 1024, shards counted from 1 "
+                          "(e.g. --shard 1/4 ... --shard 4/4 for four processes sharing one tags file)")
+    return k, n
+
+
+def default_app_id(settings: Settings, host: str | None = None) -> str:
+    """The app id without ``--app-id``: ``pistream-HOST-<hash>[-sK-of-N]``, the hash of the tags file's
+    absolute path. Two services on one host with their own tags files get their own ids; two processes with
+    the same tags file (and shard) on one host get the same one, and the writer claim refuses the second."""
+    assert settings.tags is not None
+    path = os.path.normcase(os.path.abspath(settings.tags))
+    digest = hashlib.sha256(path.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    shard = shard_of(settings)
+    suffix = f"-s{shard[0]}-of-{shard[1]}" if shard else ""
+    return f"{legacy_app_id(host)}-{digest}{suffix}"
+
+
+def legacy_app_id(host: str | None = None) -> str:
+    """The default app id of earlier versions: a site whose state file uses it keeps it (``pipeline.writer_app_id``)."""
+    return f"pistream-{host or socket.gethostname()}"
 
 
 def _describe(exc: msgspec.ValidationError, values: Mapping[str, Any] | None = None,

@@ -10,7 +10,8 @@
     ├── ChannelError               exit 1  a channel closed or failed
     │   └── ChannelRefusedError    exit 2  the server refuses channels (disabled, URL too long)
     ├── SinkError                  exit 1  the Delta table could not be opened or written
-    │   └── TableConflictError     exit 2  the table does not fit (schema, another writer's app id)
+    │   ├── TableConflictError     exit 2  the table does not fit (schema), or a live writer holds the app id
+    │   └── ForeignWriterError     exit 1  another process took over this writer's app id while it ran
     └── MaintenanceError           exit 1  optimize/vacuum failed, or another maintainer holds the lease
 
 Foreign exceptions are translated once, where they enter (piwebapi, channel, sink, maintenance), with
@@ -73,6 +74,13 @@ class SinkError(PistreamError):
 
 class TableConflictError(SinkError):
     exit_code = 2
+
+
+class ForeignWriterError(SinkError):
+    """Another process committed with this writer's app id, or took its claim, while it ran: fatal, never
+    retried (a retry would skip values as already written)."""
+
+    exit_code = 1
 
 
 class MaintenanceError(PistreamError):

@@ -7,7 +7,6 @@ from __future__ import annotations
 import getpass
 import math
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -19,8 +18,9 @@ from urllib.parse import urlsplit
 import structlog
 import trio
 
-from .config import Settings, auth_kind
+from .config import Settings, auth_kind, default_app_id, legacy_app_id, shard_of
 from .errors import ConfigError, PistreamError
+from .lake.claim import WriterClaim, hold
 from .lake.maintenance import MaintenanceScheduler
 from .lake.sink import DeltaSink
 from .lake.tablestats import table_stats
@@ -32,7 +32,7 @@ from .pi.channel import ChannelReader, receive_buffer_size, shard_webids
 from .pi.flow import GapRequest, Incoming
 from .pi.gapfill import GapFiller, GapQueue
 from .pi.piwebapi import PiWebApi, ResolvedTags, unknown_tags_error
-from .pi.tags import read_tags_file
+from .pi.tags import read_tags_file, shard_paths
 from .pi.tls import client_context
 from .stream.buffer import ColumnBuffer, Flush, Spill
 from .stream.columns import DECODER, FRAME_CODEC
@@ -65,9 +65,20 @@ class RunSummary:
     elapsed: float
 
 
-def default_app_id() -> str:
-    """One app id per writer: stable across restarts of the same host's pistream."""
-    return f"pistream-{socket.gethostname()}"
+def writer_app_id(settings: Settings) -> str:
+    """``--app-id``, else the default (``config.default_app_id``), except on a site upgraded from a version whose
+    default was ``pistream-HOSTNAME``: a state file of that id for this table in ``--state-dir`` keeps it, so the
+    floors and the gaps being read carry over (a shard never had it)."""
+    if settings.app_id:
+        return settings.app_id
+    legacy = legacy_app_id()
+    if shard_of(settings) is None:
+        store = StateStore(state_path(settings.state_dir, settings.table, legacy), settings.table, legacy)
+        if any(path.exists() for path in (store.path, store.legacy_path, store.gaps_path)):
+            log.info("app_id_kept", app_id=legacy, state=str(store.path),
+                     note="the default of earlier versions, kept for this state dir; pass --app-id to choose")
+            return legacy
+    return default_app_id(settings)
 
 
 async def resolve_tags(api: PiWebApi, paths: list[str], skip_unknown: bool, state_dir: str
@@ -227,9 +238,16 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
         log.warning("tags_duplicated", count=len(tag_list.duplicates),
                     first=[f"line {line}: {path}" for line, path in tag_list.duplicates[:5]])
     paths = tag_list.paths
+    shard = shard_of(settings)
+    if shard is not None:
+        paths = shard_paths(paths, *shard)
+        log.info("shard_selected", shard=f"{shard[0]}/{shard[1]}", tags=len(paths), listed=len(tag_list.paths))
+        if not paths:
+            raise ConfigError(f"--shard {shard[0]}/{shard[1]} holds none of the {len(tag_list.paths)} tags of "
+                              f"{settings.tags}: use fewer shards than tags")
     kind = auth_kind(settings)
 
-    app_id = settings.app_id or default_app_id()
+    app_id = writer_app_id(settings)
     target = make_target(settings.table, storage_options=settings.storage_options,
                          databricks_profile=settings.databricks_profile, warehouse_id=settings.warehouse_id,
                          location=settings.location, warehouse_wait=settings.warehouse_wait) if sink is None else None
@@ -256,6 +274,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                 store = StateStore(state_path(settings.state_dir, settings.table, app_id),
                                    target.catalog_name or sink.display_uri if target else sink.display_uri, app_id)
                 await trio.to_thread.run_sync(sink.open)
+                # One live writer per app id, until the root nursery ends (after the last commit): released then.
+                await root.start(hold, sink, WriterClaim(sink.app_id))
                 if settings.maintenance_interval:  # in the root nursery: cancelled after the last commit
                     await root.start(MaintenanceScheduler(
                         sink.uri, target.storage_options if target is not None else sink.current_storage_options,

@@ -255,6 +255,7 @@ async def test_a_batch_spilled_in_parts_lands_in_one_commit_exactly_once(tmp_pat
     log = Path(table) / "_delta_log"
     files_per_commit = [sum('"add"' in line for line in (log / f"{v:020d}.json").read_text().splitlines())
                         for v in range(1, DeltaTable(table).version() + 1)]
+    files_per_commit = [n for n in files_per_commit if n]  # the writer claim's commits add no files
     assert max(files_per_commit) >= 3 and summary.commits == len(files_per_commit) <= 5
 
 

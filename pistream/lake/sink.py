@@ -8,11 +8,18 @@ A commit writes its Parquet files with pyarrow (``datafiles``) through delta-rs'
 storage options and credentials) and then commits their add actions with the app transaction in one log
 entry. ``write_deltalake`` did the same in one call but held 3-4x the batch in memory while writing (a 1 M
 row batch of 133 MB: +360-500 MB RSS, against +50-80 MB this way).
+
+Under a writer claim (``claim``, taken by the pipeline) every commit first checks that the claim is still this
+run's and that no other process committed with the app id since; the commit renews the claim. A commit that
+loses the race for its log version to other commits (maintenance, other writers: delta-rs gives up after 15)
+is tried again with the same transaction version and the same data files, after a short jittered wait.
 """
 
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
@@ -25,8 +32,10 @@ from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 from deltalake.transaction import AddAction, RemoveAction
 
+from ..backoff import Backoff
 from ..errors import SinkError, TableConflictError
 from ..stream.schema import EVENT_KEY, PARTITION_COLUMN, TABLE_COMMENT, TABLE_PROPERTIES, TABLE_SCHEMA
+from .claim import WriterClaim
 from .datafiles import write_partitions
 from .storage import (
     ANSI_ESCAPE,
@@ -40,6 +49,10 @@ from .storage import (
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
+
+# Rounds of delta-rs's own commit attempts (15 each) one commit gets when other commits keep taking its log
+# version, with a jittered wait between rounds; after that the commit writer's backoff takes over.
+COMMIT_ROUNDS = 8
 
 
 class CredentialSource(Protocol):
@@ -86,6 +99,8 @@ class DeltaSink:
         self._retired_secrets: list[str] = []  # of the credentials before the last refresh (late errors)
         self._table: DeltaTable | None = None
         self._files: pafs.FileSystem | None = None  # the table's root, for its data files (table_files)
+        self.claim: WriterClaim | None = None  # this run's writer claim on app_id, once taken
+        self._lock = threading.RLock()  # the claim keeper's renewals run beside the commit writer's calls
 
     @property
     def display_uri(self) -> str:
@@ -152,16 +167,17 @@ class DeltaSink:
 
     def _with_credentials(self, operation: Callable[[], T]) -> T:
         """Run ``operation`` with fresh credentials; if the storage refuses them, once more with new ones."""
-        self._refresh()
-        try:
-            return operation()
-        except SinkError as exc:
-            if self.credentials is None or not _CREDENTIAL_REFUSED.search(str(exc)):
-                raise
-            log.warning("credentials_refused", table=self.display_uri, error=str(exc), note="vending new ones")
-            self.credentials.invalidate()
+        with self._lock:
             self._refresh()
-            return operation()
+            try:
+                return operation()
+            except SinkError as exc:
+                if self.credentials is None or not _CREDENTIAL_REFUSED.search(str(exc)):
+                    raise
+                log.warning("credentials_refused", table=self.display_uri, error=str(exc), note="vending new ones")
+                self.credentials.invalidate()
+                self._refresh()
+                return operation()
 
     def _check_schema(self) -> None:
         assert self._table is not None
@@ -216,6 +232,41 @@ class DeltaSink:
         table already holds that version. ``rows`` in the result counts ``batch`` only."""
         return self._with_credentials(lambda: self._commit(batch, txn_version, written_ahead))
 
+    def take_claim(self, claim: WriterClaim) -> None:
+        """Take the writer claim on ``app_id`` for this run (``claim`` module); TableConflictError (exit 2)
+        naming the holder if another live process has it. Every commit then checks and renews it."""
+        if claim.app_id != self.app_id:
+            raise ValueError(f"a claim on app id {claim.app_id} for a sink of app id {self.app_id}")
+        claim.table = self.display_uri
+
+        def take() -> None:
+            self._claim_operation("taking the writer claim on", claim.take, claim)
+            self.claim = claim
+
+        self._with_credentials(take)
+
+    def renew_claim(self) -> None:
+        """Renew the claim with an empty commit if no data commit did lately; ForeignWriterError if it was lost."""
+        if self.claim is not None:
+            claim = self.claim
+            self._with_credentials(lambda: self._claim_operation("renewing the writer claim on", claim.renew, claim))
+
+    def release_claim(self) -> None:
+        """Give the claim up at a clean stop (another host may then take the app id at once)."""
+        if self.claim is not None:
+            claim = self.claim
+            self._with_credentials(lambda: self._claim_operation("releasing the writer claim on", claim.release,
+                                                                 claim))
+
+    def _claim_operation(self, action: str, operation: Callable[[DeltaTable], None], claim: WriterClaim) -> None:
+        table = self.table
+        try:
+            table.update_incremental()
+            operation(table)
+        except (DeltaError, OSError) as exc:
+            text, cause = self._describe(exc)
+            raise SinkError(f"{action} app id {claim.app_id} of {self.display_uri} failed: {text}") from cause
+
     def _last_txn_version(self) -> int:
         """The newest transaction version this writer committed, 0 if none (re-read from the log)."""
         table = self.table
@@ -260,33 +311,62 @@ class DeltaSink:
         """Append ``batch`` and the files ``written_ahead`` for it as transaction ``txn_version``, unless the
         table already holds that version. ``rows`` in the result counts ``batch`` only."""
         table = self.table
-        try:
-            table.update_incremental()
-            done = table.transaction_version(self.app_id) or 0
-            if done >= txn_version:
-                log.warning("commit_skipped", txn_version=txn_version, committed=done, app_id=self.app_id)
-                return CommitResult(table.version(), txn_version, 0, skipped=True)
-            assert self._files is not None
-            actions = list[AddAction | RemoveAction](written_ahead)
-            if batch.num_rows:
-                actions += write_partitions(self._files, batch)
-            table.create_write_transaction(
-                actions,
-                mode="append",
-                schema=TABLE_SCHEMA,
-                partition_by=[PARTITION_COLUMN],
-                commit_properties=CommitProperties(
-                    app_transactions=[Transaction(self.app_id, txn_version)],
-                    custom_metadata={"pistream.app_id": self.app_id},
-                ),
-            )
-            # The object stays at its old version otherwise. Should this read fail, the retry finds the
-            # transaction in the log and skips it.
-            table.update_incremental()
-        except CommitFailedError as exc:
-            text, cause = self._describe(exc)
-            raise SinkError(f"commit to {self.display_uri} failed: {text}") from cause
-        except (DeltaError, OSError) as exc:
-            text, cause = self._describe(exc)
-            raise SinkError(f"cannot write to Delta table {self.display_uri}: {text}") from cause
+        actions: list[AddAction | RemoveAction] | None = None  # written once, committed in every round
+        backoff = Backoff(initial=0.1, maximum=5.0)
+        for round_no in range(1, COMMIT_ROUNDS + 1):
+            try:
+                table.update_incremental()
+                if self._already_written(table, txn_version):
+                    log.warning("commit_skipped", txn_version=txn_version, app_id=self.app_id,
+                                committed=table.transaction_version(self.app_id))
+                    return CommitResult(table.version(), txn_version, 0, skipped=True)
+                if actions is None:
+                    assert self._files is not None
+                    actions = list(written_ahead)
+                    if batch.num_rows:
+                        actions += write_partitions(self._files, batch)
+                self._commit_actions(table, actions, txn_version)
+                # The object stays at its old version otherwise. Should this read fail, the retry finds the
+                # transaction in the log and skips it.
+                table.update_incremental()
+                break
+            except CommitFailedError as exc:
+                text, cause = self._describe(exc)
+                if round_no == COMMIT_ROUNDS:
+                    raise SinkError(f"commit to {self.display_uri} failed: {text}") from cause
+                delay = backoff.next_delay()
+                log.info("commit_retried", txn_version=txn_version, error=text, round=round_no,
+                         retry_in=round(delay, 2), note="other commits took its log version; same files")
+                time.sleep(delay)
+            except (DeltaError, OSError) as exc:
+                text, cause = self._describe(exc)
+                raise SinkError(f"cannot write to Delta table {self.display_uri}: {text}") from cause
         return CommitResult(table.version(), txn_version, batch.num_rows, skipped=False)
+
+    def _already_written(self, table: DeltaTable, txn_version: int) -> bool:
+        """Whether the table holds ``txn_version`` already (a retried commit that had landed): skip it. Under
+        a claim only if this run wrote it; another writer of the app id is a ForeignWriterError."""
+        if self.claim is None:
+            return (table.transaction_version(self.app_id) or 0) >= txn_version
+        self.claim.check(table)
+        return self.claim.already_written(table, txn_version)
+
+    def _commit_actions(self, table: DeltaTable, actions: list[AddAction | RemoveAction], txn_version: int) -> None:
+        """One log entry: the files, the app transaction, and the claim's renewal (under a claim)."""
+        transactions = [Transaction(self.app_id, txn_version)]
+        metadata = {"pistream.app_id": self.app_id, "pistream.txn_version": str(txn_version)}
+        claim = self.claim
+        if claim is not None:
+            renewal, record = claim.carry(table, txn_version)
+            transactions.append(renewal)
+            metadata.update(record)
+        try:
+            table.create_write_transaction(
+                actions, mode="append", schema=TABLE_SCHEMA, partition_by=[PARTITION_COLUMN],
+                commit_properties=CommitProperties(app_transactions=transactions, custom_metadata=metadata))
+        except CommitFailedError:
+            if claim is not None:
+                claim.failed(renewal.version)
+            raise
+        if claim is not None:
+            claim.landed(txn_version)

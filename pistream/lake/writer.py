@@ -15,7 +15,7 @@ import trio
 from deltalake.transaction import AddAction
 
 from ..backoff import Backoff
-from ..errors import SinkError, TableConflictError
+from ..errors import ForeignWriterError, SinkError, TableConflictError
 from ..pi.flow import GapRequest
 from ..stream.buffer import Flush, Spill
 from ..stream.dedup import EventFilter
@@ -95,7 +95,7 @@ class CommitWriter:
             started = time.perf_counter()
             try:
                 result = await trio.to_thread.run_sync(self._commit_and_save, flush, version)
-            except TableConflictError:
+            except (TableConflictError, ForeignWriterError):  # retrying cannot help (or would skip values)
                 raise
             except SinkError as exc:
                 self.stats.failed_attempts += 1

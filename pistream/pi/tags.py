@@ -6,6 +6,8 @@ duplicates. All of that is accepted; duplicates are reported once. A bare name n
 
 from __future__ import annotations
 
+import hashlib
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,3 +93,15 @@ def read_tags_file(path: str | Path, default_server: str | None = None) -> TagLi
             f"tags file {str(path)!r} is not UTF-8 (byte {exc.start}): save it as UTF-8"
         ) from exc
     return parse_tags(text, default_server, source=str(path))
+
+
+def fleet_shard(path: str, count: int) -> int:
+    """The shard (1 to ``count``) a tag belongs to under ``--shard K/N``: from SHA-256 of its full path
+    (NFC, case-folded, as PI compares), so every process on every platform and Python version agrees."""
+    key = unicodedata.normalize("NFC", path).casefold().encode("utf-8")
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "big") % count + 1
+
+
+def shard_paths(paths: list[str], shard: int, count: int) -> list[str]:
+    """The paths of shard ``shard`` of ``count``, in file order."""
+    return [p for p in paths if fleet_shard(p, count) == shard]
