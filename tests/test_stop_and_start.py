@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -227,6 +228,31 @@ async def test_a_hung_commit_shows_in_metrics_and_healthz_while_it_runs(tmp_path
     result = compare_with_model(settings.table, model, windows)
     assert result.missing == [] and result.duplicates == [] and result.unexpected == [], result.summary()
     assert summary.values_written == result.found
+
+
+def test_a_stop_that_cannot_end_still_ends_the_process():
+    """The CLI's last resort: a task that cannot be abandoned (a maintenance step in a worker thread, here a
+    shielded sleep) still lets the process end, exit 1 with one line, the given time after the stop."""
+    program = textwrap.dedent("""
+        import trio
+        from pistream.pipeline import _watchdog
+
+        async def main():
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_watchdog, stop, 0.5)
+                stop.set()
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(120)
+
+        trio.run(main)
+    """)
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("pistream: error: the stop did not end within 0.5 s (a maintenance step or a "
+                                  "storage call still running): exiting; values not committed are read back at "
+                                  "the next start")
 
 
 # -- the start-up ----------------------------------------------------------------------------------------------
