@@ -176,6 +176,52 @@ async def test_sigint_with_storage_frozen_ends_at_the_stop_timeout_and_a_restart
     assert result.missing == [] and result.duplicates == [] and result.unexpected == [], result.summary()
 
 
+async def test_sigint_during_a_unity_catalog_outage_ends_at_the_stop_timeout(uc_workspace, tmp_path, monkeypatch):
+    """Seen: SIGINT during an outage of Unity Catalog's credential service was still retrying 60 s later. Here
+    the credentials last 4 s, UC answers 503 from mid-run on: the commits fail once the credentials ran out;
+    the stop ends at --stop-timeout, and the restart (UC back) reads back what was not committed."""
+    workspace = uc_workspace
+    monkeypatch.setenv("DATABRICKS_CONFIG_FILE", str(workspace.databrickscfg(tmp_path, "DEFAULT", "pat")))
+    workspace.credential_lifetime = 4
+    location = workspace.location("uc-stop")
+    workspace.register_table("main.bronze.uc_stop", location)
+    model = SimModel.generated(10, rate=5)
+    write_tags(tmp_path, model)
+    simulator = Simulator(model, poll_interval=0.2)
+    log_path = tmp_path / "pistream.log"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(simulator.run)
+        argv = command(tmp_path, simulator.url, "main.bronze.uc_stop", "--flush-seconds", "0.5",
+                       "--stop-timeout", "5", storage_options=workspace.base_storage_options)
+        process = await start(argv, log_path)
+        try:
+            with trio.fail_after(60):
+                await wait_for_event(log_path, "batch_committed", process)
+                workspace.outage = True
+                await wait_for_event(log_path, "commit_failed", process)  # the credentials ran out
+            process.send_signal(signal.SIGINT)
+            with trio.fail_after(5 + 55):  # slack for a busy machine: the exit code and line are the proof
+                code = await exit_code(process)
+        finally:
+            workspace.outage = False
+            if process.returncode is None:
+                process.kill()
+        first_run = tail(log_path)
+        restart = await start([*argv, "--duration", "6"], log_path)
+        with trio.fail_after(90):
+            restart_code = await exit_code(restart)
+        nursery.cancel_scope.cancel()
+    assert code == 1, first_run
+    [line] = list(NOT_COMMITTED.finditer(first_run))
+    assert int(line.group(1).replace(",", "")) > 0
+    assert restart_code == 0, tail(log_path)
+    windows = {w: (r.first_us, r.last_us - TAIL_US) for w, r in simulator.emitted.items()}
+    rows = await trio.to_thread.run_sync(deltalake_rows, location, workspace.admin_storage_options)
+    result = compare_rows(rows, model, windows)
+    assert result.tags_with_rows == len(model.tags)
+    assert result.missing == [] and result.duplicates == [] and result.unexpected == [], result.summary()
+
+
 class HangingSink(DeltaSink):
     """Injects a hung storage: once ``hang`` is set, a commit waits (bounded) until ``release`` is set."""
 
