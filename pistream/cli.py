@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from typing import Any
 
 import click
@@ -49,7 +50,7 @@ def entry() -> None:
     without an active exception", exit 134) after all work is done; the exit code must not lie.
     """
     try:
-        main()
+        main(obj={"hard_exit": True})  # a stop that cannot end exits the process (pipeline's watchdog)
         code = 0
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -100,6 +101,9 @@ def entry() -> None:
               help="Commit a batch of 65,536 values or more once no value arrived for this long (a burst "
                    "or backlog that ended); 0: only size and age.  [default: 1]")
 @click.option("--duration", type=float, help="Stop after this many seconds (flushing everything).")
+@click.option("--stop-timeout", type=float,
+              help="At a stop (Ctrl+C, SIGTERM, --duration), give the last commit this long; then exit 1 saying "
+                   "how many values were not committed (the next start reads them back).  [default: 30]")
 @click.option("--app-id", help="Delta transaction app id of this writer; one live process per app id and table.  "
                               "[default: pistream-HOSTNAME-<hash of the tags file's path>[-sK-of-N]]")
 @click.option("--shard", metavar="K/N", help="Stream only shard K (1 to N) of the tags file's tags, split by a "
@@ -168,8 +172,9 @@ def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
     warn_unknown_variables(ctx.command)
     from .pipeline import run_pipeline
 
+    hard_exit = bool(isinstance(ctx.obj, dict) and ctx.obj.get("hard_exit"))  # not in-process (tests)
     try:
-        trio.run(run_pipeline, settings)
+        trio.run(partial(run_pipeline, settings, stop_watchdog=hard_exit))
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
         error = _first_pistream_error(exc)
         if error is not None:

@@ -47,6 +47,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     flush_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 5.0
     flush_idle_seconds: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 1.0
     duration: Positive | None = None
+    stop_timeout: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 30.0
     app_id: str | None = None
     shard: str | None = None  # "K/N": this process streams shard K (1-based) of N of the tags file
     heartbeat_rate: Annotated[int, msgspec.Meta(ge=0, le=3600)] = 5

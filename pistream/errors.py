@@ -3,7 +3,8 @@
     PistreamError                  exit 1  runtime failure
     ├── ConfigError                exit 2  bad option, config file or environment value
     │   └── TagsFileError          exit 2  missing, empty or unreadable tags file
-    ├── ConnectError               exit 2  PI Web API unreachable, wrong URL, TLS failure
+    ├── ConnectError               exit 2  not a PI Web API (wrong URL), TLS certificate not trusted
+    │   └── UnreachableError       exit 1  no answer (refused, DNS, timeout): retried at start, then exit 1
     ├── AuthError                  exit 2  credentials refused (401/403)
     ├── UnknownTagsError           exit 2  tags the server does not know
     ├── ServerError                exit 1  PI Web API answered with an error at run time
@@ -11,7 +12,8 @@
     │   └── ChannelRefusedError    exit 2  the server refuses channels (disabled, URL too long)
     ├── SinkError                  exit 1  the Delta table could not be opened or written
     │   ├── TableConflictError     exit 2  the table does not fit (schema), or a live writer holds the app id
-    │   └── ForeignWriterError     exit 1  another process took over this writer's app id while it ran
+    │   ├── ForeignWriterError     exit 1  another process took over this writer's app id while it ran
+    │   └── StopTimeoutError       exit 1  the last commit did not land within --stop-timeout
     └── MaintenanceError           exit 1  optimize/vacuum failed, or another maintainer holds the lease
 
 Foreign exceptions are translated once, where they enter (piwebapi, channel, sink, maintenance), with
@@ -40,6 +42,13 @@ class TagsFileError(ConfigError):
 
 class ConnectError(PistreamError):
     exit_code = 2
+
+
+class UnreachableError(ConnectError):
+    """The server did not answer (refused, name not resolved, timeout): it may answer later, so pistream
+    retries at start (a boot-order race) and exits 1, not 2, if it gives up (a service manager restarts it)."""
+
+    exit_code = 1
 
 
 class AuthError(PistreamError):
@@ -81,6 +90,15 @@ class ForeignWriterError(SinkError):
     retried (a retry would skip values as already written)."""
 
     exit_code = 1
+
+
+class StopTimeoutError(SinkError):
+    """A stop whose last commit did not land within ``--stop-timeout``; ``uncommitted`` values were left to
+    the next start, which reads them back from PI Web API (the state folder says from where)."""
+
+    def __init__(self, message: str, uncommitted: int):
+        super().__init__(message)
+        self.uncommitted = uncommitted
 
 
 class MaintenanceError(PistreamError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import h11
 import structlog
@@ -67,6 +68,8 @@ _FROM_SNAPSHOT = (
     ("values_written", "pistream_values_written_total", "counter", "Values committed to the Delta table."),
     ("commits", "pistream_commits_total", "counter", "Delta commits that landed."),
     ("failed_commits", "pistream_commit_failures_total", "counter", "Commit attempts that failed (retried)."),
+    ("commit_in_flight_s", "pistream_commit_in_flight_seconds", "gauge",
+     "Seconds the batch being committed has been in flight, retries included (0 when none is)."),
     ("buffer_rows", "pistream_buffer_rows", "gauge", "Rows waiting in the in-memory buffer."),
     ("buffer_bytes", "pistream_buffer_bytes", "gauge", "Bytes held by the in-memory buffer."),
     ("lag_s", "pistream_lag_seconds", "gauge",
@@ -79,29 +82,63 @@ _FROM_SNAPSHOT = (
 )
 
 
+@dataclass
+class StartupStatus:
+    """What the start-up is doing, for ``/healthz`` and ``/metrics`` before the pipeline runs: the step, and
+    the failure it retries (PI Web API or the table's storage not answering yet), if any."""
+
+    step: str = "starting"
+    error: str | None = None  # the last failure, retried
+    attempts: int = 0  # failed attempts of this step
+    retry_in: float | None = None
+
+    def describe(self) -> str:
+        if self.error is None:
+            return f"starting: {self.step}"
+        retry = f", next try in {self.retry_in:.0f} s" if self.retry_in is not None else ""
+        return f"starting: {self.step} failed {self.attempts} times ({self.error}){retry}"
+
+
 class MetricsServer:
     """Serves ``/metrics`` and ``/healthz`` from a :class:`StatsReporter`'s view of the pipeline.
 
-    ``stale_after``: seconds values may wait for a commit before ``/healthz`` fails (a quiet stream with nothing
-    to commit stays healthy); ``startup_grace``: seconds after start before the
-    first commit is required; ``credential_expiry``: returns the epoch seconds at which the table's vended
-    credentials expire, or None when unknown.
+    Started before the pipeline's parts exist (``stats`` None): until ``attach`` it reports the ``startup``
+    status, and ``/healthz`` answers 503 "starting: ...". ``stale_after``: seconds values may wait for a commit
+    before ``/healthz`` fails (a quiet stream with nothing to commit stays healthy); ``startup_grace``: seconds
+    after start before the first commit is required; ``in_flight_limit``: seconds one batch may be in flight
+    (a commit that hangs) before ``/healthz`` fails, naming ``storage``; ``credential_expiry``: returns the
+    epoch seconds at which the table's vended credentials expire, or None when unknown.
     """
 
-    def __init__(self, stats: StatsReporter, *, port: int = 0, host: str = "127.0.0.1",
-                 stale_after: float = 60.0, startup_grace: float | None = None,
+    def __init__(self, stats: StatsReporter | None = None, *, port: int = 0, host: str = "127.0.0.1",
+                 stale_after: float = 60.0, startup_grace: float | None = None, in_flight_limit: float = 30.0,
+                 storage: str = "the table's storage",
                  credential_expiry: Callable[[], float | None] | None = None,
                  read_timeout: float = READ_TIMEOUT, max_connections: int = MAX_CONNECTIONS):
         self.stats = stats
+        self.startup = StartupStatus()
         self.host = host
         self.port = port  # the bound port once started (port 0 picks a free one)
         self.stale_after = stale_after
         self.startup_grace = stale_after if startup_grace is None else startup_grace
+        self.in_flight_limit = in_flight_limit
+        self.storage = storage
         self.credential_expiry = credential_expiry
         self.read_timeout = read_timeout
         self.commit_duration = Histogram()
         self._limiter = trio.CapacityLimiter(max_connections)
         self._started_at: float | None = None
+
+    def attach(self, stats: StatsReporter, *, storage: str | None = None,
+               credential_expiry: Callable[[], float | None] | None = None) -> None:
+        """The pipeline runs: report its parts from now on (the start-up grace counts from here)."""
+        self.stats = stats
+        if stats.started_at is None:  # the periodic stats line may be off
+            stats.started_at = trio.current_time()
+        if storage is not None:
+            self.storage = storage
+        if credential_expiry is not None:
+            self.credential_expiry = credential_expiry
 
     def observe_commit(self, seconds: float) -> None:
         """Hook for the commit writer: one call per commit that landed, with its duration."""
@@ -111,7 +148,7 @@ class MetricsServer:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host)
         self.port = listeners[0].socket.getsockname()[1]
         self._started_at = trio.current_time()
-        if self.stats.started_at is None:  # the periodic stats line may be off
+        if self.stats is not None and self.stats.started_at is None:  # the periodic stats line may be off
             self.stats.started_at = self._started_at
         log.info("metrics_served", url=f"http://{self.host}:{self.port}/metrics")
         task_status.started()
@@ -121,13 +158,19 @@ class MetricsServer:
 
     def render_metrics(self) -> str:
         now = trio.current_time()
-        snap = self.stats.snapshot(now, 0.0, 0.0)
         lines: list[str] = []
 
         def metric(name: str, kind: str, help_: str, samples: list[str]) -> None:
             lines.extend((f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples))
 
-        metric("pistream_up", "gauge", "1 while the pipeline runs.", ["pistream_up 1"])
+        metric("pistream_up", "gauge", "1 while the process runs.", ["pistream_up 1"])
+        metric("pistream_starting", "gauge", "1 while the start-up (tags, table) is not done, e.g. retrying.",
+               [f"pistream_starting {0 if self.stats is not None else 1}"])
+        if self.stats is None:
+            metric("pistream_start_failures", "gauge", "Failed attempts of the start-up step being retried.",
+                   [f"pistream_start_failures {self.startup.attempts}"])
+            return "\n".join(lines) + "\n"
+        snap = self.stats.snapshot(now, 0.0, 0.0)
         for key, name, kind, help_ in _FROM_SNAPSHOT:
             value = snap.get(key)
             if isinstance(value, int | float):
@@ -148,9 +191,14 @@ class MetricsServer:
     def health(self) -> tuple[bool, str]:
         """(healthy, reason): every channel live, and values that wait are committed within ``stale_after``
         (``startup_grace`` before the first commit)."""
+        if self.stats is None:
+            return (False, self.startup.describe())
         now = trio.current_time()
         snap = self.stats.snapshot(now, 0.0, 0.0)
         problems = []
+        in_flight = self.stats.writer.in_flight_seconds(now)
+        if in_flight > self.in_flight_limit:
+            problems.append(f"commit to {self.storage} in flight for {in_flight:.0f} s (storage not answering?)")
         channels, live = int(snap["channels"]), int(snap["channels_live"])  # type: ignore[call-overload]
         if live < channels:
             problems.append(f"{channels - live} of {channels} channels down")

@@ -5,33 +5,38 @@ nursery until stopped, and shut down in order (readers first, then flush, then t
 from __future__ import annotations
 
 import getpass
-import math
+import os
+import re
 import signal
 import sys
+import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import structlog
 import trio
 
+from .backoff import Backoff
 from .config import Settings, auth_kind, default_app_id, legacy_app_id, shard_of
-from .errors import ConfigError, PistreamError
+from .errors import ConfigError, PistreamError, SinkError, StopTimeoutError, UnreachableError
 from .lake.claim import WriterClaim, hold
 from .lake.maintenance import MaintenanceScheduler
 from .lake.sink import DeltaSink
 from .lake.tablestats import table_stats
 from .lake.target import TableTarget, make_target
 from .lake.writer import CommitWriter
-from .metrics import MetricsServer
+from .metrics import MetricsServer, StartupStatus
 from .pi.auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, OidcClientCredentials
 from .pi.channel import ChannelReader, receive_buffer_size, shard_webids
 from .pi.flow import GapRequest, Incoming
 from .pi.gapfill import GapFiller, GapQueue
-from .pi.piwebapi import PiWebApi, ResolvedTags, unknown_tags_error
+from .pi.piwebapi import PiWebApi, ResolvedTags, RetryableError, unknown_tags_error
 from .pi.tags import read_tags_file, shard_paths
 from .pi.tls import client_context
 from .stream.buffer import ColumnBuffer, Flush, Spill
@@ -46,6 +51,9 @@ from .timeutil import EPOCH, format_iso
 log = structlog.get_logger(__name__)
 
 READER_QUEUE = 8  # decoded messages in flight between the producers and the flusher (bounds memory)
+COMMIT_IN_FLIGHT_FLOOR = 30.0  # /healthz fails when a batch is in flight longer than 2 x --flush-seconds, or this
+WATCHDOG_GRACE = 10.0  # seconds past --stop-timeout after which the CLI's process exits, whatever still runs
+T = TypeVar("T")
 
 
 @dataclass
@@ -223,11 +231,148 @@ async def watch_signals(stop: trio.Event, *, task_status: trio.TaskStatus[None] 
             stop.set()
 
 
-async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
-                       *, handle_signals: bool = True, sink: DeltaSink | None = None) -> RunSummary:
+async def _stop_at(deadline: float, stop: trio.Event) -> None:
+    """``--duration``: the same stop as a signal's, at the deadline."""
+    await trio.sleep_until(deadline)
+    if not stop.is_set():
+        log.info("stop_requested", reason="duration")
+        stop.set()
+
+
+async def _cancel_on_stop(stop: trio.Event, scope: trio.CancelScope) -> None:
+    await stop.wait()
+    scope.cancel()
+
+
+async def _cancel_after_stop(stop: trio.Event, seconds: float, scope: trio.CancelScope) -> None:
+    """``--stop-timeout``: the last flush and commit get ``seconds`` from the stop; then they are abandoned."""
+    await stop.wait()
+    await trio.sleep(seconds)
+    scope.cancel()
+
+
+async def _watchdog(stop: trio.Event, seconds: float, *, task_status: trio.TaskStatus[threading.Timer]
+                    = trio.TASK_STATUS_IGNORED) -> None:
+    """The last resort of a stop that must end: ``seconds`` after the stop, whatever still runs (a maintenance
+    step that cannot be abandoned, a storage call in a thread), the process exits 1 (the CLI's only)."""
+    timer = threading.Timer(seconds, _exit_stuck, (seconds,))
+    timer.daemon = True
+    task_status.started(timer)
+    await stop.wait()
+    timer.start()
+
+
+def _exit_stuck(seconds: float) -> None:
+    print(f"pistream: error: the stop did not end within {seconds:g} s (a maintenance step or a storage call "
+          "still running): exiting; values not committed are read back at the next start", file=sys.stderr,
+          flush=True)
+    os._exit(StopTimeoutError.exit_code)
+
+
+# A start-up failure a person must fix, though it comes as a storage error: retrying cannot help.
+_STORAGE_REFUSED = re.compile(
+    r"(?i)permission denied|access ?denied|forbidden|InvalidAccessKeyId|SignatureDoesNotMatch|"
+    r"AuthenticationFailed|AuthorizationFailure|Unauthorized|NoSuchBucket|ContainerNotFound|bucket does not exist")
+
+
+def storage_refused(exc: PistreamError) -> bool:
+    """A storage error that says the access was refused (permissions, credentials, no such bucket)."""
+    return isinstance(exc, SinkError) and exc.exit_code == 1 and bool(_STORAGE_REFUSED.search(str(exc)))
+
+
+def retried_at_start(exc: PistreamError) -> bool:
+    """Whether waiting can fix a start-up failure: PI Web API or the table's storage not answering (refused,
+    no name, timeout, 5xx/429) -- a boot-order race, a server restarting. Never what a person must fix (exit 2:
+    credentials, unknown tags, settings, a certificate not trusted, a table that does not fit, storage that
+    refuses the access)."""
+    if exc.exit_code == ConfigError.exit_code or storage_refused(exc):
+        return False
+    return isinstance(exc, UnreachableError | RetryableError | SinkError)
+
+
+@dataclass
+class StartUp:
+    """The start-up's steps: each retried with backoff while what it waits for does not answer (logged, and
+    shown by ``/healthz``), ended at once by a stop (the caller's cancel scope) or by a failure retrying cannot
+    fix."""
+
+    status: StartupStatus
+    last_error: PistreamError | None = None
+
+    async def step(self, name: str, event: str, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+        backoff = Backoff(initial=1.0, maximum=30.0)
+        self.status.step, self.status.attempts, self.status.error, self.status.retry_in = name, 0, None, None
+        while True:
+            try:
+                result = await function(*args)
+            except PistreamError as exc:
+                if storage_refused(exc):  # exit 2: a person must fix the storage options or permissions
+                    raise ConfigError(str(exc)) from exc
+                if not retried_at_start(exc):
+                    raise
+                self.last_error = exc
+                delay = backoff.next_delay()
+                self.status.attempts += 1
+                self.status.error, self.status.retry_in = str(exc), delay
+                log.warning(event, error=str(exc), attempt=self.status.attempts, retry_in=round(delay, 1))
+                await trio.sleep(delay)
+                continue
+            self.last_error = None
+            return result
+
+
+@dataclass
+class TableReady:
+    """The table opened at start, and where this writer stopped in it."""
+
+    sink: DeltaSink
+    store: StateStore
+    committed: EventFilter
+    txn_version: int
+    open_gaps: dict[GapRequest, list[EventKey]]
+
+
+@dataclass
+class OpenedTable:
+    sink: DeltaSink
+    store: StateStore
+
+
+async def open_table(target: TableTarget | None, sink: DeltaSink | None, app_id: str,
+                     settings: Settings) -> OpenedTable:
+    """Find the table (a Unity Catalog one: its location and credentials; created if missing once the warehouse
+    answers) and open it (created if missing). A stop ends the wait: the blocking open is abandoned."""
+    if target is not None:
+        await target.open()
+        sink = open_sink(target, app_id)
+    assert sink is not None
+    name = target.catalog_name or sink.display_uri if target is not None else sink.display_uri
+    store = StateStore(state_path(settings.state_dir, settings.table, app_id), name, app_id)
+    await trio.to_thread.run_sync(sink.open, abandon_on_cancel=True)
+    return OpenedTable(sink, store)
+
+
+def recover_table(opened: OpenedTable, settings: Settings) -> TableReady:
+    """Blocking: where this writer stopped in the table (floors, transaction version, gaps still open)."""
+    sink, store = opened.sink, opened.store
+    committed, txn_version = recover_floors(sink, store, int(settings.reread_seconds * 1_000_000))
+    return TableReady(sink, store, committed, txn_version, recover_open_gaps(sink, store))
+
+
+def uncommitted_values(flusher: Flusher, writer: CommitWriter) -> int:
+    """Values taken in and neither committed nor dropped (repeats, rejected): what a stop leaves behind."""
+    stats = flusher.stats
+    return max(0, stats.values_received - stats.repeats_dropped - stats.rejected - writer.stats.values_written)
+
+
+async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, handle_signals: bool = True,
+                       sink: DeltaSink | None = None, stop_watchdog: bool = False) -> RunSummary:
     """Run until ``stop`` is set, a signal arrives or ``settings.duration`` elapses.
 
-    ``sink`` replaces the Delta sink the settings describe (tests inject storage faults with it).
+    The start-up waits for PI Web API and the table's storage to answer (retried); every wait ends at a stop.
+    The last flush and commit after a stop get ``settings.stop_timeout``; past it, ``StopTimeoutError``.
+    ``sink`` replaces the Delta sink the settings describe (tests inject storage faults with it);
+    ``stop_watchdog`` (the CLI's) ends the process should a stop still not end 10 s after the stop timeout.
     """
     started = time.monotonic()
     use_returning_arrow_pool()
@@ -251,10 +396,24 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
     target = make_target(settings.table, storage_options=settings.storage_options,
                          databricks_profile=settings.databricks_profile, warehouse_id=settings.warehouse_id,
                          location=settings.location, warehouse_wait=settings.warehouse_wait) if sink is None else None
+    startup = StartUp(StartupStatus())
+    timer: threading.Timer | None = None
     try:
         async with trio.open_nursery() as root:
             if handle_signals:
                 await root.start(watch_signals, stop)
+            if settings.duration is not None:  # counts from the process start
+                root.start_soon(_stop_at, trio.current_time() + settings.duration - (time.monotonic() - started),
+                                stop)
+            if stop_watchdog:
+                timer = await root.start(_watchdog, stop, settings.stop_timeout + WATCHDOG_GRACE)
+            metrics = None
+            if settings.metrics_port is not None:  # up during the start-up: /healthz says what it waits for
+                metrics = MetricsServer(port=settings.metrics_port, host=settings.metrics_host,
+                                        stale_after=max(3 * settings.flush_seconds, 60.0),
+                                        in_flight_limit=max(2 * settings.flush_seconds, COMMIT_IN_FLIGHT_FLOOR))
+                metrics.startup = startup.status
+                await root.start(metrics.run)
             url = settings.url
             if settings.simulate:
                 url = await _start_simulator(root, paths, settings)
@@ -265,24 +424,35 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
             api = PiWebApi(url, auth=auth, verify=tls or True, max_url_length=settings.max_url_length,
                            auth_hint=hint)
             async with api:
-                # PI Web API first: a wrong URL or password must not leave an empty table behind.
-                resolved = await resolve_tags(api, paths, settings.skip_unknown, settings.state_dir)
-                if target is not None:
-                    await target.open()
-                    sink = open_sink(target, app_id)
-                assert sink is not None
-                store = StateStore(state_path(settings.state_dir, settings.table, app_id),
-                                   target.catalog_name or sink.display_uri if target else sink.display_uri, app_id)
-                await trio.to_thread.run_sync(sink.open)
-                # One live writer per app id, until the root nursery ends (after the last commit): released then.
-                await root.start(hold, sink, WriterClaim(sink.app_id))
+                ready: TableReady | None = None
+                with trio.CancelScope() as starting:  # a stop ends every wait of the start-up
+                    root.start_soon(_cancel_on_stop, stop, starting)
+                    # PI Web API first: a wrong URL or password must not leave an empty table behind.
+                    resolved = await startup.step(f"PI Web API at {url}", "pi_web_api_unreachable", resolve_tags,
+                                                  api, paths, settings.skip_unknown, settings.state_dir)
+                    table_step = f"table {target.display if target is not None else settings.table}"
+                    opened = await startup.step(table_step, "storage_unreachable", open_table, target, sink, app_id,
+                                                settings)
+                    # One live writer per app id, until the root nursery ends (after the last commit): released
+                    # then. Taken before reading where this writer stopped, so that no other writer moves it.
+                    await root.start(hold, opened.sink, WriterClaim(opened.sink.app_id))
+                    ready = await startup.step(table_step, "storage_unreachable",
+                                               partial(trio.to_thread.run_sync, abandon_on_cancel=True),
+                                               recover_table, opened, settings)
+                if ready is None:
+                    if startup.last_error is not None:  # stopped while waiting: the reason it waited is the error
+                        log.warning("start_abandoned", step=startup.status.step, attempts=startup.status.attempts)
+                        raise startup.last_error
+                    log.info("pistream_stopped", note="stopped during the start-up",
+                             elapsed=round(time.monotonic() - started, 3))
+                    root.cancel_scope.cancel()  # the signal watcher, the metrics server, the simulator
+                    return RunSummary(len(paths), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                      round(time.monotonic() - started, 3))
+                sink, store, committed = ready.sink, ready.store, ready.committed
                 if settings.maintenance_interval:  # in the root nursery: cancelled after the last commit
                     await root.start(MaintenanceScheduler(
                         sink.uri, target.storage_options if target is not None else sink.current_storage_options,
                         interval=settings.maintenance_interval).run)
-                committed, txn_version = await trio.to_thread.run_sync(
-                    recover_floors, sink, store, int(settings.reread_seconds * 1_000_000))
-                open_gaps = await trio.to_thread.run_sync(recover_open_gaps, sink, store)
                 shards = shard_webids(url, resolved.webids, settings.max_url_length)
                 tag_count = len(resolved)
                 log.info("decoder_selected", decoder=DECODER)
@@ -293,7 +463,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                 flush_send, flush_recv = trio.open_memory_channel[Flush | Spill](1)
                 gap_queue = GapQueue()
                 event_filter = committed.copy()
-                for gap, known in open_gaps.items():  # read again before the channels bring newer gaps
+                for gap, known in ready.open_gaps.items():  # read again before the channels bring newer gaps
                     event_filter.reopen(gap, known)
                     gap_queue.put(gap)
                 buffer = ColumnBuffer({}, event_filter)
@@ -303,9 +473,9 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                                   max_rows=settings.flush_rows, max_bytes=settings.flush_bytes,
                                   max_age=settings.flush_seconds, gap_queue=gap_queue,
                                   idle_seconds=settings.flush_idle_seconds)
-                writer = CommitWriter(sink, flush_recv, txn_version=txn_version, committed=committed, state=store,
-                                      open_gaps=open_gaps.keys())
-                del buffer, open_gaps  # the flusher and the filter's windows have them now
+                writer = CommitWriter(sink, flush_recv, txn_version=ready.txn_version, committed=committed,
+                                      state=store, open_gaps=ready.open_gaps.keys())
+                del buffer, ready  # the flusher and the filter's windows have them now
                 gap_filler = GapFiller(api, gap_queue, message_send.clone())
                 message_size = int(settings.max_message_mb * (1 << 20)) if settings.max_message_mb else None
                 readers = [
@@ -317,26 +487,34 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                     for i, shard in enumerate(shards)
                 ]
                 message_send.close()  # each producer owns a clone; the flusher ends when the last one closes
+                finishing = trio.CancelScope()  # the flow, cancelled --stop-timeout after a stop
                 async with trio.open_nursery() as background:  # cancelled once the last commit has landed
                     reporter = StatsReporter(settings.stats_interval, flusher, writer, readers, gap_filler)
                     if settings.stats_interval:
                         background.start_soon(reporter.run)
-                    if settings.metrics_port is not None:
-                        metrics = MetricsServer(reporter, port=settings.metrics_port, host=settings.metrics_host,
-                                                stale_after=max(3 * settings.flush_seconds, 60.0),
-                                                credential_expiry=partial(credential_expiry, sink))
+                    if metrics is not None:
+                        metrics.attach(reporter, storage=sink.display_uri,
+                                       credential_expiry=partial(credential_expiry, sink))
                         writer.on_commit = metrics.observe_commit
-                        await background.start(metrics.run)
-                    async with trio.open_nursery() as flow:
-                        await flow.start(writer.run)
-                        await flow.start(flusher.run)
-                        deadline = trio.current_time() + (settings.duration - (time.monotonic() - started)
-                                                          if settings.duration is not None else math.inf)
-                        flow.start_soon(_run_producers, readers, gap_filler, stop, deadline)
+                    background.start_soon(_cancel_after_stop, stop, settings.stop_timeout, finishing)
+                    with finishing:
+                        async with trio.open_nursery() as flow:
+                            await flow.start(writer.run)
+                            await flow.start(flusher.run)
+                            flow.start_soon(_run_producers, readers, gap_filler, stop)
                     background.cancel_scope.cancel()
-                await trio.to_thread.run_sync(log_table_summary, sink)
-            root.cancel_scope.cancel()  # the simulator and the signal watcher
+                if finishing.cancelled_caught:
+                    uncommitted = uncommitted_values(flusher, writer)
+                    log.error("stop_timed_out", stop_timeout=settings.stop_timeout, values_not_committed=uncommitted,
+                              table=sink.display_uri)
+                else:
+                    uncommitted = 0
+                    with trio.move_on_after(min(settings.stop_timeout, 10.0)):  # only a summary: never holds a stop
+                        await trio.to_thread.run_sync(log_table_summary, sink, abandon_on_cancel=True)
+            root.cancel_scope.cancel()  # the simulator, the metrics server, the signal watcher
     finally:
+        if timer is not None:
+            timer.cancel()
         if target is not None:
             target.close()  # the Databricks workspace's connections
 
@@ -356,20 +534,23 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
         elapsed=round(time.monotonic() - started, 3),
     )
     log.info("pistream_stopped", **summary.__dict__)
+    if uncommitted:
+        raise StopTimeoutError(
+            f"the last commit did not land within --stop-timeout {settings.stop_timeout:g} s ({sink.display_uri} "
+            f"not answering?): {uncommitted:,} values were not committed; the next start reads them back from "
+            f"PI Web API (the state in {settings.state_dir} says from where)", uncommitted)
     return summary
 
 
-async def _run_producers(readers: list[ChannelReader], gap_filler: GapFiller, stop: trio.Event,
-                         deadline: float) -> None:
-    """Run the readers and the gap filler until stop or the deadline (``--duration`` counts from the
-    process start); when they close their channel ends, the flusher flushes what is left. Gaps still being
-    read then are in the open-gaps file the commit writer keeps, and are read again on the next start."""
+async def _run_producers(readers: list[ChannelReader], gap_filler: GapFiller, stop: trio.Event) -> None:
+    """Run the readers and the gap filler until stop (a signal, ``--duration``); when they close their channel
+    ends, the flusher flushes what is left. Gaps still being read then are in the open-gaps file the commit
+    writer keeps, and are read again on the next start."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gap_filler.run)
         for reader in readers:
             nursery.start_soon(reader.run)
-        with trio.move_on_at(deadline):
-            await stop.wait()
+        await stop.wait()
         nursery.cancel_scope.cancel()
 
 

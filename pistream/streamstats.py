@@ -61,6 +61,8 @@ class StatsReporter:
             "lag_s": round(since_commit, 1) if waiting and since_commit is not None else 0.0,
             "commits": writer.commits,
             "failed_commits": writer.failed_attempts,
+            # Seconds the batch being committed has been at it, retries included: a hung storage shows here.
+            "commit_in_flight_s": round(self.writer.in_flight_seconds(now), 1),
             "mean_commit_s": round(writer.commit_seconds / writer.commits, 3) if writer.commits else None,
             "channels_live": sum(r.connected for r in self.readers),
             "channels": len(self.readers),

@@ -55,6 +55,9 @@ class CommitWriter:
         self._gaps_saved = self.open_gaps  # what the open-gaps file holds
         self._written_ahead: list[AddAction] = []  # data files of the batch being gathered (its Spills)
         self.on_commit: Callable[[float], None] | None = None  # e.g. the metrics' commit duration histogram
+        # Trio time since which a batch has been in flight (its files written, its commit), retries included;
+        # None when the writer waits for a batch. A hung storage shows here before any request fails.
+        self.in_flight_since: float | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -68,12 +71,18 @@ class CommitWriter:
         await trio.to_thread.run_sync(self.save_state)  # a clean stop leaves up-to-date files
         await trio.to_thread.run_sync(self._save_gaps, self.open_gaps)
 
+    def in_flight_seconds(self, now: float) -> float:
+        """How long the batch being written or committed has been at it (0 when none is)."""
+        return max(0.0, now - self.in_flight_since) if self.in_flight_since is not None else 0.0
+
     async def _write_ahead(self, spill: Spill) -> None:
         """Data files for a spilled part of the next batch; retried like a commit (the rows stay in ``spill``
         until their files are whole)."""
+        self.in_flight_since = trio.current_time()
         while True:
             try:
-                actions = await trio.to_thread.run_sync(self._write_and_trim, spill)
+                # Abandoned when cancelled (a stop that timed out): a hung storage call must not hold the exit.
+                actions = await trio.to_thread.run_sync(self._write_and_trim, spill, abandon_on_cancel=True)
             except SinkError as exc:
                 self.stats.failed_attempts += 1
                 delay = self.backoff.next_delay()
@@ -81,6 +90,7 @@ class CommitWriter:
                 await trio.sleep(delay)
                 continue
             break
+        self.in_flight_since = None
         self.backoff.reset()
         self._written_ahead += actions
 
@@ -91,10 +101,11 @@ class CommitWriter:
 
     async def _commit(self, flush: Flush) -> None:
         version = self.txn_version + 1
+        self.in_flight_since = trio.current_time()
         while True:
             started = time.perf_counter()
             try:
-                result = await trio.to_thread.run_sync(self._commit_and_save, flush, version)
+                result = await trio.to_thread.run_sync(self._commit_and_save, flush, version, abandon_on_cancel=True)
             except (TableConflictError, ForeignWriterError):  # retrying cannot help (or would skip values)
                 raise
             except SinkError as exc:
@@ -104,6 +115,7 @@ class CommitWriter:
                 await trio.sleep(delay)
                 continue
             break
+        self.in_flight_since = None
         self.backoff.reset()
         self.txn_version = version
         self.stats.commits += 1

@@ -20,7 +20,7 @@ import httpx
 import msgspec
 import structlog
 
-from ..errors import AuthError, ConfigError
+from ..errors import AuthError, ConfigError, UnreachableError
 
 log = structlog.get_logger(__name__)
 
@@ -108,15 +108,15 @@ class OidcClientCredentials:
                     form["scope"] = self.scope
                 answer = await client.post(endpoint, data=form)
             except httpx.TransportError as exc:
-                raise AuthError(f"cannot reach the OIDC issuer {self.issuer} ({type(exc).__name__}): "
-                                "check --oidc-issuer and the network") from exc
+                raise UnreachableError(f"cannot reach the OIDC issuer {self.issuer} ({type(exc).__name__}): "
+                                       "check --oidc-issuer and the network") from exc
             except msgspec.DecodeError as exc:
                 raise AuthError(f"OIDC discovery at {discovery_url} is not valid: {exc}") from exc
         if answer.status_code in (400, 401, 403):
             raise AuthError(f"the OIDC issuer refused client {self.client_id!r} ({answer.status_code}): "
                             "check --oidc-client-id and PISTREAM_OIDC_CLIENT_SECRET")
-        if answer.status_code != 200:
-            raise AuthError(f"the OIDC token endpoint answered {answer.status_code}: try again later")
+        if answer.status_code != 200:  # 5xx, 429: the issuer may answer later (retried at start)
+            raise UnreachableError(f"the OIDC token endpoint answered {answer.status_code}: try again later")
         try:
             token = msgspec.json.decode(answer.content, type=_TokenAnswer)
         except msgspec.DecodeError as exc:

@@ -18,7 +18,7 @@ import msgspec
 import structlog
 import trio
 
-from ..errors import AuthError, ConnectError, ServerError, UnknownTagsError
+from ..errors import AuthError, ConnectError, ServerError, UnknownTagsError, UnreachableError
 from ..timeutil import format_iso
 from .auth import AuthProvider, HttpxAuth, NoAuth
 from .messages import StreamSetMessage, channel_decoder
@@ -111,7 +111,9 @@ def certificate_failure(exc: BaseException) -> ssl.SSLCertVerificationError | No
 
 
 def translate_transport_error(exc: Exception, base_url: str, issuer: str | None = None) -> ConnectError:
-    """One clear message for a failure to reach the server at all (DNS, refused, TLS, timeout)."""
+    """One clear message for a failure to reach the server at all (DNS, refused, TLS, timeout). A server
+    that did not answer is an ``UnreachableError`` (it may answer later: retried at start); a certificate
+    pistream does not trust stays a ``ConnectError`` (exit 2: a person must pass --ca-bundle)."""
     where = _origin(base_url)
     causes = _causes(exc)
     text = next((str(c) for c in causes if str(c)), type(exc).__name__)
@@ -119,14 +121,14 @@ def translate_transport_error(exc: Exception, base_url: str, issuer: str | None 
     if certificate is not None or "CERTIFICATE_VERIFY_FAILED" in text:
         return untrusted_certificate_error(base_url, str(certificate or text), issuer)
     if isinstance(exc, httpx.TimeoutException):
-        return ConnectError(f"PI Web API at {where} did not answer in time ({text}): check --url and the network")
+        return UnreachableError(f"PI Web API at {where} did not answer in time ({text}): check --url and the network")
     gaierror = next((c for c in causes if isinstance(c, socket.gaierror)), None)
     if gaierror is not None or "Name or service not known" in text or "nodename nor servname" in text:
         detail = f" ({gaierror.strerror})" if gaierror is not None and gaierror.strerror else ""
-        return ConnectError(f"cannot resolve the host of {where}{detail}: check the host name in --url")
+        return UnreachableError(f"cannot resolve the host of {where}{detail}: check the host name in --url")
     if any(isinstance(c, ConnectionRefusedError) for c in causes) or "refused" in text.lower():
-        return ConnectError(f"connection to {where} refused: is PI Web API running there? check --url")
-    return ConnectError(f"cannot reach PI Web API at {where} ({text}): check --url and the network")
+        return UnreachableError(f"connection to {where} refused: is PI Web API running there? check --url")
+    return UnreachableError(f"cannot reach PI Web API at {where} ({text}): check --url and the network")
 
 
 def untrusted_certificate_error(base_url: str, detail: str, issuer: str | None = None) -> ConnectError:
@@ -204,6 +206,9 @@ class PiWebApi:
             raise ConnectError(
                 f"{self.base_url} is not a PI Web API root (404): --url must end in /piwebapi"
             )
+        if response.status_code == 429 or response.status_code >= 500:  # starting, overloaded: retried at start
+            raise RetryableError(f"PI Web API at {self.base_url} answered {response.status_code}: "
+                                 f"{_error_text(response)}", _retry_after(response))
         if response.status_code >= 400:
             raise ServerError(f"PI Web API at {self.base_url} answered {response.status_code}: "
                               f"{_error_text(response)}")
@@ -271,6 +276,9 @@ class PiWebApi:
         """Resolve one chunk of paths into ``webids`` and ``uoms`` (by path); unknown paths are left out."""
         params = [("webIdType", "PathOnly")] + [("path", p) for p in chunk]
         response = await self._get_with_retry(endpoint, params)
+        if response.status_code == 429 or response.status_code >= 500:
+            raise RetryableError(f"tag lookup failed ({response.status_code}: {_error_text(response)})",
+                                 _retry_after(response))
         if response.status_code not in (200, 207):
             raise ServerError(f"tag lookup failed ({response.status_code}: {_error_text(response)})")
         try:
