@@ -5,13 +5,15 @@ from __future__ import annotations
 import base64
 
 import pytest
+import structlog
 import trio
 from conftest import compare_with_model
 
 from pistream.config import build_settings
-from pistream.errors import AuthError, ConfigError
+from pistream.errors import AuthError, ConfigError, UnreachableError
 from pistream.pi.auth import BasicAuth, NegotiateAuth
 from pistream.pi.channel import ChannelReader
+from pistream.pi.flow import Live, LiveBatch
 from pistream.pi.piwebapi import PiWebApi
 from pistream.pipeline import run_pipeline
 from pistream.sim.model import SimModel
@@ -135,3 +137,33 @@ def test_basic_repr_hides_the_secret():
 def test_incomplete_credentials_are_configuration_errors(values, message):
     with pytest.raises(ConfigError, match=message.replace("(", "\\(")):
         build_settings({}, {"tags": "t", "simulate": True, **values})
+
+
+async def test_an_identity_provider_not_answering_at_a_reconnect_is_retried_by_the_channel():
+    """An OIDC issuer that cannot be reached (UnreachableError) while a channel connects is a disconnect
+    retried with backoff, not the end of the run: the channel opens once the issuer answers again."""
+
+    class IssuerDownTwice:
+        calls = 0
+
+        async def headers(self, url: str) -> dict[str, str]:
+            self.calls += 1
+            if self.calls <= 2:
+                raise UnreachableError("the identity provider at https://127.0.0.1:9/token did not answer")
+            return {}
+
+    model = SimModel.from_paths(PATHS, rate=10)
+    simulator = Simulator(model, poll_interval=0.1)
+    auth = IssuerDownTwice()
+    send, receive = trio.open_memory_channel(100)
+    with trio.fail_after(60), structlog.testing.capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(simulator.run)
+            reader = ChannelReader("c", simulator.url, [t.webid for t in model.tags], send, auth=auth)
+            nursery.start_soon(reader.run)
+            while not isinstance(await receive.receive(), Live | LiveBatch):
+                pass
+            nursery.cancel_scope.cancel()
+    retried = [e for e in logs if e["event"] == "channel_disconnected"]
+    assert auth.calls == 3 and len(retried) == 2
+    assert "did not answer" in retried[0]["reason"]

@@ -20,7 +20,7 @@ import structlog
 import trio
 
 from ..backoff import Backoff
-from ..errors import AuthError, ChannelError, ChannelRefusedError
+from ..errors import AuthError, ChannelError, ChannelRefusedError, UnreachableError
 from .auth import AuthProvider, NoAuth
 from .flow import Connected, Incoming, Live, LiveBatch
 from .messages import FRAME_ERRORS, StreamSetMessage, channel_decoder
@@ -179,7 +179,7 @@ class ChannelReader:
                     log.info("channel_resuming", channel=self.name)
                     continue
                 except (ConnectionClosed, HandshakeError, OSError, trio.BrokenResourceError,
-                        trio.TooSlowError) as exc:
+                        trio.TooSlowError, UnreachableError) as exc:  # the last: an OIDC issuer not answering
                     reason = _reason(exc)
                 delay = self.backoff.next_delay()
                 log.warning("channel_disconnected", channel=self.name, reason=reason, retry_in=round(delay, 2))
