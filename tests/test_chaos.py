@@ -58,13 +58,18 @@ async def run_chaos(tmp_path, table: str, storage_options: dict[str, str] | None
                        "--log-format", "json", "--app-id", "chaos",
                        "--config", str(config)]
             for round_no in range(kills + 1):
+                last_with_outage = round_no == kills and storage_fault is not None
+                log_start = log_path.stat().st_size
                 process = await trio.lowlevel.open_process(command, stdout=subprocess.DEVNULL, stderr=log_file)
-                if round_no == kills and storage_fault is not None:
-                    nursery.start_soon(storage_fault)  # the storage goes away under the last process
+                outage_over = trio.Event()
+                if last_with_outage:  # the storage goes away under the last process, once it streams
+                    nursery.start_soon(storage_fault, log_path, log_start, outage_over)
                 try:
-                    # the last round outlives a storage outage (2 s in, 10 s long) with time to catch up
-                    last_with_outage = round_no == kills and storage_fault is not None
-                    await trio.sleep(16 if last_with_outage else rng.uniform(4, 7))
+                    if last_with_outage:  # it outlives the outage, then has a while to catch up
+                        await outage_over.wait()
+                        await trio.sleep(4)
+                    else:
+                        await trio.sleep(rng.uniform(4, 7))
                     if round_no < kills:
                         process.kill()  # SIGKILL: no flush, no state save
                         await process.wait()
@@ -94,16 +99,23 @@ async def test_chaos_on_local_disk(tmp_path):
     assert result.missing == [] and result.duplicates == [] and result.unexpected == [], result.summary()
 
 
-def frozen_for_a_while(server, start: float, seconds: float):
-    """A storage outage: the server process stopped (SIGSTOP) mid-run, then resumed."""
+def frozen_for_a_while(server, seconds: float):
+    """A storage outage: the server process stopped (SIGSTOP) once the process has committed (so that the
+    outage falls on a running stream, not on its start-up, however busy the machine), then resumed."""
 
-    async def fault():
-        await trio.sleep(start)
+    async def fault(log_path, log_start: int, over: trio.Event):
+        for _ in range(300):  # the run's own deadline bounds it too
+            if '"event": "batch_committed"' in log_path.read_text()[log_start:]:
+                break
+            await trio.sleep(0.2)
+        else:
+            raise AssertionError("the last process committed nothing within 60 s")
         server.freeze()
         try:
             await trio.sleep(seconds)
         finally:
             server.thaw()
+            over.set()
 
     return fault
 
@@ -111,7 +123,7 @@ def frozen_for_a_while(server, start: float, seconds: float):
 async def check_cloud_chaos(tmp_path, server, label: str) -> None:
     table = server.table_uri("chaos")
     model, windows, log_path = await run_chaos(tmp_path, table, server.storage_options,
-                                               storage_fault=frozen_for_a_while(server, 2, 10))
+                                               storage_fault=frozen_for_a_while(server, 10))
     result = compare_rows(deltalake_rows(table, server.storage_options), model, windows)
     log_text = log_path.read_text()
     stalls = log_text.count('"event": "channel_paused"') + log_text.count('"event": "commit_failed"')
