@@ -40,7 +40,7 @@ from .stream.dedup import EventFilter, EventKey, advance_from_rows, row_keys
 from .stream.flusher import Flusher
 from .stream.heap import use_returning_arrow_pool
 from .stream.state import StateStore, state_path
-from .streamstats import StatsReporter
+from .streamstats import StatsReporter, frames_malformed
 from .timeutil import EPOCH, format_iso
 
 log = structlog.get_logger(__name__)
@@ -55,7 +55,9 @@ class RunSummary:
     values_received: int
     values_written: int
     repeats_dropped: int
-    rejected: int
+    rejected: int  # values without a usable timestamp
+    frames_malformed: int
+    values_unsubscribed: int  # values under WebIds no channel of this process subscribed to
     commits: int
     failed_commits: int
     channel_pauses: int
@@ -326,6 +328,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
         values_written=writer.stats.values_written,
         repeats_dropped=flusher.stats.repeats_dropped,
         rejected=flusher.stats.rejected,
+        frames_malformed=frames_malformed(flusher, readers),
+        values_unsubscribed=flusher.buffer.unsubscribed.values,
         commits=writer.stats.commits,
         failed_commits=writer.stats.failed_attempts,
         channel_pauses=sum(r.stats.pauses for r in readers),
