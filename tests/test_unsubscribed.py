@@ -23,11 +23,13 @@ import pistream.pipeline as pipeline_module
 import pistream.sim.server as server_module
 import pistream.stream.buffer as buffer_module
 import pistream.stream.columns as columns_module
+from pistream.pi.flow import Live
 from pistream.pipeline import run_pipeline
 from pistream.sim.channel import ChannelSession
 from pistream.sim.model import SimModel
 from pistream.sim.payloads import Wire
-from pistream.stream.columns import FRAME_CODEC
+from pistream.stream.buffer import ColumnBuffer, StreamInfo
+from pistream.stream.columns import FRAME_CODEC, LOGGED_WEBID_CHARS, MAX_LOGGED_WEBIDS
 
 FOREIGN = ["P1DPRk9SRUlHTjE", "P1DPRk9SRUlHTjI"]
 
@@ -156,3 +158,26 @@ async def test_only_subscribed_values_land_and_the_dropped_ones_are_counted(tmp_
     assert result.missing == [] and result.duplicates == [] and result.unexpected == [], result.summary()
     assert summary.values_written == result.found > len(PATHS)
     assert set(duckdb_rows(table, "DISTINCT tag, tag_webid")) == {(t.path, t.webid) for t in model.tags}
+
+
+def test_foreign_webids_are_logged_once_and_remembered_up_to_a_bound(decoder):
+    """A server sending ever new WebIds (some megabytes long) cannot grow memory: the first
+    MAX_LOGGED_WEBIDS are logged once each (cut to LOGGED_WEBID_CHARS), then one line says the rest are
+    only counted; every value is counted."""
+    value = _value(1, 1.0)
+    long_webid = "L" * 5000
+    streams = [{"WebId": long_webid, "Items": [value, value]}] + [
+        {"WebId": f"F{i}", "Items": [value]} for i in range(MAX_LOGGED_WEBIDS + 100)]
+    frame = json.dumps({"Items": [{"WebId": "W1", "Items": [value]}, *streams]}).encode()
+    buffer = ColumnBuffer({"W1": StreamInfo("\\\\S\\T1", "W1")})
+    with structlog.testing.capture_logs() as logs:
+        for i in range(3):
+            received, _ = buffer.add_live_batch([Live(i, None, frame, "ch-1")])
+            assert received == 2 + MAX_LOGGED_WEBIDS + 100 + 1
+    assert buffer.unsubscribed.values == 3 * (2 + MAX_LOGGED_WEBIDS + 100)
+    lines = [e for e in logs if e["event"] == "values_unsubscribed"]
+    assert len(lines) == MAX_LOGGED_WEBIDS and len({e["webid"] for e in lines}) == MAX_LOGGED_WEBIDS
+    assert lines[0]["webid"] == "L" * LOGGED_WEBID_CHARS and lines[0]["cut"] and lines[0]["values"] == 2
+    assert len([e for e in logs if e["event"] == "values_unsubscribed_many"]) == 1
+    taken = buffer.take()
+    assert taken is not None and taken.batch.column("tag_webid").to_pylist() == ["W1"]  # once: repeats dropped

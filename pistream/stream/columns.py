@@ -168,15 +168,16 @@ class Unsubscribed:
 
     def __init__(self) -> None:
         self.values = 0
-        self._logged: set[str] = set()
+        self._logged: set[str] = set()  # WebIds (cut to LOGGED_WEBID_CHARS) logged so far
+        self._full = False
 
     def drop(self, webid: str | None, values: int) -> None:
         self.values += values
         shown = (webid or "")[:LOGGED_WEBID_CHARS]
-        if shown in self._logged or len(self._logged) > MAX_LOGGED_WEBIDS:
+        if self._full or shown in self._logged:
             return
-        if len(self._logged) == MAX_LOGGED_WEBIDS:
-            self._logged.add("")  # once: the cap was reached (a WebId "" is logged as such before)
+        if len(self._logged) >= MAX_LOGGED_WEBIDS:
+            self._full = True
             log.warning("values_unsubscribed_many", webids=MAX_LOGGED_WEBIDS,
                         note="further unsubscribed WebIds are counted (values_unsubscribed), not logged")
             return
