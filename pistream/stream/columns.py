@@ -355,7 +355,12 @@ def extract_frames(frames: list[str | bytes], received_us: list[int], index: Tag
         floors_only, counts = np.unique(ids[(ids >= 0) & ~keep], return_counts=True)
         unknown = unknown + [(index.webids[i], c) for i, c in zip(floors_only.tolist(), counts.tolist(),
                                                                    strict=True)]
-        if not keep.any():
+        if not keep.any():  # no rows, but the frames must still be ones msgspec reads, as below
+            for _, chunk in raw:
+                try:
+                    msgspec.json.decode(chunk)
+                except (msgspec.DecodeError, RecursionError):
+                    return None
             return LiveColumns(ids[keep], ts[keep], pa.RecordBatch.from_pylist([], schema=BUFFER_SCHEMA), unknown)
         ids = np.where(keep, ids, ids[keep][0])  # valid ids for building the columns; those rows go below
     value = pa.array(np.frombuffer(value_b, np.float64), mask=np.frombuffer(value_null_b, np.bool_))
