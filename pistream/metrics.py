@@ -79,6 +79,12 @@ _FROM_SNAPSHOT = (
     ("reconnects", "pistream_reconnects_total", "counter", "Channel reconnects."),
     ("gaps_filled", "pistream_gaps_filled_total", "counter", "Gaps read back from the PI archive."),
     ("gaps_lost", "pistream_gaps_lost_total", "counter", "Gaps that could not be read back (data loss)."),
+    ("frames_malformed", "pistream_frames_malformed_total", "counter",
+     "Channel frames that could not be decoded: skipped and logged (frame_malformed)."),
+    ("values_rejected", "pistream_values_rejected_total", "counter",
+     "Values without a usable timestamp: not written, logged (value_rejected)."),
+    ("values_unsubscribed", "pistream_values_unsubscribed_total", "counter",
+     "Values under a WebId no channel of this process subscribed to: not written (values_unsubscribed)."),
 )
 
 

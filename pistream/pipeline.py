@@ -45,7 +45,7 @@ from .stream.dedup import EventFilter, EventKey, advance_from_rows, row_keys
 from .stream.flusher import Flusher
 from .stream.heap import use_returning_arrow_pool
 from .stream.state import StateStore, state_path
-from .streamstats import StatsReporter
+from .streamstats import StatsReporter, frames_malformed
 from .timeutil import EPOCH, format_iso
 
 log = structlog.get_logger(__name__)
@@ -63,7 +63,9 @@ class RunSummary:
     values_received: int
     values_written: int
     repeats_dropped: int
-    rejected: int
+    rejected: int  # values without a usable timestamp
+    frames_malformed: int
+    values_unsubscribed: int  # values under WebIds no channel of this process subscribed to
     commits: int
     failed_commits: int
     channel_pauses: int
@@ -446,7 +448,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
                     log.info("pistream_stopped", note="stopped during the start-up",
                              elapsed=round(time.monotonic() - started, 3))
                     root.cancel_scope.cancel()  # the signal watcher, the metrics server, the simulator
-                    return RunSummary(len(paths), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                    return RunSummary(len(paths), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                       round(time.monotonic() - started, 3))
                 sink, store, committed = ready.sink, ready.store, ready.committed
                 if settings.maintenance_interval:  # in the root nursery: cancelled after the last commit
@@ -463,9 +465,12 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
                 flush_send, flush_recv = trio.open_memory_channel[Flush | Spill](1)
                 gap_queue = GapQueue()
                 event_filter = committed.copy()
+                listed = set(resolved.webids)
                 for gap, known in ready.open_gaps.items():  # read again before the channels bring newer gaps
-                    event_filter.reopen(gap, known)
-                    gap_queue.put(gap)
+                    if gap.webid in listed:  # a tag no longer listed: its values would be dropped as unsubscribed
+                        event_filter.reopen(gap, known)
+                        gap_queue.put(gap)
+                del listed
                 buffer = ColumnBuffer({}, event_filter)
                 buffer.describe(resolved.webids, resolved.paths, resolved.uoms)
                 del tag_list, paths, resolved  # the buffer's tag index keeps what is needed
@@ -525,6 +530,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
         values_written=writer.stats.values_written,
         repeats_dropped=flusher.stats.repeats_dropped,
         rejected=flusher.stats.rejected,
+        frames_malformed=frames_malformed(flusher, readers),
+        values_unsubscribed=flusher.buffer.unsubscribed.values,
         commits=writer.stats.commits,
         failed_commits=writer.stats.failed_attempts,
         channel_pauses=sum(r.stats.pauses for r in readers),

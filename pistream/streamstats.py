@@ -69,4 +69,14 @@ class StatsReporter:
             "reconnects": sum(max(r.stats.connects - 1, 0) for r in self.readers),
             "gaps_filled": self.gap_filler.stats.gaps,
             "gaps_lost": self.gap_filler.stats.lost_gaps,
+            # Bad input, skipped and counted (each also logged): frames that did not decode, values without
+            # a usable timestamp (counted as their batch is taken), values of WebIds no channel subscribed to.
+            "frames_malformed": frames_malformed(self.flusher, self.readers),
+            "values_rejected": self.flusher.stats.rejected,
+            "values_unsubscribed": self.flusher.buffer.unsubscribed.values,
         }
+
+
+def frames_malformed(flusher: Flusher, readers: Sequence[ChannelReader]) -> int:
+    """Channel frames that did not decode: small ones in the readers, raw ones in the buffer or flusher."""
+    return flusher.buffer.malformed + sum(r.stats.malformed for r in readers)

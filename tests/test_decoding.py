@@ -157,7 +157,7 @@ def test_mixed_timestamp_forms_in_one_batch_fall_back_without_loss():
 def test_unparseable_timestamp_is_rejected_and_counted_not_written():
     frame = ('{"Items":[{"WebId":"%s","Items":[{"Timestamp":"yesterday","Value":1},'
              '{"Timestamp":"2024-03-01T00:00:00Z","Value":2}]}]}' % WEBID)
-    buffer = ColumnBuffer({})
+    buffer = ColumnBuffer({WEBID: StreamInfo("\\\\SRV\\TAG", WEBID)})
     for stream in channel_decoder.decode(frame).items:
         buffer.add_live(stream, 0)
     flush = buffer.take()

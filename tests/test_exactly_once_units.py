@@ -187,7 +187,7 @@ async def test_gap_fill_pages_through_the_archive_and_reads_each_event_once(tmp_
 def test_commit_of_a_recorded_transaction_version_writes_nothing(tmp_path):
     sink = DeltaSink(str(tmp_path / "t"), "writer-a")
     sink.open()
-    buffer = ColumnBuffer({})
+    buffer = ColumnBuffer({"W": StreamInfo("\\\\S\\W", "W")})
     buffer.add_live(StreamValues(web_id="W", items=[tv(1_700_000_000_000_000)]), 0)
     batch = buffer.take().batch
     assert not sink.commit(batch, 1).skipped
@@ -202,7 +202,7 @@ def test_commit_of_a_recorded_transaction_version_writes_nothing(tmp_path):
 
 
 def test_buffer_accepts_gap_values_only_inside_an_open_window():
-    buffer = ColumnBuffer({})
+    buffer = ColumnBuffer({"W": StreamInfo("\\\\S\\W", "W")})
     buffer.filter.advance("W", key(100))
     buffer.connected(["W"])
     gap = buffer.add_live(StreamValues(web_id="W", items=[tv(300)]), 0)
@@ -223,7 +223,7 @@ def live(*values: tuple[str, int, float]) -> Live:
 
 
 def bulk_buffer(lookback_us: int) -> ColumnBuffer:
-    infos = {w: StreamInfo(f"\\\\S\\{w}", w) for w in ("A", "B")}
+    infos = {w: StreamInfo(f"\\\\S\\{w}", w) for w in ("A", "B", "C")}
     return ColumnBuffer(infos, EventFilter(lookback_us=lookback_us))
 
 

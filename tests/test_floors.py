@@ -81,18 +81,18 @@ def test_the_buffer_s_tag_index_uses_the_filter_s_tag_ids(tmp_path):
               for w, t in (("A", 100), ("B", 100), ("C", 100))]
     count, gaps = buffer.add_live_batch([Live(0, StreamSetMessage(items=values))])
     assert count == 3 and not gaps and buffer._bulk_rows == 3  # in bulk, by the shared ids
-    # X's values (say, a gap read back): never in bulk with a null path, but by webId as path
+    # X's values: a floor from the state file, but no longer listed, so no channel subscribed to it: dropped
     x_values = StreamSetMessage(items=[StreamValues(web_id="X", items=[TimedValue(timestamp=format_iso(80),
                                                                                    value=2.0, good=True)])])
-    buffer.add_live_batch([Live(0, x_values)])
-    assert buffer._bulk_rows == 3 and buffer.tag_webid == ["X"]
+    assert buffer.add_live_batch([Live(0, x_values)]) == (1, [])
+    assert buffer._bulk_rows == 3 and buffer.tag_webid == [] and buffer.unsubscribed.values == 1
     flush = buffer.take()
     rows = flush.batch.select(["tag", "tag_webid", "uom"]).to_pylist()
     assert sorted((r["tag"], r["tag_webid"], r["uom"]) for r in rows) == [
-        ("X", "X", None), ("\\\\S\\A", "A", "m"), ("\\\\S\\B", "B", "m"), ("\\\\S\\C", "C", "m")]
-    assert flush.floors == {"A": 100, "B": 100, "C": 100, "X": 80}
+        ("\\\\S\\A", "A", "m"), ("\\\\S\\B", "B", "m"), ("\\\\S\\C", "C", "m")]
+    assert flush.floors == {"A": 100, "B": 100, "C": 100}
     committed.merge(flush.floors, flush.recent)
-    assert committed.floors == {"A": 100, "B": 100, "C": 100, "X": 80}
+    assert committed.floors == {"A": 100, "B": 100, "C": 100, "X": 50}
     assert not buffer.filter.accept_live("C", event_key(100, 1.0, None, None, True, False, False, False))
 
 

@@ -69,7 +69,6 @@ def test_layout_escapes_and_unknown_fields_do_not_matter():
     '{"Items":[{"WebId":"W1","Value":{"Timestamp":"2024-03-01T00:00:00Z","Value":1}}]}',  # Value, not Items
     '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1,"Good":"true"}]}]}',
     '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1,"Errors":["x"]}]}]}',
-    '{"Items":[{"WebId":"UNKNOWN","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1}]}]}',
     '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"yesterday","Value":1}]}]}',
     '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-02-30T00:00:00Z","Value":1}]}]}',
     '{"Items":[{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:60Z","Value":1}]}]}',
@@ -94,10 +93,31 @@ def test_tags_added_to_the_index_after_a_parse_are_found():
     index.add("W1", "P1", None)
     frame = '{"Items":[{"WebId":"%s","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1}]}]}'
     assert extract_frames([frame % "W1"], [7], index) is not None
-    assert extract_frames([frame % "W2"], [7], index) is None  # not a tag of ours (yet)
+    foreign = extract_frames([frame % "W2"], [7], index)  # not a tag of ours (yet): no rows, listed
+    assert foreign is not None and len(foreign) == 0 and foreign.unsubscribed == [("W2", 1)]
     index.add("W2", "P2", None)
     taken = extract_frames([frame % "W2", frame % "W1"], [7, 7], index)
     assert taken is not None and taken.ids.tolist() == [1, 0]
+
+
+def test_streams_no_channel_subscribed_to_are_left_out_in_bulk():
+    """A frame mixing our streams with foreign WebIds (one carrying our tag's Path) stays on the codec's
+    path: the foreign streams' rows are dropped by id and listed as (webid, values), our rows keep the path
+    tag resolution gave. Tags known only from floors (no longer listed) count as foreign too."""
+    index = TagIndex()
+    index.tags.add("OLD")  # a floor from the state file: an id, no path
+    index.add("W1", "\\\\S\\T1", "m")
+    value = '{"Timestamp":"2024-03-01T00:00:0%d","Value":%s}'
+    frame = ('{"Items":[{"WebId":"X1","Path":"\\\\\\\\S\\\\T1","Items":[%s,%s]},{"WebId":"W1","Path":"\\\\\\\\EVIL",'
+             '"Items":[%s]},{"WebId":"OLD","Items":[%s]},{"WebId":"X2","Items":[%s]}]}') % (
+        value % (1, "1.0"), value % (2, '"text"'), value % (3, "3.5"), value % (4, "4.0"),
+        value % (5, '{"Name":"On","Value":1}'))
+    taken = extract_frames([frame], [7], index)
+    assert taken is not None and len(taken) == 1
+    assert taken.batch.to_pylist()[0]["tag"] == "\\\\S\\T1" and taken.batch.column("value").to_pylist() == [3.5]
+    assert sorted(taken.unsubscribed) == [("OLD", 1), ("X1", 2), ("X2", 1)]
+    # A foreign stream is read all the same: a value msgspec would refuse makes the frame the decoding path's.
+    assert extract_frames([frame.replace('"text"', "1e999")], [7], index) is None
 
 
 def test_truncated_and_mangled_frames_never_crash_or_half_parse():

@@ -6,6 +6,7 @@ import pytest
 import structlog
 import trio
 
+import pistream.stream.columns as columns_module
 from pistream.pi.channel import ChannelReader
 from pistream.pi.flow import Live
 from pistream.pi.messages import classify_value
@@ -33,15 +34,16 @@ def rows_three_ways(frame: bytes, buffer_factory=None) -> list[list[dict]]:
     return out
 
 
-def test_issystem_that_is_not_a_bool_or_text_takes_the_default():
-    alone, batch = rows_three_ways(F(b'{"Name":"x","Value":1,"IsSystem":1}'))
+@pytest.mark.parametrize("is_system", [b"1", b'"yes"', b'"1"', b"[true]", b"{}", b"null"])
+def test_issystem_that_is_not_a_bool_or_the_text_true_false_takes_the_default(is_system):
+    alone, batch = rows_three_ways(F(b'{"Name":"x","Value":1,"IsSystem":%s}' % is_system))
     for rows in (alone, batch[:1]):
         [row] = rows
         assert (row["value"], row["value_text"], row["state_code"], row["system_state"], row["good"]) == \
             (None, "x", 1, False, True)
     assert [r["value"] for r in batch[1:]] == [2.5]
-    assert classify_value({"Name": "x", "Value": 1, "IsSystem": [True]})[3] is False
-    assert classify_value({"Name": "x", "Value": 1, "IsSystem": "TRUE"})[3] is True
+    assert classify_value({"Name": "x", "Value": 1, "IsSystem": " TRUE "})[3] is True
+    assert classify_value({"Name": "x", "Value": 1, "IsSystem": "yes"})[3] is False
 
 
 def test_an_integer_of_400_digits_is_kept_as_text_with_no_number():
@@ -54,12 +56,29 @@ def test_an_integer_of_400_digits_is_kept_as_text_with_no_number():
 
 
 @pytest.mark.parametrize("code", [b"2147483648", b"-2147483649", b"9223372036854775808", b"1" + b"0" * 30])
-def test_a_state_code_outside_int32_keeps_its_name_and_no_code(code):
-    alone, batch = rows_three_ways(F(b'{"Name":"Big","Value":%s,"IsSystem":false}' % code))
+def test_a_state_code_outside_int32_is_kept_whole_as_json_text_with_its_digits(code):
+    alone, batch = rows_three_ways(F(b'{"Name":"Big","Value":%s,"IsSystem":true}' % code))
     for rows in (alone, batch[:1]):
         [row] = rows
-        assert (row["value"], row["value_text"], row["state_code"]) == (None, "Big", None)
+        assert (row["value"], row["value_text"], row["state_code"], row["system_state"], row["good"]) == \
+            (None, '{"Name":"Big","Value":%s,"IsSystem":true}' % code.decode(), None, True, False)
     assert [r["value"] for r in batch[1:]] == [2.5]
+
+
+@pytest.mark.parametrize(("state", "text", "code"), [
+    (b'{"Name":null,"Value":5}', None, 5),  # no name: null, not the text "None"
+    (b'{"Value":5,"Name":null,"IsSystem":false}', None, 5),
+    (b'{"Name":5,"Value":1}', '{"Name":5,"Value":1}', None),  # a name that is not text: the object as JSON
+    (b'{"Name":["a"],"Value":1}', '{"Name":["a"],"Value":1}', None),
+    (b'{"Name":"On","Value":1.5}', '{"Name":"On","Value":1.5}', None),  # a code that is not an integer
+    (b'{"Name":"On","Value":"1"}', '{"Name":"On","Value":"1"}', None),
+    (b'{"Name":null,"Value":null}', '{"Name":null,"Value":null}', None),
+])
+def test_odd_states_keep_what_was_sent(state, text, code):
+    alone, batch = rows_three_ways(F(state))
+    for rows in (alone, batch[:1]):
+        [row] = rows
+        assert (row["value"], row["value_text"], row["state_code"], row["system_state"]) == (None, text, code, False)
 
 
 def test_an_integer_past_int64_is_a_number_and_its_digits():
@@ -91,26 +110,35 @@ async def test_a_reader_counts_a_too_deep_small_frame_and_goes_on():
     await receive.aclose()
 
 
-def test_a_floor_for_a_tag_no_longer_configured_above_every_configured_id():
+@pytest.mark.parametrize("codec", [True, False] if FRAME_CODEC else [False])
+def test_a_floor_for_a_tag_no_longer_configured_is_not_a_subscription(monkeypatch, codec):
+    """A tag in the state file's floors that is no longer listed: no channel subscribed to it, so its values
+    (and a foreign WebId's, even with a listed tag's Path) are dropped and counted, on either path."""
+    if not codec:
+        monkeypatch.setattr(columns_module, "_framecodec", None)
+    made = []
+
     def make():
         event_filter = EventFilter()
         event_filter.floors.tags.add("W1")
         event_filter.floors.tags.add("OLD")  # in the state file's floors, no longer configured
         event_filter.floors["OLD"] = 1
-        return ColumnBuffer({"W1": StreamInfo("\\\\S\\T1", "W1", "m")}, event_filter)
+        made.append(ColumnBuffer({"W1": StreamInfo("\\\\S\\T1", "W1", "m")}, event_filter))
+        return made[-1]
     frame = (b'{"Items":[{"WebId":"OLD","Path":"\\\\\\\\S\\\\OLD","Items":[{"Timestamp":"2024-03-01T00:00:00Z",'
-             b'"Value":7.0}]},{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1.0}]}]}')
+             b'"Value":7.0}]},{"WebId":"W1","Items":[{"Timestamp":"2024-03-01T00:00:00Z","Value":1.0}]},'
+             b'{"WebId":"FOREIGN","Path":"\\\\\\\\S\\\\T1","Items":[{"Timestamp":"2024-03-01T00:00:02Z","Value":9.0},'
+             b'{"Timestamp":"2024-03-01T00:00:03Z","Value":9.5}]}]}')
     alone, batch = rows_three_ways(frame, make)
-    assert sorted((r["tag_webid"], r["value"]) for r in alone) == [("OLD", 7.0), ("W1", 1.0)]
-    assert sorted((r["tag_webid"], r["value"]) for r in batch) == [("OLD", 7.0), ("W1", 1.0), ("W1", 2.5)]
-    assert {r["tag"] for r in alone if r["tag_webid"] == "OLD"} == {"\\\\S\\OLD"}
+    assert sorted((r["tag"], r["tag_webid"], r["value"]) for r in alone) == [("\\\\S\\T1", "W1", 1.0)]
+    assert sorted((r["tag_webid"], r["value"]) for r in batch) == [("W1", 1.0), ("W1", 2.5)]
+    assert [b.unsubscribed.values for b in made] == [3, 3]
 
 
 async def test_the_flusher_outlives_a_frame_that_breaks_decoding(monkeypatch):
     """Past every fix above: an exception raised while taking one frame in is that frame's, not the
     flusher's. Forced here by a value the classifier cannot take."""
     import pistream.stream.buffer as buffer_module
-    import pistream.stream.columns as columns_module
 
     real = buffer_module.classify_value
 
@@ -146,6 +174,7 @@ HOSTILE = [
     F(b"1" + b"0" * 400),
     F(b'{"Name":"Big","Value":2147483648}'),
     F(b'{"Name":"Huge","Value":9223372036854775808}'),
+    F(b'{"Name":null,"Value":3}'),
     F(b"[" * 10000 + b"]" * 10000),
     b"[" * 100 + b"]" * 100,  # small: decoded by the reader itself
     F(b'1,"Goo\\u0064":false'),
@@ -184,8 +213,10 @@ async def test_hostile_frames_over_a_real_channel_do_not_stop_the_pipeline():
     good = sorted(r["timestamp"].minute * 60 + r["timestamp"].second for r in rows if r["value"] == 2.5)
     assert good == [60 + i for i in range(len(HOSTILE))]  # every good frame after a hostile one
     odd = {(r["value"], r["value_text"], r["state_code"], r["system_state"]) for r in rows if r["value"] != 2.5}
-    assert odd == {(None, "x", 1, False), (None, "1" + "0" * 400, None, False), (None, "Big", None, False),
-                   (None, "Huge", None, False), (1.0, None, None, False)}  # Goo\u0064 is Good: value 1, good false
+    assert odd == {(None, "x", 1, False), (None, "1" + "0" * 400, None, False),
+                   (None, '{"Name":"Big","Value":2147483648}', None, False),
+                   (None, '{"Name":"Huge","Value":9223372036854775808}', None, False), (None, None, 3, False),
+                   (1.0, None, None, False)}  # Goo\u0064 is Good: value 1, good false
     assert [r["good"] for r in rows if r["value"] == 1.0] == [False]
     assert reader.stats.malformed + buffer.malformed == 4  # too deep (twice), the control character, 1e999
     assert {e["channel"] for e in logs if e["event"] == "frame_malformed"} == {"ch-e2e"}

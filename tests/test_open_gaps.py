@@ -21,7 +21,7 @@ from pistream.pi.messages import StreamValues, TimedValue
 from pistream.pipeline import recover_open_gaps, run_pipeline
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
-from pistream.stream.buffer import ColumnBuffer, Flush
+from pistream.stream.buffer import ColumnBuffer, Flush, StreamInfo
 from pistream.stream.dedup import EventFilter, event_key
 from pistream.stream.state import StateStore, state_path
 from pistream.timeutil import format_iso
@@ -130,7 +130,7 @@ def test_a_reopened_window_takes_only_the_events_the_table_lacks():
 
 
 def test_a_take_carries_the_windows_being_read_and_not_the_tags_awaiting_their_end():
-    buffer = ColumnBuffer({})
+    buffer = ColumnBuffer({w: StreamInfo(f"\\\\S\\{w}", w) for w in ("A", "B")})
     for webid in ("A", "B"):
         buffer.filter.advance(webid, key(T0))
     buffer.connected(["A", "B"])
@@ -157,7 +157,7 @@ def test_open_gaps_file_round_trips_and_belongs_to_one_table_and_writer(tmp_path
 def test_recovered_gaps_know_the_events_the_table_holds_in_them(tmp_path):
     sink = DeltaSink(str(tmp_path / "table"), "app")
     sink.open()
-    buffer = ColumnBuffer({})
+    buffer = ColumnBuffer({w: StreamInfo(f"\\\\S\\{w}", w) for w in ("W", "X")})
     day = 86_400_000_000
     buffer.add_live(values("W", T0, T0 + day, T0 + 2 * day, T0 + 3 * day), 0)  # four partitions
     buffer.add_live(values("X", T0 + day), 0)
@@ -194,7 +194,7 @@ async def test_the_writer_saves_the_open_gaps_before_the_commit_that_needs_them(
     writer.backoff.initial = 0.01
 
     def flush(*gaps: GapRequest) -> Flush:
-        buffer = ColumnBuffer({})
+        buffer = ColumnBuffer({"A": StreamInfo("\\\\S\\A", "A")})
         buffer.add_live(values("A", T0 + 100), 0)
         taken = buffer.take()
         assert taken is not None

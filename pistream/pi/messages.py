@@ -1,8 +1,9 @@
 """PI Web API wire types (msgspec) and how a PI value maps onto the table's value columns.
 
-Parsing is lenient, as real servers demand: unknown fields are ignored, quality flags may come as strings,
-a stream may carry one ``Value`` object instead of an ``Items`` array, a value may be a number, string,
-bool, timestamp, array, enumeration/system state or ``{"Errors": [...]}``.
+Parsing is lenient, as real servers demand: unknown fields are ignored, quality flags may come as strings
+(and a flag of any other JSON type takes its default rather than failing the frame), a stream may carry one
+``Value`` object instead of an ``Items`` array, a value may be a number, string, bool, timestamp, array,
+enumeration/system state or ``{"Errors": [...]}``.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ class TimedValue(msgspec.Struct, rename="pascal", gc=False):
     timestamp: str | None = None
     value: Any = None
     units_abbreviation: str | None = None
-    good: bool | str | None = None
-    questionable: bool | str | None = None
-    substituted: bool | str | None = None
-    annotated: bool | str | None = None
+    # Flags: a JSON bool, or text as one vendor sample writes them; anything else takes the default (``flag``).
+    good: Any = None
+    questionable: Any = None
+    substituted: Any = None
+    annotated: Any = None
     errors: list[Any] | None = None
 
 
@@ -56,17 +58,17 @@ _json_encoder = msgspec.json.Encoder()
 
 
 def flag(raw: Any, default: bool) -> bool:
-    """A PI quality flag sent as a bool or, by some servers, as the string ``"true"``/``"false"``; anything
-    else (a number, an object, null) takes the default."""
-    if isinstance(raw, bool):
+    """A PI flag (``Good``, ``Questionable``, ``Substituted``, ``Annotated``, a state's ``IsSystem``): a JSON
+    bool, or the text ``"true"``/``"false"`` in any case (one vendor sample writes flags so). Anything else
+    (null or absent, a number, other text such as ``"yes"``, an object) takes the default."""
+    if raw is True or raw is False:
         return raw
-    if not isinstance(raw, str):
-        return default
-    text = raw.strip().lower()
-    if text in ("true", "1", "yes"):
-        return True
-    if text in ("false", "0", "no", ""):
-        return False
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text == "true":
+            return True
+        if text == "false":
+            return False
     return default
 
 
@@ -89,6 +91,12 @@ def classify_value(raw: Any) -> tuple[float | None, str | None, int | None, bool
 
     State codes never go into the numeric column: a digital or system state keeps its name and code in
     their own columns. Anything without a number is kept as text, so nothing is lost.
+
+    A state is an object with ``Name`` and ``Value``; ``system_state`` is its ``IsSystem`` flag (``flag``:
+    default false). When ``Name`` is text or null and ``Value`` an integer within int32, ``value_text`` is
+    the name (null for null) and ``state_code`` the code. Otherwise (a code outside int32 or not an integer,
+    a name of another type) there is no column for it: ``value_text`` is the whole object as JSON text, the
+    code's digits and the name as sent, and ``state_code`` is null.
     """
     if isinstance(raw, bool):
         return (1.0 if raw else 0.0), ("true" if raw else "false"), None, False, False
@@ -110,10 +118,15 @@ def classify_value(raw: Any) -> tuple[float | None, str | None, int | None, bool
         if "Errors" in raw:
             return None, _error_text(raw["Errors"]), None, False, True
         if "Name" in raw and "Value" in raw:
-            code = raw.get("Value")
-            state_code = (code if isinstance(code, int) and not isinstance(code, bool)
-                          and INT32_MIN <= code <= INT32_MAX else None)  # else the name alone
-            return None, str(raw["Name"]), state_code, flag(raw.get("IsSystem"), False), False
-    return None, _json_encoder.encode(raw).decode("utf-8"), None, False, False
+            name, code = raw["Name"], raw["Value"]
+            system = flag(raw.get("IsSystem"), False)
+            if (name is None or isinstance(name, str)) and isinstance(code, int) and not isinstance(code, bool) \
+                    and INT32_MIN <= code <= INT32_MAX:
+                return None, name, code, system, False
+            return None, _json_text(raw), None, system, False
+    return None, _json_text(raw), None, False, False
 
 
+def _json_text(raw: Any) -> str:
+    """A value as JSON text, as compact as the server's (integers of any length keep their digits)."""
+    return _json_encoder.encode(raw).decode("utf-8")

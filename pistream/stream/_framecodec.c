@@ -4,8 +4,10 @@
  * their values as packed column buffers, without a Python object per value. It understands exactly the
  * steady-state shape ({"Items":[{"WebId":..,"UnitsAbbreviation":..,"Items":[{"Timestamp":..,"Value":..,
  * "UnitsAbbreviation":..,"Good":..,...}]}]}, any key order, unknown keys skipped) and returns None for
- * anything else (a stream not in `ids`, "Errors", flags as text, "Value" instead of "Items", a timestamp
- * it cannot read, malformed JSON, a WebException): the caller then decodes with msgspec, value by value.
+ * anything else ("Errors", flags as text, "Value" instead of "Items", a timestamp it cannot read, malformed
+ * JSON, a WebException): the caller then decodes with msgspec, value by value. A stream whose WebId is not
+ * in `ids` is read all the same (the frame must be one msgspec reads) and its rows get id -1, listed as
+ * (webid, rows): the caller drops them (no channel of this process subscribed to it).
  * Values that are not plain numbers (text, states, bools, arrays, big integers) come back as raw JSON
  * slices for Python to classify.
  */
@@ -492,7 +494,7 @@ static int string_or_null(Cur *c, const char **s, Py_ssize_t *n, int *escaped) {
     return scan_string(c, s, n, escaped) ? 1 : -1;
 }
 
-enum { OK = 1, SLOW = 0, NOMEM = -1 };
+enum { OK = 1, SLOW = 0, NOMEM = -1, UNKNOWN = 2 };
 
 /* A "UnitsAbbreviation" value: its interned index, or -1 for null or empty. */
 static int read_units(Cur *c, Out *out, Py_ssize_t *index) {
@@ -824,8 +826,9 @@ static long cached_id(const char *s, Py_ssize_t n) {
     return -1;
 }
 
-/* With the GIL: a webid the table did not have, from the dict (SLOW if it is not there either). */
-static int resolve_id(PyObject *ids_of, const char *s, Py_ssize_t n, long *id) {
+/* With the GIL: a webid the table did not have, from the dict; UNKNOWN (its str in *unknown) if it is not
+ * there either: a stream this process did not subscribe to, whose rows the caller drops. */
+static int resolve_id(PyObject *ids_of, const char *s, Py_ssize_t n, long *id, PyObject **unknown) {
     PyObject *key = PyUnicode_DecodeUTF8(s, n, "strict");
     if (!key) {
         if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) return NOMEM;
@@ -833,8 +836,15 @@ static int resolve_id(PyObject *ids_of, const char *s, Py_ssize_t n, long *id) {
         return SLOW;
     }
     PyObject *found = PyDict_GetItemWithError(ids_of, key);
+    if (!found) {
+        if (PyErr_Occurred()) {
+            Py_DECREF(key);
+            return NOMEM;
+        }
+        *unknown = key;
+        return UNKNOWN;
+    }
     Py_DECREF(key);
-    if (!found) return PyErr_Occurred() ? NOMEM : SLOW;
     *id = PyLong_AsLong(found);
     if (*id == -1 && PyErr_Occurred()) return NOMEM;
     return OK;
@@ -973,26 +983,42 @@ static void free_out(Out *out) {
     free(out);
 }
 
-/* With the GIL, after the scan: webids first seen, values for Python, the interned strings, the tuple. */
+/* With the GIL, after the scan: webids first seen, values for Python, the interned strings, the tuple.
+ * Rows of webids not in `ids_of` get id -1, and each such stream is listed as (webid, rows) in `unknown`. */
 static PyObject *finish(Out *out, PyObject *ids_of) {
     Miss *misses = (Miss *)out->misses.data;
+    PyObject *unknown = PyList_New(0);
+    if (!unknown) return NULL;
     for (size_t i = 0; i < out->misses.len / sizeof(Miss); i++) {
-        long id;
-        int r = resolve_id(ids_of, misses[i].ptr, misses[i].len, &id);
-        if (r == NOMEM) return NULL;
-        if (r == SLOW) Py_RETURN_NONE;
+        long id = -1;
+        PyObject *webid = NULL;
+        int r = resolve_id(ids_of, misses[i].ptr, misses[i].len, &id, &webid);
+        if (r == NOMEM) goto fail_unknown;
+        if (r == SLOW) {
+            Py_DECREF(unknown);
+            Py_RETURN_NONE;
+        }
+        if (r == UNKNOWN) {
+            PyObject *entry = Py_BuildValue("(Nn)", webid, misses[i].end_row - misses[i].first_row);
+            if (!entry || PyList_Append(unknown, entry) < 0) {
+                Py_XDECREF(entry);
+                goto fail_unknown;
+            }
+            Py_DECREF(entry);
+            id = -1;
+        }
         for (Py_ssize_t row = misses[i].first_row; row < misses[i].end_row; row++)
             ((int32_t *)out->ids.data)[row] = (int32_t)id;
     }
     Py_ssize_t raw_count = (Py_ssize_t)(out->raw.len / sizeof(RawValue));
     PyObject *raw = PyList_New(raw_count);
-    if (!raw) return NULL;
+    if (!raw) goto fail_unknown;
     for (Py_ssize_t i = 0; i < raw_count; i++) {
         RawValue *value = &((RawValue *)out->raw.data)[i];
         PyObject *pair = Py_BuildValue("(ny#)", value->row, value->ptr, value->len);
         if (!pair) {
             Py_DECREF(raw);
-            return NULL;
+            goto fail_unknown;
         }
         PyList_SET_ITEM(raw, i, pair);
     }
@@ -1000,6 +1026,7 @@ static PyObject *finish(Out *out, PyObject *ids_of) {
     if (!texts) {
         Py_DECREF(raw);
         Py_XDECREF(units);
+        Py_DECREF(unknown);
         if (PyErr_ExceptionMatches(PyExc_ValueError)) { /* bad UTF-8 or escapes: the decoding path reports it */
             PyErr_Clear();
             Py_RETURN_NONE;
@@ -1007,11 +1034,14 @@ static PyObject *finish(Out *out, PyObject *ids_of) {
         return NULL;
     }
     return Py_BuildValue(
-        "(nNNNNNNNNNNNNNNNNNN)", out->rows, take_bytes(&out->ids), take_bytes(&out->ts), take_bytes(&out->received),
+        "(nNNNNNNNNNNNNNNNNNNN)", out->rows, take_bytes(&out->ids), take_bytes(&out->ts), take_bytes(&out->received),
         take_bytes(&out->value), take_bytes(&out->value_null), take_bytes(&out->text), take_bytes(&out->code),
         take_bytes(&out->code_null), take_bytes(&out->system), take_bytes(&out->good),
         take_bytes(&out->questionable), take_bytes(&out->substituted), take_bytes(&out->annotated),
-        take_bytes(&out->uom), take_bytes(&out->stream_uom), units, texts, raw);
+        take_bytes(&out->uom), take_bytes(&out->stream_uom), units, texts, raw, unknown);
+fail_unknown:
+    Py_DECREF(unknown);
+    return NULL;
 }
 
 static PyThread_type_lock parse_lock; /* one parse at a time: the id table is shared */

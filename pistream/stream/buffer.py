@@ -4,14 +4,17 @@ the exactly-once filter (``dedup``) on the way in.
 Two paths: batches of channel messages in the steady state (every value newer than its tag's floor, in
 order, no gap open) become columns in bulk (``columns.extract_frames`` with the C codec, else
 ``columns.extract`` on msgspec) and pass the filter as arrays; anything else goes value by value into
-plain column lists, with the same decisions either way.
+plain column lists, with the same decisions either way. Values of streams that tag resolution did not
+describe (no channel of this process subscribed to them) are dropped on either path and counted
+(``unsubscribed``).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from itertools import repeat
+from itertools import compress, repeat
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -30,7 +33,7 @@ from ..pi.messages import (
     flag,
 )
 from ..timeutil import TIMESTAMP_US, to_us
-from .columns import FRAME_CODEC, LiveColumns, TagIndex, buffered_bytes, extract, extract_frames
+from .columns import FRAME_CODEC, LiveColumns, TagIndex, Unsubscribed, buffered_bytes, extract, extract_frames
 from .dedup import EventFilter, EventKey, RecentRows, drop_older, event_key, event_keys_of, recent_chunks
 from .floors import Floors
 from .schema import BUFFER_SCHEMA, EVENT_KEY
@@ -39,6 +42,7 @@ log = structlog.get_logger(__name__)
 
 _DATE = pa.date32()
 _KEY_COLUMNS = list(EVENT_KEY)
+_web_id = attrgetter("web_id")
 SWEEP_SECONDS = 10.0  # how often a flush also drops every tag's recent events older than the look-back
 ROW_BYTES_ESTIMATE = 64  # Arrow bytes of a typical row (tag ids, times, value, units, flags)
 COMPACT_ROWS = 16_384  # rows taken value by value that go into Arrow columns at once
@@ -93,6 +97,7 @@ class ColumnBuffer:
         self.filter = event_filter if event_filter is not None else EventFilter()
         self.index = TagIndex(self.filter.floors.tags)  # the filter's tag ids: its floors are by id
         self.malformed = 0  # raw frames that did not decode (logged)
+        self.unsubscribed = Unsubscribed()  # values of streams no channel of this process subscribed to
         self.describe(list(streams), [s.path for s in streams.values()], [s.uom for s in streams.values()])
         self._next_sweep = 0.0
         self._reset()
@@ -161,8 +166,11 @@ class ColumnBuffer:
         Returns the number of values received and any gaps to read back."""
         columns = self.read_frames(items)
         understood = columns is not None  # by the codec: then the bulk path below would not accept them either
-        if columns is not None and self._accept_bulk(columns):
-            return len(columns), []
+        if columns is not None and (not len(columns) or self._accept_bulk(columns)):
+            dropped = sum(values for _, values in columns.unsubscribed)
+            for webid, values in columns.unsubscribed:
+                self.unsubscribed.drop(webid, values)
+            return len(columns) + dropped, []
         streams: list[StreamValues] = []
         received: list[int] = []
         for item in items:
@@ -170,11 +178,21 @@ class ColumnBuffer:
             message_streams = (message.items or ()) if message is not None else ()
             streams.extend(message_streams)
             received.extend(repeat(item.received_us, len(message_streams)))
-        if not understood:
-            columns = extract(streams, received, self.index)
-            if columns is not None and self._accept_bulk(columns):
-                return len(columns), []
+        stream_ids = self.index.stream_ids(list(map(_web_id, streams)))
+        subscribed = self.index.subscribed(stream_ids)
         count = 0
+        if not subscribed.all():  # streams of WebIds no channel of ours asked for: dropped, by stream
+            for i in np.flatnonzero(~subscribed).tolist():
+                values = len(streams[i].timed_values())
+                count += values
+                self.unsubscribed.drop(streams[i].web_id, values)
+            streams = list(compress(streams, subscribed))
+            received = list(compress(received, subscribed))
+            stream_ids = stream_ids[subscribed]
+        if not understood:
+            columns = extract(streams, received, self.index, stream_ids)
+            if columns is not None and self._accept_bulk(columns):
+                return count + len(columns), []
         gaps = []
         for stream, received_us in zip(streams, received, strict=True):
             count += len(stream.timed_values())
@@ -312,7 +330,10 @@ class ColumnBuffer:
     def add_live(self, stream: StreamValues, received_us: int) -> GapRequest | None:
         """Append a channel's values; the first ones after a reconnect may open a gap to read back."""
         webid = stream.web_id or ""
-        path, uom = self._describe(webid, stream)
+        described = self._describe(webid, stream)
+        if described is None:
+            return None
+        path, uom = described
         self.sync_filter()
         if not self.filter.in_gap(webid):
             self._add_live_steady(webid, path, uom, stream, received_us)
@@ -327,7 +348,10 @@ class ColumnBuffer:
     def add_gap(self, stream: StreamValues, received_us: int) -> None:
         """Append recorded values read back for a gap; only those inside the gap's window count."""
         webid = stream.web_id or ""
-        path, uom = self._describe(webid, stream)
+        described = self._describe(webid, stream)
+        if described is None:
+            return
+        path, uom = described
         self.sync_filter()
         for row in self._rows(path, stream):
             if self.filter.accept_gap(webid, row.key):
@@ -409,13 +433,14 @@ class ColumnBuffer:
         if floor is not None:
             filt.floors[webid] = floor
 
-    def _describe(self, webid: str, stream: StreamValues) -> tuple[str, str | None]:
-        """The tag's path and default units, from tag resolution (the message's own units win)."""
+    def _describe(self, webid: str, stream: StreamValues) -> tuple[str, str | None] | None:
+        """The tag's path and default units, from tag resolution (the message's own units win; the message's
+        ``Path`` never counts). None, with the values dropped and counted, for a stream tag resolution did not
+        describe: no channel of this process subscribed to it."""
         known = self.index.described(webid)
         if known is None:
-            path = stream.path or webid
-            self.index.add(webid, path, stream.units_abbreviation)
-            return path, stream.units_abbreviation
+            self.unsubscribed.drop(stream.web_id, len(stream.timed_values()))
+            return None
         return self.index.path(known) or webid, stream.units_abbreviation or self.index.uoms[known]
 
     def _append(self, webid: str, row: _Row, uom: str | None, received_us: int) -> None:

@@ -1,15 +1,17 @@
 """Channel values to table columns in bulk, for the steady state: ``extract_frames`` reads raw frames
 with the C codec (``_framecodec.c``); ``extract`` takes decoded msgspec Structs with C-level ``map`` and
 Arrow conversions where the codec is not built or did not take the frames. Either way no Python loop per
-value. Anything they do not expect (an unknown stream, ``Errors``, quality flags sent as text, an
-unparseable timestamp, ``Value`` instead of ``Items``) makes them return None, and the caller takes the
-value-by-value path, which handles everything.
+value. Anything they do not expect (``Errors``, quality flags sent as text, an unparseable timestamp,
+``Value`` instead of ``Items``) makes them return None, and the caller takes the value-by-value path, which
+handles everything. Values under a WebId that no channel of this process subscribed to (that tag resolution
+did not describe) never become rows, on any path: they are dropped by id, in bulk, and counted
+(``Unsubscribed``).
 """
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import attrgetter, is_not, itemgetter
 from typing import Any
@@ -18,13 +20,17 @@ import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import structlog
 
 from ..pi.messages import StreamValues, classify_value, flag
 from ..timeutil import TIMESTAMP_US, to_us
 from .floors import TagIds
 from .schema import BUFFER_SCHEMA
 
+log = structlog.get_logger(__name__)
+
 _DATE = pa.date32()
+_BOOL = pa.bool_()
 _web_id = attrgetter("web_id")
 _items = attrgetter("items")
 _timestamp = attrgetter("timestamp")
@@ -66,14 +72,34 @@ class TagIndex:
         self._uom_array: pa.Array | None = None
         self._units: dict[str, str] = {}  # one str per distinct unit (100k tags, a few units)
         self._holes: set[int] = set()  # ids below len(uoms) without a path
+        self._described: np.ndarray | None = None  # by id: has a path (see ``subscribed``)
 
     def all_described(self, ids: np.ndarray) -> bool:
-        """Whether every one of these ids has a path (else their rows take the value-by-value path)."""
+        """Whether every one of these ids has a path."""
         if not len(ids):
             return True
         if int(ids.max()) >= len(self.uoms):
             return False
-        return not self._holes or not np.isin(ids, list(self._holes)).any()
+        return not self._holes or bool(self.subscribed(ids).all())
+
+    def stream_ids(self, webids: list[str | None]) -> np.ndarray:
+        """The ids of these webids (int64), -1 for a webid the index does not know at all."""
+        return np.fromiter(map(self.ids.get, webids, repeat(-1)), np.int64, len(webids))  # type: ignore[arg-type]
+
+    def subscribed(self, ids: np.ndarray) -> np.ndarray:
+        """A mask over ``ids`` (-1: unknown): which are streams tag resolution described, i.e. that a channel
+        of this process subscribed to. The others (unknown webids, floors of tags no longer listed) have no
+        resolved path: their values are not this process's to write."""
+        if self._described is None or len(self._described) != len(self.uoms):
+            described = np.ones(len(self.uoms), np.bool_)
+            described[list(self._holes)] = False
+            self._described = described
+        inside = (ids >= 0) & (ids < len(self._described))
+        if inside.all():
+            return self._described[ids]
+        mask = np.zeros(len(ids), np.bool_)
+        mask[inside] = self._described[ids[inside]]
+        return mask
 
     def described(self, webid: str) -> int | None:
         """The tag's id if a path was added for it."""
@@ -101,6 +127,7 @@ class TagIndex:
             self._paths = pa.array(paths, pa.string())
         self.uoms[n] = self._units.setdefault(uom, uom) if uom else uom
         self._webid_array = self._uom_array = None
+        self._described = None
         return n
 
     def path(self, tag_id: int) -> str | None:
@@ -130,6 +157,36 @@ class TagIndex:
                 pa.DictionaryArray.from_arrays(id_array, self._webid_array, safe=False))
 
 
+MAX_LOGGED_WEBIDS = 1000  # unsubscribed WebIds remembered (each logged once); past it, counted only
+LOGGED_WEBID_CHARS = 200  # a hostile server's WebId may be megabytes: logged and remembered cut to this
+
+
+class Unsubscribed:
+    """Values under WebIds no channel of this process subscribed to: dropped, counted, and each WebId
+    logged once (``values_unsubscribed``) — up to MAX_LOGGED_WEBIDS of them, so a server sending ever new
+    WebIds cannot grow memory; past that one line says further ones are counted only."""
+
+    def __init__(self) -> None:
+        self.values = 0
+        self._logged: set[str] = set()  # WebIds (cut to LOGGED_WEBID_CHARS) logged so far
+        self._full = False
+
+    def drop(self, webid: str | None, values: int) -> None:
+        self.values += values
+        shown = (webid or "")[:LOGGED_WEBID_CHARS]
+        if self._full or shown in self._logged:
+            return
+        if len(self._logged) >= MAX_LOGGED_WEBIDS:
+            self._full = True
+            log.warning("values_unsubscribed_many", webids=MAX_LOGGED_WEBIDS,
+                        note="further unsubscribed WebIds are counted (values_unsubscribed), not logged")
+            return
+        self._logged.add(shown)
+        log.warning("values_unsubscribed", webid=shown, cut=len(webid or "") > LOGGED_WEBID_CHARS, values=values,
+                    note="no channel of this process subscribed to this WebId: its values are dropped, "
+                         "counted, and this WebId is not logged again (a misbehaving server or proxy?)")
+
+
 @dataclass
 class LiveColumns:
     """A batch of live values as table columns, plus what the exactly-once filter checks in bulk."""
@@ -137,6 +194,8 @@ class LiveColumns:
     ids: np.ndarray  # int32 tag id per value
     ts: np.ndarray  # int64 microseconds per value
     batch: pa.RecordBatch  # in BUFFER_SCHEMA
+    # (webid, values) of streams left out: no channel of this process subscribed to them
+    unsubscribed: list[tuple[str, int]] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -189,42 +248,44 @@ def _cast_us(arr: pa.Array) -> np.ndarray | None:
         return None
 
 
-def _flags(raw: list[Any], defaults: list[bool] | bool) -> pa.Array | None:
-    """A quality flag column; None (absent) takes the default, text like "true" is read leniently."""
-    n = len(raw)
-    if raw.count(True) == n:
-        return pa.array(np.ones(n, np.bool_))
-    if raw.count(False) == n:
-        return pa.array(np.zeros(n, np.bool_))
-    if raw.count(True) + raw.count(False) == n:
-        return pa.array(raw, pa.bool_())
-    if isinstance(defaults, bool):
-        return pa.array([flag(r, defaults) for r in raw], pa.bool_())
-    return pa.array([flag(r, d) for r, d in zip(raw, defaults, strict=True)], pa.bool_())
-
-
-def extract(streams: list[StreamValues], received_us: list[int], index: TagIndex) -> LiveColumns | None:
-    """The values of ``streams`` (``received_us`` per stream) as columns, or None if the value-by-value
-    path must take them."""
-    webids = list(map(_web_id, streams))
+def _flags(raw: list[Any], defaults: list[bool] | bool) -> pa.Array:
+    """A quality flag column: JSON bools as they are, null (absent) takes the default; anything else (text,
+    numbers) is read value by value with ``flag``. Arrow's type inference is exact here: only bools and
+    nulls make a bool (or null) column, ``1`` or ``"true"`` make it fail or take another type."""
     try:
-        stream_ids = list(map(index.ids.__getitem__, webids))
-    except KeyError:
-        return None
+        column = pa.array(raw)
+    except (pa.ArrowException, OverflowError, TypeError, ValueError):  # then not all bools: value by value
+        column = None
+    if column is not None and (column.type == _BOOL or column.type == pa.null()):
+        if not column.null_count:
+            return column
+        fill = pa.array(defaults, _BOOL) if isinstance(defaults, list) else pa.array(np.full(len(raw), defaults))
+        return pc.if_else(column.is_null(), fill, column.cast(_BOOL))
+    if isinstance(defaults, bool):
+        return pa.array([flag(r, defaults) for r in raw], _BOOL)
+    return pa.array([flag(r, d) for r, d in zip(raw, defaults, strict=True)], _BOOL)
+
+
+def extract(streams: list[StreamValues], received_us: list[int], index: TagIndex,
+            stream_ids: np.ndarray | None = None) -> LiveColumns | None:
+    """The values of ``streams`` (``received_us`` per stream) as columns, or None if the value-by-value
+    path must take them. ``stream_ids``: the streams' ids, when the caller has them (all subscribed)."""
+    if stream_ids is None:
+        stream_ids = index.stream_ids(list(map(_web_id, streams)))
+        if not index.subscribed(stream_ids).all():  # not this process's streams: the caller drops them
+            return None
     lists = list(map(_items, streams))
     if None in lists:
-        return None
-    if not index.all_described(np.array(stream_ids, np.int32)):  # ids the filter knows, with no path/units
         return None
     counts = list(map(len, lists))
     if counts.count(1) == len(counts):
         flat = list(map(_first, lists))
-        ids = np.array(stream_ids, np.int32)
+        ids = stream_ids.astype(np.int32)
         received = np.array(received_us, np.int64)
         stream_units = list(map(_units, streams))
     else:
         flat = list(chain.from_iterable(lists))
-        ids = np.repeat(np.array(stream_ids, np.int32), counts)
+        ids = np.repeat(stream_ids.astype(np.int32), counts)
         received = np.repeat(np.array(received_us, np.int64), counts)
         stream_units = list(chain.from_iterable(map(repeat, map(_units, streams), counts)))
     n = len(flat)
@@ -285,11 +346,23 @@ def extract_frames(frames: list[str | bytes], received_us: list[int], index: Tag
     if parsed is None or parsed[0] == 0:
         return None
     (n, ids_b, ts_b, received_b, value_b, value_null_b, text_b, code_b, code_null_b, system_b, good_b, quest_b,
-     subst_b, annot_b, uom_b, stream_uom_b, units, texts, raw) = parsed
+     subst_b, annot_b, uom_b, stream_uom_b, units, texts, raw, unknown) = parsed
     ids = np.frombuffer(ids_b, np.int32)
-    if not index.all_described(ids):  # a webid from the state file's floors, no longer configured
-        return None
     ts = np.frombuffer(ts_b, np.int64)
+    keep = index.subscribed(ids)  # unknown webids are -1; floors of tags no longer listed have no path
+    dropped = not keep.all()
+    if dropped:
+        floors_only, counts = np.unique(ids[(ids >= 0) & ~keep], return_counts=True)
+        unknown = unknown + [(index.webids[i], c) for i, c in zip(floors_only.tolist(), counts.tolist(),
+                                                                   strict=True)]
+        if not keep.any():  # no rows, but the frames must still be ones msgspec reads, as below
+            for _, chunk in raw:
+                try:
+                    msgspec.json.decode(chunk)
+                except (msgspec.DecodeError, RecursionError):
+                    return None
+            return LiveColumns(ids[keep], ts[keep], pa.RecordBatch.from_pylist([], schema=BUFFER_SCHEMA), unknown)
+        ids = np.where(keep, ids, ids[keep][0])  # valid ids for building the columns; those rows go below
     value = pa.array(np.frombuffer(value_b, np.float64), mask=np.frombuffer(value_null_b, np.bool_))
     text_index = np.frombuffer(text_b, np.int32)
     text_col = pa.array(texts, pa.string()).take(pa.array(text_index, mask=text_index < 0))
@@ -324,4 +397,6 @@ def extract_frames(frames: list[str | bytes], received_us: list[int], index: Tag
 
     batch = _table_batch(index, ids, ts, [value_col, text_col, code_col, system_col, uom_col, *flags],
                          np.frombuffer(received_b, np.int64))
+    if dropped:
+        return LiveColumns(ids[keep], ts[keep], batch.filter(pa.array(keep)), unknown)
     return LiveColumns(ids, ts, batch)
