@@ -216,6 +216,9 @@ class DeltaSink:
         table already holds that version. ``rows`` in the result counts ``batch`` only."""
         return self._with_credentials(lambda: self._commit(batch, txn_version, written_ahead))
 
+    def state_saved(self, txn_version: int) -> None:
+        """The writer's state file holds ``txn_version`` now: nothing to do, the table holds the rest."""
+
     def _last_txn_version(self) -> int:
         """The newest transaction version this writer committed, 0 if none (re-read from the log)."""
         table = self.table
