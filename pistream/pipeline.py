@@ -179,7 +179,7 @@ def open_sink(target: TableTarget, app_id: str, settings: Settings, store: State
         if settings.managed_write == "zerobus":
             from .lake.zerobus import zerobus_sink
 
-            return zerobus_sink(target, app_id, settings.zerobus_endpoint)
+            return zerobus_sink(target, app_id, settings.zerobus_endpoint, store)
         from .lake.copyinto import copy_into_sink
 
         return copy_into_sink(target, app_id, store, settings.staging_volume)
