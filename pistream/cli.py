@@ -75,6 +75,17 @@ def entry() -> None:
                                      "(CREATE TABLE) rather than the Unity Catalog API.")
 @click.option("--warehouse-wait", type=float, help="How long the SQL warehouse of --warehouse-id may take to "
                                                    "start and run CREATE TABLE, in seconds.  [default: 600]")
+@click.option("--managed-write", type=click.Choice(["copy-into", "zerobus"]),
+              help="How to write a Unity Catalog MANAGED --table: copy-into stages each batch as Parquet in "
+                   "--staging-volume and loads it with one COPY INTO through --warehouse-id (exactly once; "
+                   "seconds, a running warehouse); zerobus streams records with Zerobus Ingest (AT-LEAST-ONCE: "
+                   "a retry after a lost acknowledgement writes rows twice; remove them downstream, see "
+                   "README).  [default: copy-into]")
+@click.option("--staging-volume", help="Unity Catalog volume catalog.schema.volume for --managed-write copy-into's "
+                                       "staged files (created if missing).  [default: the table's "
+                                       "catalog.schema.pistream_staging]")
+@click.option("--zerobus-endpoint", help="Zerobus Ingest endpoint for --managed-write zerobus, e.g. "
+                                         "https://<workspace-id>.zerobus.<region>.cloud.databricks.com.")
 @click.option("--server", help="Default PI Data Archive for bare tag names in the tags file.")
 @click.option("--simulate", is_flag=True, default=None,
               help="Start the built-in PI Web API simulator on a loopback port for the listed tags and "

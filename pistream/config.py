@@ -63,6 +63,9 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     warehouse_id: str | None = None
     warehouse_wait: Annotated[float, msgspec.Meta(gt=0, le=86_400)] = 600.0
     location: str | None = None
+    managed_write: Literal["copy-into", "zerobus"] = "copy-into"
+    staging_volume: str | None = None
+    zerobus_endpoint: str | None = None
     maintenance_interval: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 600.0
     stats_interval: Annotated[float, msgspec.Meta(ge=0, le=86_400)] = 60.0
     metrics_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] | None = None

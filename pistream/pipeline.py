@@ -29,8 +29,8 @@ from .lake.claim import WriterClaim, hold
 from .lake.maintenance import MaintenanceScheduler
 from .lake.sink import DeltaSink
 from .lake.tablestats import table_stats
-from .lake.target import TableTarget, make_target
-from .lake.writer import CommitWriter
+from .lake.target import CatalogTarget, TableTarget, make_target
+from .lake.writer import CommitWriter, Sink
 from .metrics import MetricsServer, StartupStatus
 from .pi.auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, OidcClientCredentials
 from .pi.channel import ChannelReader, receive_buffer_size, shard_webids
@@ -148,7 +148,7 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def recover_floors(sink: DeltaSink, store: StateStore, lookback_us: int) -> tuple[EventFilter, int]:
+def recover_floors(sink: Sink, store: StateStore, lookback_us: int) -> tuple[EventFilter, int]:
     """Where each tag stopped in the table, and this writer's last transaction version.
 
     From the state file when it matches the table; otherwise from the table itself (only the partitions
@@ -166,15 +166,15 @@ def recover_floors(sink: DeltaSink, store: StateStore, lookback_us: int) -> tupl
     if loaded is not None and loaded[1] < txn_version and lowest is not None:
         base = loaded[0]
         since = (EPOCH + timedelta(microseconds=lowest - lookback_us)).date()
-    if txn_version == 0 and sink.table.version() == 0:
-        return base, txn_version  # a new table: nothing to read
+    if txn_version == 0 and (not isinstance(sink, DeltaSink) or sink.table.version() == 0):
+        return base, txn_version  # a new table (or, managed, nothing staged and no state): nothing to read
     advance_from_rows(base, sink.read_event_keys(since))
     log.info("floors_loaded", source="table", since=str(since) if since else "all", tags=len(base.floors),
              txn_version=txn_version, seconds=round(time.monotonic() - started, 3))
     return base, txn_version
 
 
-def recover_open_gaps(sink: DeltaSink, store: StateStore) -> dict[GapRequest, list[EventKey]]:
+def recover_open_gaps(sink: Sink, store: StateStore) -> dict[GapRequest, list[EventKey]]:
     """The gaps an earlier run was still reading back when it stopped, each with the events the table
     already holds in it (pages read before the stop, the live value at its end): they are read again."""
     gaps = store.load_gaps()
@@ -193,21 +193,32 @@ def recover_open_gaps(sink: DeltaSink, store: StateStore) -> dict[GapRequest, li
     return known
 
 
-def open_sink(target: TableTarget, app_id: str) -> DeltaSink:
-    """The sink for a prepared target: a Unity Catalog table's storage options follow its vended credentials."""
+def open_sink(target: TableTarget, app_id: str, settings: Settings, store: StateStore) -> Sink:
+    """The sink for a prepared target: a Unity Catalog table's storage options follow its vended credentials;
+    a MANAGED one is written through the warehouse (``--managed-write``)."""
+    if isinstance(target, CatalogTarget) and target.managed:
+        if settings.managed_write == "zerobus":
+            from .lake.zerobus import zerobus_sink
+
+            return zerobus_sink(target, app_id, settings.zerobus_endpoint, store)
+        from .lake.copyinto import copy_into_sink
+
+        return copy_into_sink(target, app_id, store, settings.staging_volume)
     if target.catalog_name is not None:
         return DeltaSink(target.uri, app_id, credentials=target, name=target.catalog_name)
     return DeltaSink(target.uri, app_id, target.base_options)
 
 
-def credential_expiry(sink: DeltaSink) -> float | None:
+def credential_expiry(sink: Sink) -> float | None:
     """When the table's vended credentials expire (epoch seconds), for the metrics; None if not vended."""
-    vended = getattr(sink.credentials, "credentials", None)  # CatalogTarget -> VendedCredentials
+    vended = getattr(getattr(sink, "credentials", None), "credentials", None)  # CatalogTarget -> VendedCredentials
     return vended.expires_at if vended is not None and vended.expires_at > 0 else None
 
 
-def log_table_summary(sink: DeltaSink) -> None:
+def log_table_summary(sink: Sink) -> None:
     """The table as the run leaves it, from its log (milliseconds): rows, files, partitions, checkpoint."""
+    if not isinstance(sink, DeltaSink):
+        return  # a MANAGED table's log is Unity Catalog's
     try:
         stats = table_stats(sink.uri, sink.current_storage_options)
     except PistreamError as exc:
@@ -327,7 +338,7 @@ class StartUp:
 class TableReady:
     """The table opened at start, and where this writer stopped in it."""
 
-    sink: DeltaSink
+    sink: Sink
     store: StateStore
     committed: EventFilter
     txn_version: int
@@ -336,20 +347,22 @@ class TableReady:
 
 @dataclass
 class OpenedTable:
-    sink: DeltaSink
+    sink: Sink
     store: StateStore
 
 
-async def open_table(target: TableTarget | None, sink: DeltaSink | None, app_id: str,
+async def open_table(target: TableTarget | None, sink: Sink | None, app_id: str,
                      settings: Settings) -> OpenedTable:
     """Find the table (a Unity Catalog one: its location and credentials; created if missing once the warehouse
     answers) and open it (created if missing). A stop ends the wait: the blocking open is abandoned."""
     if target is not None:
         await target.open()
-        sink = open_sink(target, app_id)
-    assert sink is not None
-    name = target.catalog_name or sink.display_uri if target is not None else sink.display_uri
-    store = StateStore(state_path(settings.state_dir, settings.table, app_id), name, app_id)
+        store = StateStore(state_path(settings.state_dir, settings.table, app_id),
+                           target.catalog_name or target.display, app_id)
+        sink = open_sink(target, app_id, settings, store)
+    else:
+        assert sink is not None
+        store = StateStore(state_path(settings.state_dir, settings.table, app_id), sink.display_uri, app_id)
     await trio.to_thread.run_sync(sink.open, abandon_on_cancel=True)
     return OpenedTable(sink, store)
 
@@ -368,7 +381,7 @@ def uncommitted_values(flusher: Flusher, writer: CommitWriter) -> int:
 
 
 async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, handle_signals: bool = True,
-                       sink: DeltaSink | None = None, stop_watchdog: bool = False) -> RunSummary:
+                       sink: Sink | None = None, stop_watchdog: bool = False) -> RunSummary:
     """Run until ``stop`` is set, a signal arrives or ``settings.duration`` elapses.
 
     The start-up waits for PI Web API and the table's storage to answer (retried); every wait ends at a stop.
@@ -397,7 +410,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
     app_id = writer_app_id(settings)
     target = make_target(settings.table, storage_options=settings.storage_options,
                          databricks_profile=settings.databricks_profile, warehouse_id=settings.warehouse_id,
-                         location=settings.location, warehouse_wait=settings.warehouse_wait) if sink is None else None
+                         location=settings.location, warehouse_wait=settings.warehouse_wait,
+                         managed_write=settings.managed_write) if sink is None else None
     startup = StartUp(StartupStatus())
     timer: threading.Timer | None = None
     try:
@@ -435,9 +449,11 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
                     table_step = f"table {target.display if target is not None else settings.table}"
                     opened = await startup.step(table_step, "storage_unreachable", open_table, target, sink, app_id,
                                                 settings)
-                    # One live writer per app id, until the root nursery ends (after the last commit): released
-                    # then. Taken before reading where this writer stopped, so that no other writer moves it.
-                    await root.start(hold, opened.sink, WriterClaim(opened.sink.app_id))
+                    if isinstance(opened.sink, DeltaSink):
+                        # One live writer per app id, until the root nursery ends (after the last commit):
+                        # released then. Taken before reading where this writer stopped, so that no other writer
+                        # moves it. (A MANAGED table's log is Unity Catalog's: no claim there.)
+                        await root.start(hold, opened.sink, WriterClaim(opened.sink.app_id))
                     ready = await startup.step(table_step, "storage_unreachable",
                                                partial(trio.to_thread.run_sync, abandon_on_cancel=True),
                                                recover_table, opened, settings)
@@ -451,7 +467,10 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
                     return RunSummary(len(paths), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                       round(time.monotonic() - started, 3))
                 sink, store, committed = ready.sink, ready.store, ready.committed
-                if settings.maintenance_interval:  # in the root nursery: cancelled after the last commit
+                if not isinstance(sink, DeltaSink):
+                    log.info("maintenance_skipped", table=sink.display_uri, reason="a MANAGED table: Databricks "
+                             "maintains it (predictive optimization, or OPTIMIZE on a schedule)")
+                elif settings.maintenance_interval:  # in the root nursery: cancelled after the last commit
                     await root.start(MaintenanceScheduler(
                         sink.uri, target.storage_options if target is not None else sink.current_storage_options,
                         interval=settings.maintenance_interval).run)

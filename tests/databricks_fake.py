@@ -22,7 +22,9 @@ Endpoints (JSON unless said; every ``/api/`` call needs ``Authorization: Bearer 
 - ``POST /api/2.1/unity-catalog/temporary-table-credentials`` (``table_id``, ``operation`` READ|READ_WRITE).
 - ``POST /api/2.0/sql/statements``, ``GET /api/2.0/sql/statements/{id}``, ``POST .../{id}/cancel``: understands
   ``CREATE TABLE [IF NOT EXISTS] c.s.t (<columns>) [USING DELTA] [PARTITIONED BY (..)] [LOCATION '..']
-  [COMMENT '..'] [TBLPROPERTIES (..)]``; anything else FAILS as a syntax error.
+  [COMMENT '..'] [TBLPROPERTIES (..)]`` and ``COPY INTO`` (``databricks_fake_volumes``); anything else FAILS as a
+  syntax error.
+- Volumes, the Files API and MANAGED tables as local Delta tables: ``databricks_fake_volumes`` (a mixin).
 
 ``uc_workspace`` (a ``FakeWorkspace``): ``host`` (http://127.0.0.1:PORT), ``pat``, ``client_id``,
 ``client_secret``, ``user``, ``warehouse_id``, ``metastore_id``, ``s3_endpoint``, ``bucket``, ``region``,
@@ -90,6 +92,7 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
+from databricks_fake_volumes import VolumesMixin, volume_endpoint
 
 MOTO_ACCOUNT = "123456789012"  # moto's default account
 UC_BUCKET = "pistream-uc"
@@ -458,6 +461,7 @@ class Statement:
     wait_timeout: str
     state: str = "PENDING"
     error: dict[str, str] | None = None
+    result: tuple[list[str], list[str]] | None = None  # columns and the one row of a statement that has one
 
 
 @dataclass
@@ -472,7 +476,7 @@ class Vend:
     principal: str
 
 
-class FakeWorkspace:
+class FakeWorkspace(VolumesMixin):
     """State, knobs and the HTTP server of the fake workspace. Knobs are plain attributes (set them from the
     test thread; every request reads them once); counters and the log are kept under a lock."""
 
@@ -509,6 +513,7 @@ class FakeWorkspace:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name="fake-databricks", daemon=True)
         self._thread.start()
+        threading.Thread(target=self._run_unpolled, name="fake-databricks-warehouse", daemon=True).start()
 
     def stop(self) -> None:
         if self._server is not None:
@@ -565,6 +570,8 @@ class FakeWorkspace:
             self._calls: Counter[str] = Counter()
             self._log: list[dict[str, Any]] = []
             self._vends: list[Vend] = []
+            self.statements_run_unpolled = False  # True: statements go on without polls, as a real warehouse's
+            self._reset_volumes()
         self.up()
 
     # -- what tests use ---------------------------------------------------------------------------------
@@ -633,6 +640,8 @@ class FakeWorkspace:
             info = self._table_info(catalog, schema, name, table_type, data_source_format, location,
                                     columns or [], comment, properties or {}, self.user)
             self._tables[info["full_name"]] = info
+            if table_type == "MANAGED":
+                self._create_managed_storage(info["full_name"], columns or [])
             return dict(info)
 
     def table(self, full_name: str) -> dict[str, Any] | None:
@@ -643,6 +652,11 @@ class FakeWorkspace:
     def drop_table(self, full_name: str) -> None:
         with self._lock:
             self._tables.pop(full_name.lower(), None)
+
+    def stop_warehouse(self) -> None:
+        """The SQL warehouse stops (auto-stop): the next statement starts it again, ``warehouse_start_seconds``."""
+        with self._lock:
+            self._warehouse_up_at = None
 
     def fail_next(self, count: int, status: int = 503, endpoint: str | None = None) -> None:
         """The next ``count`` calls (of ``endpoint``, or any) answer ``status`` (429/5xx) with the real
@@ -816,7 +830,9 @@ class FakeWorkspace:
         return 200, {"access_token": token, "token_type": "Bearer", "expires_in": int(lifetime), "scope": scope}
 
     def _api(self, method: str, path: str, query: dict[str, list[str]], body: bytes, principal: str,
-             endpoint: str) -> tuple[int, dict[str, Any]]:
+             endpoint: str) -> tuple[int, Any]:
+        if volume_endpoint(method, path) is not None:
+            return self._volumes_api(endpoint, method, path, query, body, principal)
         try:
             request = json.loads(body) if body.strip() else {}
         except ValueError:
@@ -1050,7 +1066,7 @@ class FakeWorkspace:
                 statement.state = "RUNNING"
             elif statement.state == "RUNNING" and now - max(statement.submitted, up_at) >= self.statement_seconds:
                 try:
-                    self._run_sql(statement.text, principal)
+                    statement.result = self._run_sql(statement.text, principal)
                     statement.state = "SUCCEEDED"
                 except _SqlError as exc:
                     statement.state = "FAILED"
@@ -1063,13 +1079,32 @@ class FakeWorkspace:
         if statement.error:
             status["error"] = dict(statement.error)
         answer: dict[str, Any] = {"statement_id": statement.statement_id, "status": status}
-        if statement.state == "SUCCEEDED":
+        if statement.state == "SUCCEEDED" and statement.result is not None:
+            columns, row = statement.result
+            answer["manifest"] = {"format": "JSON_ARRAY", "schema": {"column_count": len(columns), "columns": [
+                {"name": name, "type_name": "LONG", "type_text": "BIGINT", "position": i}
+                for i, name in enumerate(columns)]}, "total_chunk_count": 1, "total_row_count": 1, "truncated": False}
+            answer["result"] = {"chunk_index": 0, "row_offset": 0, "row_count": 1, "data_array": [row]}
+        elif statement.state == "SUCCEEDED":
             answer["manifest"] = {"format": "JSON_ARRAY", "schema": {"column_count": 0, "columns": []},
                                   "total_chunk_count": 0, "total_row_count": 0, "truncated": False}
             answer["result"] = {"chunk_index": 0, "row_offset": 0, "row_count": 0}
         return answer
 
-    def _run_sql(self, text: str, principal: str) -> None:
+    def _run_unpolled(self) -> None:
+        """With ``statements_run_unpolled``: every statement goes on as if polled (until the server stops)."""
+        while self._server is not None:
+            if self.statements_run_unpolled:
+                with self._lock:
+                    waiting = [s for s in self._statements.values() if s.state in ("PENDING", "RUNNING")]
+                for statement in waiting:
+                    self._advance(statement, "unpolled")
+            time.sleep(0.1)
+
+    def _run_sql(self, text: str, principal: str) -> tuple[list[str], list[str]] | None:
+        copied = self._copy_into(text)
+        if copied is not None:
+            return copied
         create = _parse_create_table(text)
         catalog, schema, name = create["name"]
         full_name = f"{catalog}.{schema}.{name}"
@@ -1081,7 +1116,7 @@ class FakeWorkspace:
                             "spelling and correctness of the schema and catalog. SQLSTATE: 42704")
         if full_name in self._tables:
             if create["if_not_exists"]:
-                return
+                return None
             raise _SqlError(f"[TABLE_OR_VIEW_ALREADY_EXISTS] Cannot create table or view {quoted} because it "
                             "already exists. SQLSTATE: 42P07")
         location = create["location"]
@@ -1096,6 +1131,9 @@ class FakeWorkspace:
         self._tables[full_name] = self._table_info(
             catalog, schema, name, table_type, create["format"], location, create["columns"], create["comment"],
             create["properties"], principal)
+        if table_type == "MANAGED":
+            self._create_managed_storage(full_name, create["columns"])
+        return None
 
 
 class _SqlError(Exception):
@@ -1192,6 +1230,9 @@ def _parse_create_table(text: str) -> dict[str, Any]:
 
 
 def _endpoint(method: str, path: str) -> str:
+    volumes = volume_endpoint(method, path)
+    if volumes is not None:
+        return volumes
     if path == "/oidc/v1/token":
         return "oidc_token"
     if path.startswith("/oidc/.well-known/"):
@@ -1235,9 +1276,10 @@ class _Handler(BaseHTTPRequestHandler):
             status, extra, answer = self.fake.handle(self.command, self.path, headers, body)
         except Exception as exc:  # a bug in the fake: say so, as a 500 the client can see
             status, extra, answer = 500, {}, {"error_code": "INTERNAL_ERROR", "message": f"fake: {exc!r}"}
-        data = json.dumps(answer).encode()
+        binary = isinstance(answer, bytes)
+        data = answer if binary else json.dumps(answer).encode()
         self.send_response(status, HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else None)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "application/octet-stream" if binary else "application/json")
         self.send_header("Content-Length", str(len(data)))
         for key, value in extra.items():
             self.send_header(key, value)
@@ -1247,7 +1289,7 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:  # the client went away (its read timeout) or down() cut the connection
             self.close_connection = True
 
-    do_GET = do_POST = do_DELETE = do_PATCH = do_PUT = _serve
+    do_GET = do_POST = do_DELETE = do_PATCH = do_PUT = do_HEAD = _serve
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         pass  # the fake keeps its own log, without secrets
@@ -1281,6 +1323,7 @@ def uc_workspace_server(uc_s3: IamS3) -> Iterator[FakeWorkspace]:
         yield workspace
     finally:
         workspace.stop()
+        workspace.cleanup_volumes()
 
 
 @pytest.fixture

@@ -186,7 +186,9 @@ def test_cli_managed_table_exit_2(workspace, tmp_path):
          "--table", "main.bronze.managed", "--state-dir", str(tmp_path / "state"), "--log-format", "json"],
         capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
-    assert "pistream: error: Unity Catalog table main.bronze.managed is a MANAGED table" in result.stderr
+    # a MANAGED table is written through a SQL warehouse (tests/test_managed_tables.py): without one, exit 2
+    assert ("pistream: error: --table main.bronze.managed is a MANAGED table, which pistream loads with COPY INTO "
+            "through a SQL warehouse: pass --warehouse-id") in result.stderr
     assert workspace.pat not in result.stderr + result.stdout
     assert not (tmp_path / "pistream-data").exists()
 

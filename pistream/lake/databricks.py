@@ -262,10 +262,16 @@ class Workspace:
 
         ``resend=False`` for a call that must not be carried out twice: it is sent again only when it surely
         did not arrive; ``WorkspaceUncertain`` when it may have been carried out without an answer."""
+        response = self.request(method, path, json=json, params=params, resend=resend)
+        return response.json() if response.content else {}
+
+    def request(self, method: str, path: str, json: Any = None, params: Mapping[str, str] | None = None,
+                *, content: bytes | None = None, resend: bool = True) -> httpx.Response:
+        """``call`` for any answer (the Files API's bytes): the successful response, or the same errors."""
         delay = 0.5
         for attempt in range(1, ATTEMPTS + 1):
             try:
-                response = self._client.request(method, path, json=json, params=params)
+                response = self._client.request(method, path, json=json, params=params, content=content)
             except httpx.HTTPError as exc:
                 failure = f"{type(exc).__name__}"
                 if isinstance(exc, httpx.ReadTimeout):
@@ -276,7 +282,7 @@ class Workspace:
             else:
                 status = response.status_code
                 if status < 300:
-                    return response.json() if response.content else {}
+                    return response
                 if status not in RETRIED_STATUS:
                     raise self._error(response, method, path)
                 failure = f"HTTP {status}"

@@ -14,6 +14,7 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -40,24 +41,30 @@ PLAIN_TAGS_ROW_GROUP = 65_536
 STATISTICS_COLUMNS = ["tag", "tag_webid", "timestamp", "received_timestamp"]
 
 
-def write_partitions(files: pafs.FileSystem, batch: pa.Table | pa.RecordBatch) -> list[AddAction]:
+def write_partitions(files: pafs.FileSystem, batch: pa.Table | pa.RecordBatch, *,
+                     name: Callable[[str], str] | None = None, with_partition_column: bool = False
+                     ) -> list[AddAction]:
     """Write ``batch`` (in the table schema) as one file per partition date under the table root that
-    ``files`` points at; the add actions to commit them."""
+    ``files`` points at; the add actions to commit them. ``name(day)`` gives a file's path instead of
+    delta-rs's random one; ``with_partition_column`` keeps the date column in the file (a file a COPY INTO
+    loads: it reads columns from the file, not from the path)."""
     table = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
     dates = table.column(PARTITION_COLUMN)
-    data = table.drop_columns([PARTITION_COLUMN])
+    data = table if with_partition_column else table.drop_columns([PARTITION_COLUMN])
     distinct = pc.unique(dates)
     if len(distinct) == 1:
-        return [_write_file(files, distinct[0].as_py().isoformat(), data)]
-    return [_write_file(files, day.as_py().isoformat(), data.filter(pc.equal(dates, day))) for day in distinct]
+        return [_write_file(files, distinct[0].as_py().isoformat(), data, name)]
+    return [_write_file(files, day.as_py().isoformat(), data.filter(pc.equal(dates, day)), name)
+            for day in distinct]
 
 
-def _write_file(files: pafs.FileSystem, day: str, data: pa.Table) -> AddAction:
-    path = f"{PARTITION_COLUMN}={day}/part-00000-{uuid.uuid4()}-c000.snappy.parquet"
+def _write_file(files: pafs.FileSystem, day: str, data: pa.Table, name: Callable[[str], str] | None = None
+                ) -> AddAction:
+    path = name(day) if name else f"{PARTITION_COLUMN}={day}/part-00000-{uuid.uuid4()}-c000.snappy.parquet"
     data = _compact_dictionaries(data)
     if _needs_cast(data.schema):
-        data = data.cast(FILE_SCHEMA)
-    if isinstance(files, pafs.SubTreeFileSystem):  # a local folder: the partition's folder first
+        data = data.cast(TABLE_SCHEMA if PARTITION_COLUMN in data.column_names else FILE_SCHEMA)
+    if isinstance(files, pafs.SubTreeFileSystem) and "/" in path:  # a local folder: the partition's folder first
         files.create_dir(path.rsplit("/", 1)[0], recursive=True)
     plain_tags = _many_tags_repeating_little(data)
     with files.open_output_stream(path) as out:
@@ -136,7 +143,7 @@ def _needs_cast(schema: pa.Schema) -> bool:
     """Whether a column's type differs from the table's other than by dictionary encoding of strings (which
     Parquet stores as plain strings)."""
     for field in schema:
-        want = FILE_SCHEMA.field(field.name).type
+        want = TABLE_SCHEMA.field(field.name).type
         have = field.type.value_type if pa.types.is_dictionary(field.type) else field.type
         if not have.equals(want):
             return True
@@ -151,6 +158,8 @@ def file_stats(data: pa.Table) -> str:
     maximum: dict[str, object] = {}
     nulls: dict[str, int] = {}
     for name, column in zip(data.column_names, data.columns, strict=True):
+        if name == PARTITION_COLUMN:  # in the path (a staged file for COPY INTO has it as a column too)
+            continue
         nulls[name] = column.null_count
         if column.null_count == len(column):
             continue

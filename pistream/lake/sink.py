@@ -267,6 +267,9 @@ class DeltaSink:
             text, cause = self._describe(exc)
             raise SinkError(f"{action} app id {claim.app_id} of {self.display_uri} failed: {text}") from cause
 
+    def state_saved(self, txn_version: int) -> None:
+        """The writer's state file holds ``txn_version`` now: nothing to do, the table holds the rest."""
+
     def _last_txn_version(self) -> int:
         """The newest transaction version this writer committed, 0 if none (re-read from the log)."""
         table = self.table

@@ -78,7 +78,7 @@ class CatalogTarget(TableTarget):
     def __init__(self, full_name: str, *, profile: str | None = None, warehouse_id: str | None = None,
                  location: str | None = None, storage_options: Mapping[str, str] | None = None,
                  environ: Mapping[str, str] | None = None, workspace: Any = None,
-                 warehouse_wait: float | None = None):
+                 warehouse_wait: float | None = None, managed_write: str | None = None):
         from .databricks import Workspace
         from .unitycatalog import WAREHOUSE_WAIT
 
@@ -92,6 +92,14 @@ class CatalogTarget(TableTarget):
                               "needs s3://..., abfss://...@ACCOUNT.dfs.core.windows.net/... or gs://...")
         self.workspace = workspace or Workspace(_workspace_config(full_name, profile, environ))
         self.credentials: Any = None
+        # A MANAGED table is taken (written through the warehouse: ``copyinto``) only when a stream says how.
+        self.managed_write = managed_write
+        self.table: CatalogTable | None = None  # as Unity Catalog describes it, once resolved
+
+    @property
+    def managed(self) -> bool:
+        """A MANAGED table: no credentials are vended, its files are Unity Catalog's; ``copyinto`` writes it."""
+        return self.table is not None and self.table.table_type.upper() == "MANAGED"
 
     @property
     def display(self) -> str:
@@ -141,7 +149,7 @@ class CatalogTarget(TableTarget):
         catalog = UnityCatalog(self.workspace)
         table = await in_thread(catalog.get_table, self.catalog_name)  # first: an unanswered create may have landed
         if table is None:
-            if not self.location:
+            if not self.location and not (self.managed_write and self.warehouse_id):
                 raise self._missing()
             table = await catalog.create_table(self.catalog_name, self.location, self.warehouse_id,
                                                self.warehouse_wait)
@@ -150,13 +158,20 @@ class CatalogTarget(TableTarget):
     def _missing(self) -> ConfigError:
         return ConfigError(f"Unity Catalog table {self.catalog_name} does not exist: pass --location "
                            "s3://BUCKET/PATH (or abfss://...) to create it as an external table there "
-                           "(with --warehouse-id to create it through a SQL warehouse)")
+                           "(with --warehouse-id to create it through a SQL warehouse), or only --warehouse-id "
+                           "to create it as a MANAGED table through that warehouse")
 
     def _use(self, catalog: UnityCatalog, table: CatalogTable) -> None:
         """Blocking: check the table, then the first vend (refused privileges show here, at start)."""
         from .unitycatalog import VendedCredentials, check_writable
 
-        check_writable(table)
+        check_writable(table, managed=self.managed_write is not None)
+        self.table = table
+        if self.managed:
+            self.uri = table.storage_location
+            log.info("catalog_table_resolved", table=self.catalog_name, table_type="MANAGED",
+                     managed_write=self.managed_write)
+            return
         if self.location and self.location != table.storage_location.rstrip("/"):
             log.warning("location_ignored", table=self.catalog_name, location=self.location,
                         storage_location=table.storage_location, note="the table exists; its own location is used")
@@ -168,6 +183,9 @@ class CatalogTarget(TableTarget):
                  expires_in=round(credentials.expires_at - credentials.clock(), 1))
 
     def storage_options(self) -> dict[str, str]:
+        if self.managed:
+            raise ConfigError(f"{self.catalog_name} is a MANAGED table: Unity Catalog vends no credentials to "
+                              "write its files; pistream writes it through a SQL warehouse (--managed-write)")
         if self.credentials is None:
             self.prepare()
         return effective_storage_options(self.uri, self.credentials.storage_options())
@@ -217,13 +235,16 @@ def dotted_local_name(table: str) -> str | None:
 
 def make_target(table: str, *, storage_options: Mapping[str, str] | None = None,
                 databricks_profile: str | None = None, warehouse_id: str | None = None,
-                location: str | None = None, warehouse_wait: float | None = None) -> TableTarget:
-    """The target ``--table`` names (cheap: a UC target reads its workspace profile, but calls nothing)."""
+                location: str | None = None, warehouse_wait: float | None = None,
+                managed_write: str | None = None) -> TableTarget:
+    """The target ``--table`` names (cheap: a UC target reads its workspace profile, but calls nothing).
+    ``managed_write``: how a stream writes a MANAGED table (None: refuse one, as the one-shot commands do)."""
     from .unitycatalog import is_table_name
 
     if is_table_name(table) and not is_remote(table):
         return CatalogTarget(table, profile=databricks_profile, warehouse_id=warehouse_id, location=location,
-                             storage_options=storage_options, warehouse_wait=warehouse_wait)
+                             storage_options=storage_options, warehouse_wait=warehouse_wait,
+                             managed_write=managed_write)
     if location or warehouse_id:
         raise ConfigError(f"--location and --warehouse-id are for Unity Catalog tables (catalog.schema.table), "
                           f"not {table}: drop them, or name the table as catalog.schema.table")

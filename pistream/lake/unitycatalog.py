@@ -97,14 +97,16 @@ class UnityCatalog:
             storage_location=str(info.get("storage_location") or ""), table_type=str(info.get("table_type") or ""),
             data_source_format=str(info.get("data_source_format") or ""))
 
-    async def create_table(self, full_name: str, location: str, warehouse_id: str | None,
+    async def create_table(self, full_name: str, location: str | None, warehouse_id: str | None,
                            warehouse_wait: float = WAREHOUSE_WAIT) -> CatalogTable:
         """Register an EXTERNAL DELTA table at ``location``: through a SQL warehouse when one is given (as a
-        person would, ``CREATE TABLE IF NOT EXISTS``), else through the UC tables API. Sent once: a create
-        that got no answer raises ``WorkspaceUncertain``, and the caller GETs the table before trying again."""
+        person would, ``CREATE TABLE IF NOT EXISTS``), else through the UC tables API. Without ``location``, a
+        MANAGED table (the warehouse only: the UC API creates external tables). Sent once: a create that got no
+        answer raises ``WorkspaceUncertain``, and the caller GETs the table before trying again."""
         catalog, schema, name = split_name(full_name)
         try:
-            if warehouse_id:
+            if warehouse_id or not location:
+                assert warehouse_id, "a managed table is created through a SQL warehouse"
                 await self.run_statement(create_table_sql(full_name, location), warehouse_id,
                                          wait=warehouse_wait, what=f"CREATE TABLE {full_name}")
             else:
@@ -122,17 +124,37 @@ class UnityCatalog:
         if table is None:
             raise SinkError(f"Unity Catalog table {full_name} was created but cannot be found: check that "
                             "the principal may see it (USE CATALOG, USE SCHEMA, SELECT)")
-        log.info("catalog_table_created", table=full_name, location=location,
+        log.info("catalog_table_created", table=full_name, table_type=table.table_type, location=location,
                  via="sql warehouse" if warehouse_id else "unity catalog api")
         return table
 
-    async def run_statement(self, statement: str, warehouse_id: str, *, wait: float, what: str) -> None:
+    async def run_statement(self, statement: str, warehouse_id: str, *, wait: float, what: str,
+                            submitted: Callable[[str], None] | None = None) -> dict[str, Any]:
         """Submit ``statement`` once with ``wait_timeout`` 0s (answered at once, whatever the warehouse
         does), then poll it by id with backoff for up to ``wait`` seconds while the warehouse starts.
-        Stopped (cancelled), out of time or failing: the statement is cancelled on the warehouse."""
+        Stopped (cancelled), out of time or failing: the statement is cancelled on the warehouse. The last
+        answer (``manifest`` and ``result``: the statement's rows) once SUCCEEDED. ``submitted(id)`` is
+        called as soon as the statement has its id (to find it again after a crash: ``await_statement``)."""
         answer = await in_thread(self.workspace.call, "POST", STATEMENTS, resend=False, json={
             "warehouse_id": warehouse_id, "statement": statement, "wait_timeout": "0s",
             "on_wait_timeout": "CONTINUE"})
+        if submitted is not None:
+            submitted(str(answer.get("statement_id") or ""))
+        return await self._poll(answer, warehouse_id, wait=wait, what=what)
+
+    async def await_statement(self, statement_id: str, warehouse_id: str, *, wait: float, what: str
+                              ) -> dict[str, Any] | None:
+        """A statement submitted earlier (maybe by a run that crashed), polled to its end as ``run_statement``
+        does; None if the warehouse no longer knows it."""
+        try:
+            answer = await in_thread(self.workspace.call, "GET", f"{STATEMENTS}/{statement_id}")
+        except WorkspaceError as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return await self._poll(answer, warehouse_id, wait=wait, what=what)
+
+    async def _poll(self, answer: dict[str, Any], warehouse_id: str, *, wait: float, what: str) -> dict[str, Any]:
         statement_id = str(answer.get("statement_id") or "")
         status: dict[str, Any] = answer.get("status") or {}
         started = trio.current_time()
@@ -162,6 +184,7 @@ class UnityCatalog:
             error = status.get("error") or {}
             raise WorkspaceError(f"{what} on SQL warehouse {warehouse_id} {status.get('state')}: "
                                  f"{error.get('message', '')}", 400, str(error.get("error_code") or status["state"]))
+        return answer
 
     async def _cancel_statement(self, statement_id: str) -> None:
         """Best effort and brief: a statement left behind would still wait for (or start) the warehouse."""
@@ -241,12 +264,14 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def create_table_sql(full_name: str, location: str) -> str:
+def create_table_sql(full_name: str, location: str | None) -> str:
+    """``CREATE TABLE IF NOT EXISTS`` of the bronze table: EXTERNAL at ``location``, MANAGED without one."""
     columns = ",\n  ".join(f"`{f.name}` {spark_type(f.type).upper()}{'' if f.nullable else ' NOT NULL'}"
                            for f in TABLE_SCHEMA)
     properties = ", ".join(f"{_sql_string(k)} = {_sql_string(v)}" for k, v in TABLE_PROPERTIES.items())
+    where = f"LOCATION {_sql_string(location)} " if location else ""
     return (f"CREATE TABLE IF NOT EXISTS {_quote_name(full_name)} (\n  {columns}\n) USING DELTA "
-            f"PARTITIONED BY (`{PARTITION_COLUMN}`) LOCATION {_sql_string(location)} "
+            f"PARTITIONED BY (`{PARTITION_COLUMN}`) {where}"
             f"COMMENT {_sql_string(TABLE_COMMENT)} TBLPROPERTIES ({properties})")
 
 
@@ -335,9 +360,12 @@ class VendedCredentials:
                  refresh_in=round(self._refresh_at - now, 1), generation=self.generation)
 
 
-def check_writable(table: CatalogTable) -> None:
-    """Only EXTERNAL DELTA tables: a clear exit-2 error for a MANAGED table or a view."""
+def check_writable(table: CatalogTable, *, managed: bool = False) -> None:
+    """EXTERNAL DELTA tables (and MANAGED ones if ``managed``: through a warehouse, ``copyinto``): a clear
+    exit-2 error for anything else."""
     kind = table.table_type.upper()
+    if managed and kind == "MANAGED" and table.data_source_format.upper() == "DELTA":
+        return
     if kind != "EXTERNAL":
         what = {"MANAGED": "a MANAGED table (Unity Catalog owns its files; outside writers may not write them)",
                 "VIEW": "a view", "MATERIALIZED_VIEW": "a materialized view",

@@ -2,17 +2,23 @@
 one Delta transaction version per batch, retrying a failed commit with backoff until it lands. The parts
 of a large batch that the flusher spills ahead are written to data files as they come, and the batch's
 commit adds them with its own.
+
+The sink is a ``DeltaSink`` (a Delta table pistream commits to itself) or a ``copyinto.CopyIntoSink`` (a
+Unity Catalog MANAGED table loaded through a SQL warehouse): only the commit step differs. Once the state
+file holds a version, ``sink.state_saved(version)`` lets the sink drop what it kept for a restart until then
+(the COPY INTO path's staged files).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from datetime import date
+from typing import Any, Protocol
 
 import structlog
 import trio
-from deltalake.transaction import AddAction
 
 from ..backoff import Backoff
 from ..errors import ForeignWriterError, SinkError, TableConflictError
@@ -21,9 +27,29 @@ from ..stream.buffer import Flush, Spill
 from ..stream.dedup import EventFilter
 from ..stream.heap import release_free_memory
 from ..stream.state import StateStore
-from .sink import DeltaSink
+from .sink import CommitResult
 
 log = structlog.get_logger(__name__)
+
+
+class Sink(Protocol):
+    """What the commit writer and the pipeline's recovery need of a sink."""
+
+    @property
+    def display_uri(self) -> str: ...
+
+    def open(self) -> None: ...
+
+    def last_txn_version(self) -> int: ...
+
+    def read_event_keys(self, since: date | None = None, until: date | None = None,
+                        webids: Collection[str] | None = None) -> Any: ...
+
+    def write_ahead(self, rows: Any) -> list[Any]: ...
+
+    def commit(self, batch: Any, txn_version: int, written_ahead: Sequence[Any] = ()) -> CommitResult: ...
+
+    def state_saved(self, txn_version: int) -> None: ...
 
 
 @dataclass
@@ -38,7 +64,7 @@ class WriteStats:
 class CommitWriter:
     """Commits in order; while a commit is in flight or retrying, the flusher waits (backpressure)."""
 
-    def __init__(self, sink: DeltaSink, receive_channel: trio.MemoryReceiveChannel[Flush | Spill], *,
+    def __init__(self, sink: Sink, receive_channel: trio.MemoryReceiveChannel[Flush | Spill], *,
                  txn_version: int, committed: EventFilter, state: StateStore | None = None,
                  save_interval: float = 10.0, open_gaps: Collection[GapRequest] = ()):
         self.sink = sink
@@ -53,7 +79,7 @@ class CommitWriter:
         self._unsaved: int | None = None  # the txn version the saved file lags behind
         self.open_gaps = frozenset(open_gaps)  # the gaps open at the last commit (at start: those restored)
         self._gaps_saved = self.open_gaps  # what the open-gaps file holds
-        self._written_ahead: list[AddAction] = []  # data files of the batch being gathered (its Spills)
+        self._written_ahead: list[Any] = []  # data files of the batch being gathered (its Spills)
         self.on_commit: Callable[[float], None] | None = None  # e.g. the metrics' commit duration histogram
         # Trio time since which a batch has been in flight (its files written, its commit), retries included;
         # None when the writer waits for a batch. A hung storage shows here before any request fails.
@@ -94,7 +120,7 @@ class CommitWriter:
         self.backoff.reset()
         self._written_ahead += actions
 
-    def _write_and_trim(self, spill: Spill) -> list[AddAction]:
+    def _write_and_trim(self, spill: Spill) -> list[Any]:
         actions = self.sink.write_ahead(spill.rows)
         release_free_memory()
         return actions
@@ -173,5 +199,6 @@ class CommitWriter:
         except OSError as exc:
             log.warning("state_not_saved", path=str(self.state.path), error=str(exc))
             return
-        self._unsaved = None
+        saved, self._unsaved = self._unsaved, None
         self._next_save = time.monotonic() + self.save_interval
+        self.sink.state_saved(saved)

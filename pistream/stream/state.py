@@ -120,6 +120,17 @@ class StateStore:
         return [GapRequest(*row) for row in zip(*(data.column(n).to_pylist() for n in GAPS_SCHEMA.names),
                                                 strict=True)]
 
+    def saved_version(self) -> int:
+        """The transaction version the state file holds (its metadata only), 0 without a usable file."""
+        try:
+            with pa.ipc.open_file(pa.BufferReader(self.path.read_bytes())) as reader:
+                meta = {k.decode(): v.decode() for k, v in (reader.schema.metadata or {}).items()}
+        except (OSError, pa.ArrowInvalid):
+            return 0
+        if (meta.get("table"), meta.get("app_id")) != (self.table_uri, self.app_id):
+            return 0
+        return int(meta.get("txn_version") or 0)
+
     def load(self, lookback_us: int) -> tuple[EventFilter, int] | None:
         """The saved floors and the transaction version they match, or None if there is no usable file."""
         if not self.path.exists() and self.legacy_path.exists():
