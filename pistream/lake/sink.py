@@ -230,7 +230,7 @@ class DeltaSink:
                          & (ds.field("timestamp") <= pa.scalar(end_us, TABLE_SCHEMA.field("timestamp").type))
                          & ds.field("tag_webid").isin(wanted))
             for day in days:
-                dataset = table.to_pyarrow_dataset(partitions=[(PARTITION_COLUMN, "=", day.isoformat())])
+                dataset = table.to_pyarrow_dataset(file_pruning_predicate=[(PARTITION_COLUMN, "=", day.isoformat())])
                 for batch in dataset.to_batches(columns=["tag_webid", "timestamp"], filter=condition):
                     if not batch.num_rows:
                         continue

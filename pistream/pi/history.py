@@ -84,12 +84,12 @@ class HistoryReader:
     """Reads ``ranges`` with ``concurrency`` calls at a time and sends a ``HistoryPage`` per call."""
 
     def __init__(self, api: PiWebApi, ranges: list[TagRange], send_channel: trio.MemorySendChannel[HistoryPage],
-                 *, concurrency: int = 4, items_per_page: int = ITEMS_PER_PAGE,
+                 *, concurrency: int = 4, items_per_page: int | None = None,
                  max_streams: int = MAX_STREAMS_PER_CALL):
         self.api = api
         self.send_channel = send_channel
         self.concurrency = concurrency
-        self.items_per_page = min(items_per_page, MAX_ITEMS_PER_CALL)
+        self.items_per_page = min(items_per_page or ITEMS_PER_PAGE, MAX_ITEMS_PER_CALL)
         self.max_streams = max_streams
         self.stats = HistoryStats()
         self._order = itertools.count()
