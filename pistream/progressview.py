@@ -67,7 +67,7 @@ class ProgressView:
             from tqdm import tqdm
 
             self._tqdm = tqdm(total=100.0, unit="%", file=self.stream, dynamic_ncols=True, desc="backfill",
-                              bar_format="{desc}: {percentage:5.1f}%|{bar}| [{elapsed}<{remaining}] {postfix}")
+                              bar_format="{desc}: {percentage:5.1f}%|{bar}| [{elapsed}<{remaining}]{postfix}")
         bar = self._tqdm
         bar.n = round(100 * snap.fraction, 3)
         bar.set_postfix_str(f"tags {snap.tags_done}/{snap.tags}, {snap.values:,} values, {rate:,.0f} values/s",
