@@ -46,7 +46,7 @@ from .timeutil import format_iso, parse_pi_time
 
 log = structlog.get_logger(__name__)
 
-PAGE_QUEUE = 4  # pages in flight between the reader and the flusher (bounds memory with the page size)
+PAGE_QUEUE = 1  # pages in flight between the reader and the flusher (bounds memory with the page size)
 
 
 @dataclass

@@ -182,7 +182,7 @@ def _backfill_process(url: str, tmp_path: Path, *args: str, **popen) -> subproce
 
 
 def test_kill_9_in_the_middle_then_the_same_command_resumes_every_value_once(tmp_path):
-    # 8 tags x 12 h at 1 value/s: 345,600 values, 50,000 a call; at most 2 calls a second (429 beyond),
+    # 8 tags x 12 h at 1 value/s: 345,600 values, 10,000 a call; at most 2 calls a second (429 beyond),
     # a commit every 20,000 values: several commits before the kill, several after
     model = SimModel.generated(8, rate=1)
     (tmp_path / "tags.txt").write_text("\n".join(t.path for t in model.tags) + "\n", encoding="utf-8")

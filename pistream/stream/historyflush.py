@@ -81,6 +81,8 @@ class HistoryFlusher:
         if not self.progress:
             return
         flush = self.buffer.take() or _empty_flush(self.buffer.filter)
+        flush.recent = []  # pages cannot repeat an event: no recent events to keep, in the batch or after it
+        self.buffer.filter.forget_recent()
         self.stats.flushes += 1
         self.stats.repeats_dropped += flush.repeats_dropped
         self.stats.rejected += flush.rejected
