@@ -43,6 +43,10 @@ SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
     "startup": {"tags": (100_000, 20_000)},
     "restart": {"tags": (100_000, 20_000), "first": (20.0, 6.0), "downtime": (5.0, 1.0), "duration": (90.0, 20.0)},
     "backfill": {"tags": (1_000, 200), "minutes": (30, 10)},
+    # 10,000 tags x 864 s at 1 value/s = 8.64 M values: the issue's 10,000 tags x 1 day at one value per 10 s
+    # in count and in values per tag per call (the blast server's model ticks once a second). The naive
+    # backfill (a commit per tag) runs on the first ``naive_tags`` only: its rate is per value.
+    "history": {"tags": (10_000, 1_000), "seconds": (864, 600), "naive_tags": (300, 100)},
     "firehose": {"tags": (1_000, 200), "frames": (1_000, 1_000), "paced_interval": (0.007, 0.007)},
     "late": {"tags": (1_000, 200), "frames": (500, 500)},
 }
@@ -712,6 +716,83 @@ def backfill(quick: bool) -> dict[str, Any]:
     })
 
 
+# -- history (pistream backfill) ---------------------------------------------------------------------------
+
+def history(quick: bool) -> dict[str, Any]:
+    """``pistream backfill``'s path (``run_backfill``: paged ``streamsets/recorded`` -> history flusher ->
+    commit writer) against two references in the same run, on the same server process: the REST ceiling
+    (the same pages at the same concurrency, read, decoded and dropped) and a naive backfill (one
+    ``streams/{webId}/recorded`` call per tag, one after another, ``write_deltalake`` per tag)."""
+    import httpx
+    import pyarrow as pa
+    import trio
+    from deltalake import write_deltalake
+
+    from pistream.backfill import run_backfill
+    from pistream.pi.history import HistoryPage, HistoryReader, TagProgress, TagRange
+    from pistream.pi.piwebapi import PiWebApi
+    from pistream.pi.webid import path_webid
+    from pistream.timeutil import format_iso
+
+    p = size("history", quick)
+    LogCapture().install("warning")
+    end_us = (time.time_ns() // 1000 // 1_000_000 - 120) * 1_000_000  # two minutes ago, whole second
+    start_us = end_us - p["seconds"] * 1_000_000 + 1
+    webids = [path_webid(x) for x in tag_paths(p["tags"])]
+    with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp, \
+            blast_server(p["tags"], 1) as blast, Sampler(other_pid=blast.process.pid) as sampler:
+        # 1. the REST ceiling: the reader alone, pages dropped
+        async def ceiling_run() -> int:
+            ranges = [TagRange(w, end_us, TagProgress(start_us)) for w in webids]
+            send, recv = trio.open_memory_channel[HistoryPage](4)
+            count = 0
+            async with PiWebApi(blast.url) as api, trio.open_nursery() as nursery:
+                nursery.start_soon(HistoryReader(api, ranges, send, concurrency=4).run)
+                async with recv:
+                    async for page in recv:
+                        count += sum(len(s.items or ()) for s in page.streams)
+            return count
+
+        t0 = time.time()
+        ceiling_values = trio.run(ceiling_run)
+        t1 = time.time()
+        # 2. pistream backfill, into a new table
+        settings = _settings(Path(tmp), blast.url, p["tags"], start=format_iso(start_us), end=format_iso(end_us),
+                             app_id=None, log_level="warning", log_format="json")
+        t2 = time.time()
+        summary = trio.run(lambda: run_backfill(settings, handle_signals=False, progress_bar=False))
+        t3 = time.time()
+        rss = peak_rss_mb()
+        # 3. naive: a call per tag, in turn, a write_deltalake per tag
+        naive_values = 0
+        t4 = time.time()
+        with httpx.Client(base_url=blast.url + "/", timeout=60) as client:
+            for webid in webids[:p["naive_tags"]]:
+                r = client.get(f"streams/{webid}/recorded", params={
+                    "startTime": format_iso(start_us), "endTime": format_iso(end_us), "maxCount": "150000"})
+                items = r.json()["Items"]
+                rows = [{"tag_webid": webid, "timestamp": i["Timestamp"], "value": i["Value"]
+                         if isinstance(i["Value"], int | float) else None, "good": i["Good"]} for i in items]
+                write_deltalake(str(Path(tmp) / "naive"), pa.Table.from_pylist(rows), mode="append")
+                naive_values += len(rows)
+        t5 = time.time()
+    rest_rate = ceiling_values / (t1 - t0)
+    backfill_rate = summary.values_written / (t3 - t2)
+    naive_rate = naive_values / (t5 - t4)
+    return round_figures({
+        "tags": p["tags"], "seconds": p["seconds"], "values": summary.values_written,
+        "values_per_s": backfill_rate,
+        "cpu_s_per_M_values": _per_million(sampler.cpu_between(t2, t3), summary.values_written),
+        "peak_rss_MB": rss,
+        "rest_ceiling_values_per_s": rest_rate, "naive_values_per_s": naive_rate,
+        "backfill_over_rest_ceiling": backfill_rate / rest_rate,
+        "backfill_over_naive": backfill_rate / naive_rate,
+        "commits": summary.commits, "naive_tags": p["naive_tags"],
+        "server_cpu_share": sampler.other_share(t2, t3),
+        "complete": summary.complete and summary.values_written == ceiling_values,
+    })
+
+
 SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "ceiling": ceiling,
     "throughput": throughput,
@@ -721,6 +802,7 @@ SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "startup": startup,
     "restart": restart,
     "backfill": backfill,
+    "history": history,
     "firehose": firehose,
     "late": late,
 }

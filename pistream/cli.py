@@ -6,21 +6,24 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 import structlog
 import trio
 
 from . import __version__
-from .config import SECRET_SETTINGS, settings_from
+from .config import SECRET_SETTINGS, Settings, settings_from
 from .configfile import unknown_variables
 from .errors import ConfigError, PistreamError
 from .logsetup import LEVELS, configure_logging
 from .stream.columns import DECODER
 
 log = structlog.get_logger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def _first_pistream_error(exc: BaseException) -> PistreamError | None:
@@ -61,51 +64,91 @@ def entry() -> None:
     os._exit(code)
 
 
+def _options(*options: Callable[[F], F]) -> Callable[[F], F]:
+    """Several click options as one decorator: the main command and ``backfill`` share these."""
+    def apply(f: F) -> F:
+        for option in reversed(options):
+            f = option(f)
+        return f
+    return apply
+
+
+# How to reach PI Web API and which tags: the main command's and backfill's.
+CONNECTION_OPTIONS = _options(
+    click.option("--tags", type=click.Path(dir_okay=False), help="Tags file: one PI point path per line."),
+    click.option("--url", help="PI Web API base URL, e.g. https://pisrv01/piwebapi."),
+    click.option("--server", help="Default PI Data Archive for bare tag names in the tags file."),
+    click.option("--simulate", is_flag=True, default=None,
+                  help="Start the built-in PI Web API simulator on a loopback port for the listed tags and "
+                       "stream from it."),
+    click.option("--sim-rate", type=float, help="Simulator events per second per tag.  [default: 1]"),
+    click.option("--auth", type=click.Choice(["auto", "none", "basic", "bearer", "oidc", "kerberos"]),
+                  help="How to log on to PI Web API; auto picks from the credentials given.  [default: auto]"),
+    click.option("--username", help="Basic auth user; the password comes from PISTREAM_PASSWORD, the config "
+                                     "file or a prompt, never the command line."),
+    click.option("--oidc-issuer", help="OIDC issuer URL for --auth oidc.  [default: the PI Web API origin]"),
+    click.option("--oidc-client-id", help="OIDC client id; the secret comes from PISTREAM_OIDC_CLIENT_SECRET."),
+    click.option("--oidc-scope", help="OIDC scope to request, if the issuer needs one."),
+    click.option("--ca-bundle", type=click.Path(dir_okay=False),
+                  help="PEM file of CA certificates to trust besides the operating system's store."),
+    click.option("--insecure", is_flag=True, default=None,
+                  help="Do not verify TLS certificates (logged loudly; prefer --ca-bundle)."),
+    click.option("--max-url-length", type=int, help="Longest request URL; more tags open more channels.  "
+                                                     "[default: 6000]"),
+    click.option("--skip-unknown", is_flag=True, default=None, help="Go on without tags the server does not know."),
+)
+# Where the values go.
+TABLE_OPTIONS = _options(
+    click.option("--table", help="Delta table: a local folder, an s3:// abfss:// gs:// URI, or a Unity Catalog "
+                                  "table catalog.schema.table.  [default: pistream-data/pi_events]"),
+    click.option("--databricks-profile", help="Profile in ~/.databrickscfg for a Unity Catalog --table.  "
+                                               "[default: DATABRICKS_CONFIG_PROFILE, then DEFAULT]"),
+    click.option("--location", help="Create a missing Unity Catalog --table as an external table here "
+                                     "(s3://... or abfss://...)."),
+    click.option("--warehouse-id", help="Create the Unity Catalog table through this SQL warehouse "
+                                         "(CREATE TABLE) rather than the Unity Catalog API."),
+    click.option("--warehouse-wait", type=float, help="How long the SQL warehouse of --warehouse-id may take to "
+                                                      "start and run CREATE TABLE, in seconds.  [default: 600]"),
+    click.option("--managed-write", type=click.Choice(["copy-into", "zerobus"]),
+                 help="How to write a Unity Catalog MANAGED --table: copy-into stages each batch as Parquet in "
+                      "--staging-volume and loads it with one COPY INTO through --warehouse-id (exactly once; "
+                      "seconds, a running warehouse); zerobus streams records with Zerobus Ingest (AT-LEAST-ONCE: "
+                      "a retry after a lost acknowledgement writes rows twice; remove them downstream, see "
+                      "README).  [default: copy-into]"),
+    click.option("--staging-volume", help="Unity Catalog volume catalog.schema.volume for --managed-write "
+                                          "copy-into's staged files (created if missing).  [default: the table's "
+                                          "catalog.schema.pistream_staging]"),
+    click.option("--zerobus-endpoint", help="Zerobus Ingest endpoint for --managed-write zerobus, e.g. "
+                                            "https://<workspace-id>.zerobus.<region>.cloud.databricks.com."),
+    click.option("--state-dir", help="Folder for the per-tag floors that make restarts exactly once.  "
+                                      "[default: pistream-data/state]"),
+)
+FLUSH_OPTIONS = _options(
+    click.option("--flush-rows", type=int, help="Commit when this many values are buffered.  [default: 1000000]"),
+    click.option("--flush-bytes", type=int, help="Commit when the columns held in memory take this many bytes (at "
+                                                  "least 1 MiB; a batch's rows go to data files every 262,144 rows "
+                                                  "and then no longer count).  [default: 67108864 = 64 MiB]"),
+)
+# The config file and the log.
+RUN_OPTIONS = _options(
+    click.option("--config", "config_path", type=click.Path(dir_okay=False),
+                  help="TOML file with any of these settings (names with underscores)."),
+    click.option("--log-format", type=click.Choice(["auto", "console", "json"]),
+                  help="Log format; auto is console on a terminal, JSON otherwise."),
+    click.option("--log-level", type=click.Choice(LEVELS)),
+    click.option("--log-file", help="Write the log to this file (JSON lines), rotated by size, instead of stderr "
+                                     "(for a service)."),
+    click.option("--log-file-max-mb", type=float, help="Rotate --log-file at this size.  [default: 10]"),
+    click.option("--log-file-backups", type=int, help="Rotated --log-file files kept (FILE.1 the newest).  "
+                                                       "[default: 5]"),
+)
+
+
 @click.group(invoke_without_command=True, context_settings={"auto_envvar_prefix": "PISTREAM",
                                                               "help_option_names": ["-h", "--help"]})
-@click.option("--tags", type=click.Path(dir_okay=False), help="Tags file: one PI point path per line.")
-@click.option("--url", help="PI Web API base URL, e.g. https://pisrv01/piwebapi.")
-@click.option("--table", help="Delta table: a local folder, an s3:// abfss:// gs:// URI, or a Unity Catalog "
-                              "table catalog.schema.table.  [default: pistream-data/pi_events]")
-@click.option("--databricks-profile", help="Profile in ~/.databrickscfg for a Unity Catalog --table.  "
-                                           "[default: DATABRICKS_CONFIG_PROFILE, then DEFAULT]")
-@click.option("--location", help="Create a missing Unity Catalog --table as an external table here "
-                                 "(s3://... or abfss://...).")
-@click.option("--warehouse-id", help="Create the Unity Catalog table through this SQL warehouse "
-                                     "(CREATE TABLE) rather than the Unity Catalog API.")
-@click.option("--warehouse-wait", type=float, help="How long the SQL warehouse of --warehouse-id may take to "
-                                                   "start and run CREATE TABLE, in seconds.  [default: 600]")
-@click.option("--managed-write", type=click.Choice(["copy-into", "zerobus"]),
-              help="How to write a Unity Catalog MANAGED --table: copy-into stages each batch as Parquet in "
-                   "--staging-volume and loads it with one COPY INTO through --warehouse-id (exactly once; "
-                   "seconds, a running warehouse); zerobus streams records with Zerobus Ingest (AT-LEAST-ONCE: "
-                   "a retry after a lost acknowledgement writes rows twice; remove them downstream, see "
-                   "README).  [default: copy-into]")
-@click.option("--staging-volume", help="Unity Catalog volume catalog.schema.volume for --managed-write copy-into's "
-                                       "staged files (created if missing).  [default: the table's "
-                                       "catalog.schema.pistream_staging]")
-@click.option("--zerobus-endpoint", help="Zerobus Ingest endpoint for --managed-write zerobus, e.g. "
-                                         "https://<workspace-id>.zerobus.<region>.cloud.databricks.com.")
-@click.option("--server", help="Default PI Data Archive for bare tag names in the tags file.")
-@click.option("--simulate", is_flag=True, default=None,
-              help="Start the built-in PI Web API simulator on a loopback port for the listed tags and "
-                   "stream from it.")
-@click.option("--sim-rate", type=float, help="Simulator events per second per tag.  [default: 1]")
-@click.option("--auth", type=click.Choice(["auto", "none", "basic", "bearer", "oidc", "kerberos"]),
-              help="How to log on to PI Web API; auto picks from the credentials given.  [default: auto]")
-@click.option("--username", help="Basic auth user; the password comes from PISTREAM_PASSWORD, the config "
-                                 "file or a prompt, never the command line.")
-@click.option("--oidc-issuer", help="OIDC issuer URL for --auth oidc.  [default: the PI Web API origin]")
-@click.option("--oidc-client-id", help="OIDC client id; the secret comes from PISTREAM_OIDC_CLIENT_SECRET.")
-@click.option("--oidc-scope", help="OIDC scope to request, if the issuer needs one.")
-@click.option("--ca-bundle", type=click.Path(dir_okay=False),
-              help="PEM file of CA certificates to trust besides the operating system's store.")
-@click.option("--insecure", is_flag=True, default=None,
-              help="Do not verify TLS certificates (logged loudly; prefer --ca-bundle).")
-@click.option("--flush-rows", type=int, help="Commit when this many values are buffered.  [default: 1000000]")
-@click.option("--flush-bytes", type=int, help="Commit when the columns held in memory take this many bytes (at "
-                                              "least 1 MiB; a batch's rows go to data files every 262,144 rows "
-                                              "and then no longer count).  [default: 67108864 = 64 MiB]")
+@CONNECTION_OPTIONS
+@TABLE_OPTIONS
+@FLUSH_OPTIONS
 @click.option("--flush-seconds", type=float, help="Commit when the oldest buffered value is this old.  "
                                                   "[default: 5]")
 @click.option("--flush-idle-seconds", type=float,
@@ -129,13 +172,9 @@ def entry() -> None:
 @click.option("--reread-seconds", type=float, help="After a reconnect, also read back this far before each "
                                                   "tag's newest value, for values a server delivers late.  "
                                                   "[default: 2]")
-@click.option("--max-url-length", type=int, help="Longest request URL; more tags open more channels.  "
-                                                 "[default: 6000]")
 @click.option("--max-message-mb", type=float,
               help="Largest channel message accepted, in MiB; a larger one closes the channel (it reconnects "
                    "and reads the gap back).  [default: 16 KiB per tag on the channel, at least 1 MiB]")
-@click.option("--state-dir", help="Folder for the per-tag floors that make restarts exactly once.  "
-                                  "[default: pistream-data/state]")
 @click.option("--maintenance-interval", type=float,
               help="Compact today's partition, Z-order closed ones and vacuum daily, every this many seconds; "
                    "0 turns table maintenance off.  [default: 600]")
@@ -144,17 +183,7 @@ def entry() -> None:
 @click.option("--metrics-port", type=click.IntRange(0, 65535),
               help="Serve Prometheus /metrics and /healthz on --metrics-host:PORT (off by default).")
 @click.option("--metrics-host", help="Address for --metrics-port.  [default: 127.0.0.1]")
-@click.option("--skip-unknown", is_flag=True, default=None, help="Go on without tags the server does not know.")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False),
-              help="TOML file with any of these settings (names with underscores).")
-@click.option("--log-format", type=click.Choice(["auto", "console", "json"]),
-              help="Log format; auto is console on a terminal, JSON otherwise.")
-@click.option("--log-level", type=click.Choice(LEVELS))
-@click.option("--log-file", help="Write the log to this file (JSON lines), rotated by size, instead of stderr "
-                                 "(for a service).")
-@click.option("--log-file-max-mb", type=float, help="Rotate --log-file at this size.  [default: 10]")
-@click.option("--log-file-backups", type=int, help="Rotated --log-file files kept (FILE.1 the newest).  "
-                                                   "[default: 5]")
+@RUN_OPTIONS
 @click.version_option(__version__, prog_name="pistream",
                       message=f"%(prog)s %(version)s (frame decoder: {DECODER})")
 @click.pass_context
@@ -167,6 +196,17 @@ def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
+    settings = _settings(ctx, config_path, options)
+    warn_unknown_variables(ctx.command)
+    from .pipeline import run_pipeline
+
+    hard_exit = bool(isinstance(ctx.obj, dict) and ctx.obj.get("hard_exit"))  # not in-process (tests)
+    _run(ctx, partial(run_pipeline, stop_watchdog=hard_exit), settings)
+
+
+def _settings(ctx: click.Context, config_path: str | None, options: dict[str, Any]) -> Settings:
+    """The settings from the config file, the environment and the options; logging configured by them.
+    A bad setting ends the command with its one-line message (exit 2)."""
     try:
         settings = settings_from(config_path, options)
     except ConfigError as exc:
@@ -180,12 +220,13 @@ def main(ctx: click.Context, config_path: str | None, **options: Any) -> None:
         click.echo(f"pistream: error: cannot write the log file {settings.log_file}: {exc.strerror or exc}; "
                    "--log-file must name a file this account may create and write", err=True)
         ctx.exit(ConfigError.exit_code)
-    warn_unknown_variables(ctx.command)
-    from .pipeline import run_pipeline
+    return settings
 
-    hard_exit = bool(isinstance(ctx.obj, dict) and ctx.obj.get("hard_exit"))  # not in-process (tests)
+
+def _run(ctx: click.Context, job: Callable[[Settings], Awaitable[T]], settings: Settings) -> T:
+    """Run ``job`` under trio; a PistreamError becomes its one-line message and exit code."""
     try:
-        trio.run(partial(run_pipeline, settings, stop_watchdog=hard_exit))
+        return trio.run(job, settings)
     except BaseException as exc:  # noqa: BLE001 - the one place errors become exit codes
         error = _first_pistream_error(exc)
         if error is not None:
@@ -210,6 +251,39 @@ def warn_unknown_variables(command: click.Command) -> None:
     if unknown:
         log.warning("environment_unknown", variables=unknown,
                     note="these PISTREAM_* variables match no setting and are ignored")
+
+
+@main.command("backfill")
+@CONNECTION_OPTIONS
+@TABLE_OPTIONS
+@click.option("--start", help="Start of the range: PI time (*-30d, t, y) or ISO 8601 (2024-01-01, "
+                              "2024-01-01T06:00:00Z); UTC unless the time says otherwise.")
+@click.option("--end", help="End of the range (included), in the same syntax.  [default: *, now]")
+@click.option("--concurrency", type=click.IntRange(1, 32),
+              help="Recorded-values calls at a time; keep it low on a production PI Web API.  [default: 4]")
+@FLUSH_OPTIONS
+@click.option("--app-id", help="Delta transaction app id of this backfill.  [default: pistream-backfill- and a "
+                               "digest of --start, --end and the tags]")
+@RUN_OPTIONS
+@click.pass_context
+def backfill(ctx: click.Context, config_path: str | None, **options: Any) -> None:
+    """Read the recorded history of the tags from --start to --end into the table, exactly once.
+
+    Runs until the range is read; stopped or killed, the same command resumes where the table stands.
+    Each tag's range ends before its first value in the table (a live pistream's, or an earlier
+    backfill's), so a backfill beside a live stream writes no value twice.
+
+        pistream backfill --tags tags.txt --url https://pisrv01/piwebapi --start *-30d
+    """
+    settings = _settings(ctx, config_path, options)
+    from .backfill import run_backfill, summary_text
+
+    summary = _run(ctx, run_backfill, settings)
+    click.echo(summary_text(summary))
+    if summary.failed:
+        click.echo(f"pistream: error: {len(summary.failed)} tags could not be read completely (see above); run "
+                   "the same command again to resume them", err=True)
+        ctx.exit(1)
 
 
 def _register_commands() -> None:

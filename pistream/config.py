@@ -75,6 +75,10 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     log_file: str | None = None
     log_file_max_mb: Annotated[float, msgspec.Meta(ge=0.001, le=1 << 20)] = 10.0
     log_file_backups: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 5
+    # pistream backfill only: the range (PI time or ISO 8601) and the recorded-values calls at a time.
+    start: str | None = None
+    end: str | None = None
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=32)] = 4
 
 
 def auth_kind(settings: Settings) -> str:

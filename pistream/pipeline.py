@@ -204,6 +204,12 @@ def open_sink(target: TableTarget, app_id: str, settings: Settings, store: State
         from .lake.copyinto import copy_into_sink
 
         return copy_into_sink(target, app_id, store, settings.staging_volume)
+    return delta_sink(target, app_id)
+
+
+def delta_sink(target: TableTarget, app_id: str) -> DeltaSink:
+    """The Delta sink of a prepared target that is a Delta table pistream commits to itself (local, cloud, a
+    Unity Catalog EXTERNAL table whose storage options follow its vended credentials)."""
     if target.catalog_name is not None:
         return DeltaSink(target.uri, app_id, credentials=target, name=target.catalog_name)
     return DeltaSink(target.uri, app_id, target.base_options)

@@ -9,7 +9,7 @@ import trio
 import pistream.stream.buffer as buffer_module
 from pistream.lake.sink import DeltaSink
 from pistream.pi.flow import GapRequest, Live
-from pistream.pi.gapfill import GapFiller, GapQueue, _after_cursor
+from pistream.pi.gapfill import GapFiller, GapQueue, after_cursor
 from pistream.pi.messages import StreamSetMessage, StreamValues, TimedValue
 from pistream.pi.piwebapi import PiWebApi
 from pistream.sim.model import SimModel
@@ -144,12 +144,12 @@ def tv(ts: int) -> TimedValue:
 
 def test_paging_cursor_skips_the_events_already_read_at_the_cut_timestamp():
     # A page cut at maxCount=4 ended with two events at t=30; the next page starts at t=30 again.
-    first, cursor = _after_cursor([tv(10), tv(20), tv(30), tv(30)], 10, 0)
+    first, cursor = after_cursor([tv(10), tv(20), tv(30), tv(30)], 10, 0)
     assert len(first) == 4 and cursor == (30, 2)
-    second, cursor = _after_cursor([tv(30), tv(30), tv(30), tv(40)], *cursor)
+    second, cursor = after_cursor([tv(30), tv(30), tv(30), tv(40)], *cursor)
     assert [t.timestamp for t in second] == [format_iso(30), format_iso(40)] and cursor == (40, 1)
     # a page that is all one timestamp carries the count on
-    third, cursor = _after_cursor([tv(40), tv(40), tv(40)], 40, 1)
+    third, cursor = after_cursor([tv(40), tv(40), tv(40)], 40, 1)
     assert len(third) == 2 and cursor == (40, 3)
 
 

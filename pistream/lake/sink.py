@@ -22,10 +22,12 @@ import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import structlog
 from deltalake import CommitProperties, DeltaTable, Transaction
@@ -53,6 +55,10 @@ T = TypeVar("T")
 # Rounds of delta-rs's own commit attempts (15 each) one commit gets when other commits keep taking its log
 # version, with a jittered wait between rounds; after that the commit writer's backoff takes over.
 COMMIT_ROUNDS = 8
+
+
+def _utc_date(us: int) -> date:
+    return (datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)).date()
 
 
 class CredentialSource(Protocol):
@@ -220,6 +226,41 @@ class DeltaSink:
         """The event-key columns of the table (from ``since`` to ``until``, by partition; of ``webids``
         only, if given), to rebuild floors or to know what a gap read again already has."""
         return self._with_credentials(lambda: self._read_event_keys(since, until, webids))
+
+    def first_event_times(self, webids: Collection[str], start_us: int, end_us: int) -> dict[str, int]:
+        """Each tag's earliest event time in the table within ``start_us..end_us`` (tags without one are
+        left out): read partition by partition from the oldest, two columns, batch by batch, until every
+        tag is found, so a table whose tags all begin early in the range costs a day's partition or so."""
+        return self._with_credentials(lambda: self._first_event_times(webids, start_us, end_us))
+
+    def _first_event_times(self, webids: Collection[str], start_us: int, end_us: int) -> dict[str, int]:
+        table = self.table
+        wanted = pa.array(sorted(webids), pa.string())
+        first_day, last_day = (_utc_date(start_us), _utc_date(end_us))
+        found: dict[str, int] = {}
+        try:
+            table.update_incremental()
+            days = sorted({d for d in table.get_add_actions(flatten=True).column(f"partition.{PARTITION_COLUMN}")
+                           .to_pylist() if d is not None and first_day <= d <= last_day})
+            condition = ((ds.field("timestamp") >= pa.scalar(start_us, TABLE_SCHEMA.field("timestamp").type))
+                         & (ds.field("timestamp") <= pa.scalar(end_us, TABLE_SCHEMA.field("timestamp").type))
+                         & ds.field("tag_webid").isin(wanted))
+            for day in days:
+                dataset = table.to_pyarrow_dataset(file_pruning_predicate=[(PARTITION_COLUMN, "=", day.isoformat())])
+                for batch in dataset.to_batches(columns=["tag_webid", "timestamp"], filter=condition):
+                    if not batch.num_rows:
+                        continue
+                    mins = pa.Table.from_batches([batch]).group_by("tag_webid").aggregate([("timestamp", "min")])
+                    for webid, ts in zip(mins["tag_webid"].to_pylist(),
+                                         pc.cast(mins["timestamp_min"], pa.int64()).to_pylist(), strict=True):
+                        if webid not in found or ts < found[webid]:
+                            found[webid] = ts
+                if len(found) == len(wanted):
+                    break  # later partitions hold only later events
+        except (DeltaError, OSError) as exc:
+            text, cause = self._describe(exc)
+            raise SinkError(f"cannot read Delta table {self.display_uri}: {text}") from cause
+        return found
 
     def write_ahead(self, rows: pa.Table) -> list[AddAction]:
         """Data files for rows of a commit still to come (``buffer.Spill``): in the table's folder but not

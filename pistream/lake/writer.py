@@ -66,7 +66,8 @@ class CommitWriter:
 
     def __init__(self, sink: Sink, receive_channel: trio.MemoryReceiveChannel[Flush | Spill], *,
                  txn_version: int, committed: EventFilter, state: StateStore | None = None,
-                 save_interval: float = 10.0, open_gaps: Collection[GapRequest] = ()):
+                 save_interval: float = 10.0, open_gaps: Collection[GapRequest] = (),
+                 before_commit: Callable[[Flush, int], None] | None = None):
         self.sink = sink
         self.receive_channel = receive_channel
         self.stats = WriteStats()
@@ -84,6 +85,9 @@ class CommitWriter:
         # Trio time since which a batch has been in flight (its files written, its commit), retries included;
         # None when the writer waits for a batch. A hung storage shows here before any request fails.
         self.in_flight_since: float | None = None
+        # Called in the worker thread before each commit attempt with the batch and its transaction version
+        # (a backfill writes its per-tag progress for that version there: ``stream.progress``).
+        self.before_commit = before_commit
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -168,6 +172,8 @@ class CommitWriter:
         the table's newer partitions. The open gaps, which the table cannot tell, are saved first: those
         of the last commit and of this one, as the commit may or may not land."""
         self._save_gaps(self.open_gaps | flush.open_gaps)
+        if self.before_commit is not None:
+            self.before_commit(flush, version)
         result = self.sink.commit(flush.batch, version, self._written_ahead)
         self._written_ahead = []  # committed (or, if the table had this version already, orphans)
         self.committed.merge(flush.floors, flush.recent)

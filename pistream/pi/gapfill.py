@@ -6,6 +6,7 @@ with its tags and time range, and counted — never silent.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -16,7 +17,7 @@ from ..backoff import Backoff
 from ..errors import ConnectError, ServerError
 from ..timeutil import format_iso, to_us
 from .flow import GapDone, GapRequest, GapValues, Incoming
-from .messages import StreamValues, TimedValue
+from .messages import StreamSetMessage, StreamValues, TimedValue
 from .piwebapi import PiWebApi, RetryableError
 
 log = structlog.get_logger(__name__)
@@ -120,7 +121,7 @@ class GapFiller:
                     if webid not in cursors:
                         continue
                     items = stream.timed_values()
-                    fresh, cursor = _after_cursor(items, *cursors[webid])
+                    fresh, cursor = after_cursor(items, *cursors[webid])
                     read += len(fresh)
                     streams.append(StreamValues(web_id=webid, name=stream.name, path=stream.path,
                                                 units_abbreviation=stream.units_abbreviation, items=fresh))
@@ -137,23 +138,35 @@ class GapFiller:
         log.info("gap_filled", tags=len(group), values=read, pages=pages, start=format_iso(first_us),
                  end=format_iso(end_us), seconds=round(time.monotonic() - started, 3))
 
-    async def _call(self, webids: list[str], start_us: int, end_time: str, max_count: int):
-        backoff = Backoff(initial=0.5, maximum=30.0)
-        for attempt in range(1, MAX_ATTEMPTS + 1):
+    async def _call(self, webids: list[str], start_us: int, end_time: str, max_count: int) -> StreamSetMessage:
+        def count() -> None:
             self.stats.calls += 1
-            try:
-                return await self.api.recorded(webids, start_us, end_time, max_count)
-            except (RetryableError, ConnectError) as exc:
-                if attempt == MAX_ATTEMPTS:
-                    raise
-                hint = exc.retry_after if isinstance(exc, RetryableError) else None
-                delay = hint if hint is not None else backoff.next_delay()
-                log.warning("gap_read_retried", error=str(exc), attempt=attempt, retry_in=round(delay, 2))
-                await trio.sleep(delay)
-        raise AssertionError("unreachable")
+
+        return await read_recorded(self.api, webids, start_us, end_time, max_count, on_call=count)
 
 
-def _after_cursor(items: list[TimedValue], start_us: int, seen_at_start: int
+async def read_recorded(api: PiWebApi, webids: list[str], start_us: int, end_time: str, max_count: int, *,
+                        event: str = "gap_read_retried", on_call: Callable[[], None] | None = None
+                        ) -> StreamSetMessage:
+    """One ``streamsets/recorded`` call, retried with backoff (or the server's Retry-After) on 429/5xx,
+    timeouts and lost connections, MAX_ATTEMPTS times in all; the gap filler's and the backfill's."""
+    backoff = Backoff(initial=0.5, maximum=30.0)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        if on_call is not None:
+            on_call()
+        try:
+            return await api.recorded(webids, start_us, end_time, max_count)
+        except (RetryableError, ConnectError) as exc:
+            if attempt == MAX_ATTEMPTS:
+                raise
+            hint = exc.retry_after if isinstance(exc, RetryableError) else None
+            delay = hint if hint is not None else backoff.next_delay()
+            log.warning(event, error=str(exc), attempt=attempt, retry_in=round(delay, 2))
+            await trio.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def after_cursor(items: list[TimedValue], start_us: int, seen_at_start: int
                   ) -> tuple[list[TimedValue], tuple[int, int] | None]:
     """The items past a stream's cursor, and the cursor after them (last time, events seen at it)."""
     fresh: list[TimedValue] = []

@@ -118,6 +118,10 @@ class SimTag:
     server: str
     kind: str
     index: int
+    # Archive quirks for history tests: several events at one timestamp (PI keeps all of them, in order),
+    # and a point with no archived event before ``since_us`` (created later: an empty tag for older ranges).
+    per_time: int = 1
+    since_us: int = 0
     # Derived once: read for every event sent.
     path: str = field(init=False, repr=False, compare=False)
     webid: str = field(init=False, repr=False, compare=False)
@@ -313,14 +317,14 @@ class SimModel:
         ) % self.period_us
 
     def _k_range(self, tag: SimTag, start_us: int, end_us: int) -> tuple[int, int]:
-        phase = self.phase_us(tag)
-        k_lo = max(0, _ceil_div(start_us - phase, self.period_us))
-        k_hi = (end_us - phase) // self.period_us
+        phase, n = self.phase_us(tag), tag.per_time
+        k_lo = max(0, _ceil_div(max(start_us, tag.since_us) - phase, self.period_us)) * n
+        k_hi = ((end_us - phase) // self.period_us) * n + n - 1
         return k_lo, k_hi
 
     def event(self, tag: SimTag, k: int) -> SimEvent:
         """Event number ``k`` (>= 0) of ``tag``."""
-        return self._event(tag, k, k * self.period_us + self.phase_us(tag))
+        return self._event(tag, k, (k // tag.per_time) * self.period_us + self.phase_us(tag))
 
     def _event(self, tag: SimTag, k: int, ts: int) -> SimEvent:
         i = tag.index
@@ -365,7 +369,9 @@ class SimModel:
             else:
                 k_hi = min(k_hi, k_lo + max_count - 1)
         ks = range(k_hi, k_lo - 1, -1) if reverse else range(k_lo, k_hi + 1)
-        period, phase, make = self.period_us, self.phase_us(tag), self._event
+        period, phase, make, n = self.period_us, self.phase_us(tag), self._event, tag.per_time
+        if n > 1:
+            return [make(tag, k, (k // n) * period + phase) for k in ks]
         return [make(tag, k, k * period + phase) for k in ks]
 
     def count(self, tag: SimTag, start_us: int, end_us: int) -> int:
@@ -375,8 +381,12 @@ class SimModel:
 
     def latest(self, tag: SimTag, at_us: int) -> SimEvent | None:
         """The last event with ``ts <= at_us`` (the value a snapshot read returns at that time)."""
-        k = (at_us - self.phase_us(tag)) // self.period_us
-        return self.event(tag, k) if k >= 0 else None
+        phase = self.phase_us(tag)
+        slot = (at_us - phase) // self.period_us
+        ts = slot * self.period_us + phase
+        if slot < 0 or ts < tag.since_us:
+            return None
+        return self._event(tag, slot * tag.per_time + tag.per_time - 1, ts)  # the last event at that time
 
     def next_after(self, tag: SimTag, after_us: int) -> SimEvent:
         """The first event with ``ts > after_us``."""

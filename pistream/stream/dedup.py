@@ -166,6 +166,12 @@ class EventFilter:
         self._pending_rows = sum(map(len, self._pending))
         self._prune_at = max(1 << 16, 2 * self._pending_rows)
 
+    def forget_recent(self) -> None:
+        """Drop every recent event (the floors stay): for input that cannot repeat an event (history pages
+        read with a cursor), whose rows must not stay alive in memory as recent events after a commit."""
+        self._pending, self._pending_rows = [], 0
+        self.recent.clear()
+
     def recent_rows(self) -> pa.Table:
         """Every tag's recent events as columns (EVENT_KEY, tag_webid as text), for the state file, without
         a Python object per event: the rows accepted in bulk are pruned in columns, and the events already
