@@ -46,6 +46,7 @@ CLAIM_TTL = 60.0  # seconds: a crashed holder on another host blocks its app id 
 RECORD_KEY = "pistream.claim"  # the commitInfo field with a claim record (JSON)
 _HISTORY_SEARCH = 500  # commits searched for a claim's holder or a transaction's writer
 _TAKE_ATTEMPTS = 5
+RELEASE_SECONDS = 5.0  # the release at the end of a run waits no longer for the storage
 _LIVE_INSTANCES: set[str] = set()  # runs in this process that hold a claim (an earlier run's claim is free)
 
 
@@ -307,14 +308,16 @@ async def hold(table: ClaimedTable, claim: WriterClaim, *,
             if not claim.due():
                 continue
             try:
-                await trio.to_thread.run_sync(table.renew_claim)
+                await trio.to_thread.run_sync(table.renew_claim, abandon_on_cancel=True)  # a stop never waits
             except ForeignWriterError:
                 raise
             except PistreamError as exc:
                 log.warning("claim_renewal_failed", app_id=claim.app_id, table=claim.table, error=str(exc),
                             note="tried again; the data commits check the claim before they write")
     finally:
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + 15):
+        # Bounded: on a storage that does not answer the release cannot land either, and the stop must end
+        # (an unreleased claim expires, or is taken over at once by the next start on this host).
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + RELEASE_SECONDS):
             await trio.to_thread.run_sync(_release_quietly, table, claim, abandon_on_cancel=True)
 
 
