@@ -14,7 +14,8 @@
     │   ├── TableConflictError     exit 2  the table does not fit (schema), or a live writer holds the app id
     │   ├── ForeignWriterError     exit 1  another process took over this writer's app id while it ran
     │   └── StopTimeoutError       exit 1  the last commit did not land within --stop-timeout
-    └── MaintenanceError           exit 1  optimize/vacuum failed, or another maintainer holds the lease
+    └── MaintenanceError           exit 1  optimize/vacuum failed or lost its lease
+        └── MaintenanceBusyError   exit 75  another maintainer holds the lease: nothing failed, try again
 
 Foreign exceptions are translated once, where they enter (piwebapi, channel, sink, maintenance), with
 ``raise ... from``.
@@ -102,11 +103,18 @@ class StopTimeoutError(SinkError):
 
 
 class MaintenanceError(PistreamError):
-    """Table maintenance failed or could not start; ``held_until`` is set when another maintainer holds the
-    table's maintenance lease (nothing failed: try again after that time)."""
+    """Table maintenance failed or could not start."""
 
     exit_code = 1
 
-    def __init__(self, message: str, *, held_until: datetime | None = None):
+
+class MaintenanceBusyError(MaintenanceError):
+    """Another maintainer holds the table's maintenance lease until ``held_until``: busy, not failed. Exit 75
+    is EX_TEMPFAIL of sysexits.h, which schedulers (cron wrappers, systemd, CI) read as "try again later"."""
+
+    exit_code = 75
+
+    def __init__(self, message: str, *, held_until: datetime, holder: str):
         super().__init__(message)
         self.held_until = held_until
+        self.holder = holder

@@ -19,7 +19,8 @@ from conftest import duckdb_rows
 from deltalake import DeltaTable
 
 import pistream.lake.maintenance as maintenance
-from pistream.errors import ConfigError, MaintenanceError
+from pistream.errors import ConfigError, MaintenanceBusyError, MaintenanceError, SinkError
+from pistream.lake.holder import Holder
 from pistream.lake.lease import Lease, lease_holder
 from pistream.lake.maintenance import MaintenanceScheduler
 from pistream.lake.optimize import compact, z_order, zorder_candidates
@@ -48,7 +49,11 @@ def events(day: date, first: int, rows: int) -> pa.Table:
 
 
 class Writer:
-    """An appender: one app id, one commit per batch, each batch of new events."""
+    """An appender: one app id, one commit per batch, each batch of new events. A failed commit is tried
+    again with the same transaction version, as the pipeline's commit writer does (on a busy machine delta-rs
+    can give up after its own 15 retries while maintenance commits keep winning)."""
+
+    RETRIES = 20
 
     def __init__(self, uri: str, app_id: str, first: int = 0):
         self.sink = DeltaSink(uri, app_id)
@@ -56,10 +61,19 @@ class Writer:
         self.version = 0
         self.next_event = first
         self.rows = 0
+        self.retries = 0
 
     def commit(self, day: date, rows: int = 50) -> None:
+        batch = events(day, self.next_event, rows)
+        for attempt in range(self.RETRIES + 1):
+            try:
+                self.sink.commit(batch, self.version + 1)
+                break
+            except SinkError:
+                if attempt == self.RETRIES:
+                    raise
+                self.retries += 1
         self.version += 1
-        self.sink.commit(events(day, self.next_event, rows), self.version)
         self.next_event += rows
         self.rows += rows
 
@@ -78,16 +92,24 @@ def assert_rows_once(uri: str, expected: int) -> None:
     assert rows == distinct == expected
 
 
+def elsewhere(name: str) -> Holder:
+    """A maintainer on another host: only its lease's expiry frees it."""
+    return Holder(f"{name}.example", 4242, None, "scheduler")
+
+
 class NoLease:
     """What a maintainer that ignores the lease does: opens the table and optimizes."""
 
-    holder = "no-lease"
+    holder = elsewhere("no-lease")
 
     def __init__(self, uri: str):
         self.uri = uri
 
     def open_table(self) -> DeltaTable:
         return DeltaTable(self.uri)
+
+    def record(self, step: str) -> None:
+        pass
 
 
 @pytest.fixture
@@ -180,7 +202,7 @@ def test_two_racing_lease_takers_never_both_win(uri):
     Writer(uri, "writer-1").commit(TODAY)
 
     def take(name: str, barrier: threading.Barrier, outcomes: list[object]) -> None:
-        lease = Lease(uri, {}, holder=name)
+        lease = Lease(uri, {}, holder=elsewhere(name))
         barrier.wait()  # all three have opened nothing yet; each reads the lease free, then commits
         try:
             lease.acquire()
@@ -197,10 +219,10 @@ def test_two_racing_lease_takers_never_both_win(uri):
         for t in threads:
             t.join()
         winners = [o for o in outcomes if isinstance(o, Lease)]
-        losers = [o for o in outcomes if isinstance(o, MaintenanceError)]
+        losers = [o for o in outcomes if isinstance(o, MaintenanceBusyError)]
         assert len(winners) == 1 and len(losers) == 2
-        assert all(e.held_until is not None and winners[0].holder in str(e) for e in losers)
-        assert lease_holder(DeltaTable(uri)) == winners[0].holder
+        assert all(winners[0].holder.text() in str(e) for e in losers)
+        assert lease_holder(DeltaTable(uri), uri) == winners[0].holder.text()
         winners[0].release()
     assert DeltaTable(uri).transaction_version("writer-1") == 1  # the writer's own app id untouched
 
@@ -208,30 +230,34 @@ def test_two_racing_lease_takers_never_both_win(uri):
 def test_a_crashed_holders_lease_expires_and_the_old_holder_then_stops(uri):
     Writer(uri, "writer-1").commit(TODAY)
     now = [1_000_000.0]
-    crashed = Lease(uri, {}, holder="crashed", ttl=60, clock=lambda: now[0])
+    crashed = Lease(uri, {}, holder=elsewhere("crashed"), ttl=60, clock=lambda: now[0])
     crashed.acquire()
-    with pytest.raises(MaintenanceError, match="crashed holds the maintenance lease") as busy:
-        Lease(uri, {}, holder="next", clock=lambda: now[0]).acquire()
-    assert busy.value.held_until == datetime.fromtimestamp(now[0] + 60, UTC)
+    with pytest.raises(MaintenanceBusyError, match="crashed.example:4242:scheduler holds the maintenance lease") as busy:
+        Lease(uri, {}, holder=elsewhere("next"), clock=lambda: now[0]).acquire()
+    assert busy.value.held_until == datetime.fromtimestamp(now[0] + 60, UTC) and busy.value.exit_code == 75
 
     now[0] += 61  # the holder stopped renewing: its lease ran out
-    successor = Lease(uri, {}, holder="next", ttl=60, clock=lambda: now[0])
+    successor = Lease(uri, {}, holder=elsewhere("next"), ttl=60, clock=lambda: now[0])
     successor.acquire()
     with pytest.raises(MaintenanceError, match="lost the maintenance lease"):
         compact(uri, {}, lease=crashed)  # woken up: it must not optimize any more
     successor.release()
     crashed.release()  # no error: it is not the holder
-    Lease(uri, {}, holder="third").acquire()
+    Lease(uri, {}, holder=elsewhere("third")).acquire()
 
 
 def test_racing_maintainers_beside_an_appender_never_duplicate_rows(uri):
     seeder = Writer(uri, "seeder", first=0)
     appender = Writer(uri, "appender", first=10_000_000)
     stop = threading.Event()
+    failures: list[BaseException] = []
 
     def append() -> None:
-        while not stop.is_set():
-            appender.commit(TODAY, rows=20)
+        try:
+            while not stop.is_set():
+                appender.commit(TODAY, rows=20)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failures.append(exc)
 
     outcomes: list[object] = []
 
@@ -242,10 +268,17 @@ def test_racing_maintainers_beside_an_appender_never_duplicate_rows(uri):
         except MaintenanceError as exc:
             outcomes.append(exc)
 
+    def lost_races() -> int:
+        return sum(isinstance(o, MaintenanceBusyError) for o in outcomes)
+
     background = threading.Thread(target=append)
     background.start()
+    rounds = 0
     try:
-        for i in range(16):
+        # 16 rounds, and more (64 at most) until the racers did overlap once: on a busy machine one may finish
+        # before the other starts.
+        while rounds < 16 or (lost_races() == 0 and rounds < 64):
+            i, rounds = rounds, rounds + 1
             day = CLOSED[i % 2]
             for _ in range(4):
                 seeder.commit(day, rows=30)
@@ -260,11 +293,14 @@ def test_racing_maintainers_beside_an_appender_never_duplicate_rows(uri):
         stop.set()
         background.join()
 
+    assert not failures, failures
     errors = [o for o in outcomes if isinstance(o, MaintenanceError)]
-    assert all(e.held_until is not None for e in errors), errors  # only lost races, no failures
+    assert all(isinstance(e, MaintenanceBusyError) for e in errors), errors  # only lost races, no failures
     assert errors  # they did race: some found the other's lease (all 16 rounds, when measured)
-    assert len(outcomes) - len(errors) >= 16  # at least one optimize per round
+    assert len(outcomes) - len(errors) >= rounds  # at least one optimize per round
     assert appender.rows > 0
+    print(f"rounds={rounds} lost_races={len(errors)} appender_commits={appender.version} "
+          f"appender_retries={appender.retries} seeder_retries={seeder.retries}")
     assert_rows_once(uri, seeder.rows + appender.rows)
 
 
@@ -355,8 +391,9 @@ async def test_scheduler_compacts_zorders_and_vacuums_beside_an_appender(uri):
             await scheduler.next_pass()  # a whole pass after it
             nursery.cancel_scope.cancel()
 
-    assert scheduler.stats.failed_steps == 0 and scheduler.stats.vacuums == 1
-    assert files_of(uri, TODAY) == 1
+    assert scheduler.stats.failed_steps == 0 and scheduler.stats.vacuums == 1  # daily: once
+    # Today's compaction is tiered (a binary counter of file sizes): a few files, not the 45 commits' worth.
+    assert files_of(uri, TODAY) <= 7
     assert zorder_candidates(uri, before=TODAY) == [] and scheduler.stats.zorders >= 2
     assert_rows_once(uri, writer.rows)
 
@@ -406,7 +443,7 @@ async def test_cancelling_the_scheduler_lets_the_step_in_progress_finish_and_fre
 
     assert files_of(uri, TODAY) == 1  # the compaction in progress finished and committed
     assert files_of(uri, CLOSED[0]) == 5 and scheduler.stats.zorders == 0  # no later step started
-    with Lease(uri, {}, holder="after") as lease:  # released, not left to expire
+    with Lease(uri, {}, holder=elsewhere("after")) as lease:  # released, not left to expire
         assert lease.expires_ms is not None
     assert_rows_once(uri, writer.rows)
 
@@ -452,10 +489,10 @@ def test_command_errors_are_one_line_with_the_exit_code(uri):
     assert result.stderr.startswith("pistream: error: --retention-hours 1 h is under 24 h")
     assert "Traceback" not in result.output
 
-    with Lease(uri, {}, holder="nightly-job"):
+    with Lease(uri, {}, holder=elsewhere("nightly-job")):
         result = runner.invoke(command_group(), ["optimize", "--table", uri])
-    assert result.exit_code == 1
-    assert "pistream: error: nightly-job holds the maintenance lease" in result.stderr
+    assert result.exit_code == 75  # busy, not failed
+    assert "pistream: error: nightly-job.example:4242:scheduler holds the maintenance lease" in result.stderr
 
     result = runner.invoke(command_group(), ["stats", "--table", uri + "-missing"])
     assert result.exit_code == 2 and "no Delta table at" in result.stderr

@@ -58,18 +58,35 @@ def check_exactly_once(workspace, location: str, model: SimModel, simulator) -> 
     assert result.missing == [] and result.duplicates == [] and result.unexpected == []
 
 
+async def until_logged(logs: list[dict], stop: trio.Event, at_least: float, wanted: dict[str, int]) -> None:
+    """Set ``stop`` once ``at_least`` seconds have passed and each event in ``wanted`` was logged that often:
+    a busy machine makes the run longer, never the test fail for want of time (``fail_after`` bounds it)."""
+    started = trio.current_time()
+    while True:
+        events = [entry["event"] for entry in logs]
+        if trio.current_time() - started >= at_least and all(events.count(e) >= n for e, n in wanted.items()):
+            stop.set()
+            return
+        await trio.sleep(0.25)
+
+
 async def test_stream_across_credential_expirations(workspace, tmp_path, vended_secrets):
-    """Credentials that last 4 s, a 22 s run with 0.5 s flushes and maintenance every 10 s: pistream re-vends
-    every ~2 s and swaps them between commits; no commit fails, nothing is lost or doubled, no secret is logged."""
+    """Credentials that last 4 s, 0.5 s flushes and maintenance every 10 s, for 22 s or until maintenance has
+    compacted and 20 batches were committed: pistream re-vends every ~2 s and swaps them between commits; no
+    commit fails, nothing is lost or doubled, no secret is logged."""
     workspace.credential_lifetime = 4
     location = workspace.location("expiring")
     workspace.register_table("main.bronze.pi_streaming_timeseries", location)
     model = SimModel.from_paths(PATHS, rate=10)
-    with structlog.testing.capture_logs() as logs, trio.fail_after(90):
-        async with served(tmp_path, model, table="main.bronze.pi_streaming_timeseries", duration=22,
+    stop = trio.Event()
+    wanted = {"batch_committed": 20, "credentials_swapped": 5, "table_compacted": 1}
+    with structlog.testing.capture_logs() as logs, trio.fail_after(300):
+        async with served(tmp_path, model, table="main.bronze.pi_streaming_timeseries",
                           flush_seconds=0.5, maintenance_interval=10,
                           storage_options=workspace.base_storage_options) as (simulator, settings):
-            summary = await run_pipeline(settings, handle_signals=False)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(until_logged, logs, stop, 22, wanted)
+                summary = await run_pipeline(settings, stop, handle_signals=False)
     check_exactly_once(workspace, location, model, simulator)
     print(f"commits={summary.commits} failed={summary.failed_commits} vends={workspace.credential_vends}")
     assert summary.failed_commits == 0 and summary.commits >= 20

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 from deltalake import CommitProperties, DeltaTable
+from deltalake.exceptions import CommitFailedError
 
 from ..errors import ConfigError, MaintenanceError
 from ..stream.schema import PARTITION_COLUMN
@@ -27,6 +28,9 @@ log = structlog.get_logger(__name__)
 
 
 ZORDER_COLUMNS = ("tag_webid", "timestamp")
+
+
+DEFAULT_TARGET_SIZE = 100 << 20  # delta-rs's, when the table has no delta.targetFileSize
 
 
 MAX_SPILL_SIZE = 256 << 20  # z-order of 10 M rows: 1.56 GB RSS unbounded, ~450 MB with this bound
@@ -57,17 +61,58 @@ class OptimizeResult:
 
 
 def compact(uri: str, storage_options: StorageOptions | None = None, partition: date | None = None, *,
-            target_size: int | None = None, lease: Lease | None = None,
+            target_size: int | None = None, lease: Lease | None = None, tiered: bool = False,
             max_concurrent_tasks: int | None = None) -> OptimizeResult:
     """Merge small files (of ``partition``, or of the whole table) into files of about ``target_size``
-    (the table's ``delta.targetFileSize``, else 100 MiB)."""
-    def run(table: DeltaTable, filters: Any, properties: CommitProperties) -> dict[str, Any]:
-        return table.optimize.compact(partition_filters=filters, target_size=target_size,
+    (the table's ``delta.targetFileSize``, else 100 MiB); files of that size are left alone. ``tiered``
+    (the scheduler's compaction of today's partition) merges a file only with smaller ones that together
+    weigh at least half as much (``tiered_target``), so a pass no longer rewrites the day's growing file."""
+    def run(table: DeltaTable, filters: Any, properties: CommitProperties) -> dict[str, Any] | None:
+        target: int | None = target_size or _target_size(table)
+        if tiered:
+            target = tiered_target(_file_sizes(table, partition), target or DEFAULT_TARGET_SIZE)
+            if target is None:
+                return None
+        return table.optimize.compact(partition_filters=filters, target_size=target,
                                       max_concurrent_tasks=max_concurrent_tasks, commit_properties=properties)
 
     result = _optimize("compact", uri, storage_options, partition, lease, run)
     log.info("table_compacted", table=redact_uri(uri), **_logged(result))
     return result
+
+
+def tiered_target(sizes: list[int], settled: int) -> int | None:
+    """The ``target_size`` for delta-rs's compaction (which merges the files not bigger than it, in bins of
+    that size) that merges the smallest files up to the biggest one that the smaller ones together weigh at
+    least half of. A byte is then rewritten only into a file at least 1.5 times as big as the one it was in,
+    so a few times in all (log base 1.5 of ``settled`` over the first file's size at most), and a pass
+    rewrites about what arrived since the last one, not the whole day. Files of ``settled`` bytes or more
+    stay as they are. None: nothing to merge."""
+    small = sorted(size for size in sizes if size < settled)
+    last, total = -1, 0  # the index of the biggest file to merge; the sum of the files before it
+    for index, size in enumerate(small):
+        if index and 2 * total >= size:
+            last = index
+        total += size
+    if last < 1:
+        return None
+    # What is merged fits one bin (each bigger file outweighs twice what is merged), and delta-rs skips
+    # files over the target: the next file and all bigger ones stay.
+    return small[last + 1] - 1 if last + 1 < len(small) else settled
+
+
+def _target_size(table: DeltaTable) -> int:
+    text = table.metadata().configuration.get("delta.targetFileSize")
+    return int(text) if text and text.isdigit() else DEFAULT_TARGET_SIZE
+
+
+def _file_sizes(table: DeltaTable, partition: date | None) -> list[int]:
+    adds = pa.table(table.get_add_actions(flatten=True))
+    sizes = adds.column("size_bytes").to_pylist()
+    dates = partition_dates(adds)
+    if partition is None or dates is None:
+        return sizes
+    return [size for size, day in zip(sizes, dates.to_pylist(), strict=True) if day == partition]
 
 
 def z_order(uri: str, storage_options: StorageOptions | None, partition: date, *,
@@ -80,7 +125,7 @@ def z_order(uri: str, storage_options: StorageOptions | None, partition: date, *
         raise ConfigError("z-order needs a memory bound (max_spill_size > 0): unbounded, Z-ordering 10 M rows "
                           f"took 1.56 GB of memory; use the default {MAX_SPILL_SIZE >> 20} MiB")
 
-    def run(table: DeltaTable, filters: Any, properties: CommitProperties) -> dict[str, Any]:
+    def run(table: DeltaTable, filters: Any, properties: CommitProperties) -> dict[str, Any] | None:
         return table.optimize.z_order(list(columns), partition_filters=filters, target_size=target_size,
                                       max_spill_size=max_spill_size, max_concurrent_tasks=max_concurrent_tasks,
                                       commit_properties=properties)
@@ -95,7 +140,7 @@ def _logged(result: OptimizeResult) -> dict[str, Any]:
 
 
 def _optimize(operation: str, uri: str, storage_options: StorageOptions | None, partition: date | None,
-              lease: Lease | None, run: Callable[[DeltaTable, Any, CommitProperties], dict[str, Any]]
+              lease: Lease | None, run: Callable[[DeltaTable, Any, CommitProperties], dict[str, Any] | None]
               ) -> OptimizeResult:
     started = time.perf_counter()
     run_id = uuid.uuid4().hex
@@ -105,15 +150,27 @@ def _optimize(operation: str, uri: str, storage_options: StorageOptions | None, 
         options = current_options(uri, storage_options)
         with translated(operation.replace("_", "-"), uri, options):
             read_version = table.version()
-            metrics = run(table, filters, CommitProperties(
-                custom_metadata={RUN_KEY: run_id, "pistream.lease_holder": held.holder}))
+            try:
+                metrics = run(table, filters, CommitProperties(
+                    custom_metadata={RUN_KEY: run_id, "pistream.lease_holder": held.holder.text()})) or _NOTHING
+            except CommitFailedError as exc:
+                if "Metadata changed" not in str(exc):
+                    raise
+                raise MaintenanceError(
+                    f"the {operation.replace('_', '-')} of {redact_uri(uri)} was not committed: the table's "
+                    "metadata changed while it ran (another maintainer took the lease over after it expired, "
+                    "or someone altered the table); nothing was changed, the next pass plans it again") from None
             removed, added = json.loads(metrics["filesRemoved"]), json.loads(metrics["filesAdded"])
             version, rows = None, 0
             if metrics["numFilesRemoved"] or metrics["numFilesAdded"]:
                 version, rows = _check_optimize_commit(uri, options, read_version, run_id)
+        held.record(operation)
     return OptimizeResult(operation, partition, int(metrics["numFilesRemoved"]), int(metrics["numFilesAdded"]),
                           int(removed.get("totalSize", 0)), int(added.get("totalSize", 0)), rows, version,
                           round(time.perf_counter() - started, 3))
+
+
+_NOTHING: dict[str, Any] = {"numFilesRemoved": 0, "numFilesAdded": 0, "filesRemoved": "{}", "filesAdded": "{}"}
 
 
 def _check_optimize_commit(uri: str, options: Mapping[str, str], read_version: int, run_id: str

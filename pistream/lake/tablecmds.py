@@ -1,13 +1,13 @@
-"""``pistream optimize | vacuum | stats --table ...``: table maintenance by hand, the steps the pipeline's
-scheduler runs (``pistream.lake.maintenance``), under the same lease, so they never race it. ``register(main)``
-adds them to the command group. Results go to stdout (a table, or JSON with ``--json``), logs to stderr.
+"""``pistream optimize | vacuum | stats | maintenance status | maintenance break-lease --table ...``: table
+maintenance by hand, the steps the pipeline's scheduler runs (``pistream.lake.maintenance``), under the same
+lease, so they never race it, and the lease's state. ``register(main)`` adds them to the command group. Results
+go to stdout (a table, or JSON with ``--json``), logs to stderr. A busy lease exits 75 ("try again later").
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
+import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar
@@ -43,10 +43,6 @@ def _run(work: Callable[[], Any]) -> Any:
         ctx.exit(exc.exit_code)
 
 
-def _holder(command: str) -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{command}"
-
-
 def _echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, default=str))
 
@@ -66,14 +62,21 @@ def _echo_table(header: list[str], rows: list[list[Any]]) -> None:
         click.echo("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths, strict=True))))
 
 
+def _wait_option(command: F) -> F:
+    return click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
+                        help="If another maintainer holds the table's lease, wait up to SECONDS for it; then (or "
+                             "at once with 0) exit 75 (busy: nothing failed, try again later).")(command)
+
+
 @click.command()
 @_table_options
+@_wait_option
 @click.option("--zorder", is_flag=True,
               help="Z-order by tag and time instead of compacting: the --partition, or every partition whose "
                    "files are not all from one Z-order.")
 @click.option("--partition", type=click.DateTime(["%Y-%m-%d"]), help="Only this partition (UTC date).")
-def optimize(table: str, config_path: str | None, databricks_profile: str | None, as_json: bool, zorder: bool,
-             partition: datetime | None) -> None:
+def optimize(table: str, config_path: str | None, databricks_profile: str | None, as_json: bool, wait: float,
+             zorder: bool, partition: datetime | None) -> None:
     """Compact small files (or Z-order) while pistream keeps appending."""
     from .lease import Lease
     from .optimize import compact, z_order, zorder_candidates
@@ -84,11 +87,15 @@ def optimize(table: str, config_path: str | None, databricks_profile: str | None
     def work() -> list[Any]:
         with open_target(table, config_path=config_path, databricks_profile=databricks_profile) as target:
             options = target.storage_options
-            with Lease(target.uri, options, holder=_holder("optimize")) as lease:
+            lease = Lease(target.uri, options, role="optimize")
+            lease.acquire(wait)
+            try:
                 if not zorder:
                     return [compact(target.uri, options, day, lease=lease)]
                 days = [day] if day is not None else zorder_candidates(target.uri, options)
                 return [z_order(target.uri, options, d, lease=lease) for d in days]
+            finally:
+                lease.release()
 
     results = _run(work)
     if as_json:
@@ -105,6 +112,7 @@ def optimize(table: str, config_path: str | None, databricks_profile: str | None
 
 @click.command()
 @_table_options
+@_wait_option
 @click.option("--retention-hours", type=click.IntRange(min=0),
               help="Keep removed files this long.  [default: the table's delta.deletedFileRetentionDuration, "
                    "7 days]")
@@ -112,7 +120,7 @@ def optimize(table: str, config_path: str | None, databricks_profile: str | None
 @click.option("--force", is_flag=True,
               help="Allow a retention under 24 hours (only when no pistream writer can have files written "
                    "ahead of a commit).")
-def vacuum(table: str, config_path: str | None, databricks_profile: str | None, as_json: bool,
+def vacuum(table: str, config_path: str | None, databricks_profile: str | None, as_json: bool, wait: float,
            retention_hours: int | None, dry_run: bool, force: bool) -> None:
     """Delete data files the table no longer references (a full vacuum)."""
     from .target import open_target
@@ -120,7 +128,8 @@ def vacuum(table: str, config_path: str | None, databricks_profile: str | None, 
 
     def work() -> Any:
         with open_target(table, config_path=config_path, databricks_profile=databricks_profile) as target:
-            return run_vacuum(target.uri, target.storage_options, retention_hours, dry_run=dry_run, force=force)
+            return run_vacuum(target.uri, target.storage_options, retention_hours, dry_run=dry_run, force=force,
+                              wait=wait)
 
     result = _run(work)
     if as_json:
@@ -181,8 +190,89 @@ def _share(share: float | None) -> str:
     return "-" if share is None else f"{share:.2%}"
 
 
+@click.group()
+def maintenance() -> None:
+    """The table's maintenance lease: who holds it, when each step last ran; free it by hand."""
+
+
+@maintenance.command()
+@_table_options
+def status(table: str, config_path: str | None, databricks_profile: str | None, as_json: bool) -> None:
+    """Who holds the maintenance lease (since, last renewal, expiry) and when compaction, Z-order and vacuum
+    last ran, from the table's log."""
+    from .lease import read_state
+    from .tableaccess import current_options, translated
+    from .target import open_target
+
+    def work() -> tuple[str, dict[str, Any]]:
+        with open_target(table, config_path=config_path, databricks_profile=databricks_profile) as target:
+            options = current_options(target.uri, target.storage_options)
+            with translated("reading the maintenance lease", target.uri, options):
+                state = read_state(target.uri, options)
+            return target.display, state.to_dict(int(time.time() * 1000))
+
+    display, data = _run(work)
+    if as_json:
+        _echo_json({"table": display, **data})
+        return
+    click.echo(f"table        {display}")
+    holder = data["holder"] or "unknown holder"
+    if data["state"] == "held":
+        where = " (its process has ended: the next maintainer takes it over)" if data["holder_gone"] else ""
+        click.echo(f"lease        held by {holder}{where}")
+        click.echo(f"since        {data['since'] or '-'}")
+        click.echo(f"renewed      {data['renewed'] or '-'}")
+        click.echo(f"expires      {data['expires']}")
+    elif data["expires"] is None:
+        click.echo("lease        free (never taken)")
+    else:
+        verb = "released" if data["state"] == "released" else "expired (not released)"
+        click.echo(f"lease        free: {verb} at {data['expires']}, last held by {holder}")
+    names = {"compact": "compaction", "z_order": "z-order", "vacuum": "vacuum"}
+    for step, when in data["last_runs"].items():
+        click.echo(f"{names[step]:<12} {when or 'never (by pistream)'}")
+
+
+@maintenance.command("break-lease")
+@_table_options
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def break_lease_command(table: str, config_path: str | None, databricks_profile: str | None, as_json: bool,
+                        yes: bool) -> None:
+    """Free the maintenance lease whoever holds it. Only for a holder that is gone for good on another host
+    (one on this host is taken over at once anyway); a holder still running loses the lease and its
+    optimize in flight is refused at its commit."""
+    from .holder import this_process
+    from .lease import break_lease, read_state
+    from .tableaccess import current_options, translated
+    from .target import open_target
+
+    def work() -> dict[str, Any] | None:
+        with open_target(table, config_path=config_path, databricks_profile=databricks_profile) as target:
+            options = current_options(target.uri, target.storage_options)
+            with translated("reading the maintenance lease", target.uri, options):
+                state = read_state(target.uri, options)
+            now = int(time.time() * 1000)
+            if not state.held(now):
+                return None
+            data = state.to_dict(now)
+            if not yes:
+                click.confirm(f"{data['holder'] or 'an unknown holder'} holds the maintenance lease of "
+                              f"{target.display} until {data['expires']} (renewed {data['renewed'] or '-'}). "
+                              "Break it?", abort=True, err=True)
+            break_lease(target.uri, target.storage_options, this_process("break-lease"))
+            return data
+
+    broken = _run(work)
+    if as_json:
+        _echo_json({"broken": broken is not None, "previous": broken})
+    elif broken is None:
+        click.echo("the maintenance lease is free: nothing to break")
+    else:
+        click.echo(f"broke the maintenance lease held by {broken['holder'] or 'an unknown holder'}")
+
+
 def register(group: click.Group) -> None:
-    """Add optimize, vacuum and stats to ``group`` (the pistream command)."""
-    for command in (optimize, vacuum, stats):
+    """Add optimize, vacuum, stats and maintenance to ``group`` (the pistream command)."""
+    for command in (optimize, vacuum, stats, maintenance):
         group.add_command(command)
 

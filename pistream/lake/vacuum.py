@@ -59,23 +59,27 @@ def retention_of(table: DeltaTable) -> int:
 
 
 def vacuum(uri: str, storage_options: StorageOptions | None = None, retention_hours: int | None = None,
-           dry_run: bool = False, force: bool = False, *, lease: Lease | None = None) -> VacuumResult:
+           dry_run: bool = False, force: bool = False, *, lease: Lease | None = None,
+           wait: float = 0.0) -> VacuumResult:
     """Delete the files no current table version references that are older than the retention (a full
     vacuum). ``dry_run`` lists them. Under 24 hours only with ``force`` or as a dry run (see the module
-    docstring); the table's own retention property is held to the same floor."""
+    docstring); the table's own retention property is held to the same floor. Without a ``lease``, one is
+    taken for the call (waiting up to ``wait`` seconds for another maintainer's)."""
     started = time.perf_counter()
     options = current_options(uri, storage_options)
     if retention_hours is not None and retention_hours < 0:
         raise ConfigError(f"--retention-hours {retention_hours} is negative")
     if retention_hours is not None and not (dry_run or force):
         _check_retention(retention_hours, "--retention-hours")
-    holding = no_lease() if dry_run else leased(lease, uri, storage_options)  # a dry run deletes nothing
+    holding = no_lease() if dry_run else leased(lease, uri, storage_options, "vacuum", wait)  # a dry run deletes nothing
     with holding as held, translated("vacuum", uri, options):
         table = held.open_table() if held is not None else open_table(uri, options)
         hours = retention_hours if retention_hours is not None else retention_of(table)
         if not (dry_run or force):
             _check_retention(hours, "the table's delta.deletedFileRetentionDuration")
         files = table.vacuum(retention_hours=hours, dry_run=dry_run, enforce_retention_duration=False, full=True)
+        if held is not None:
+            held.record("vacuum")  # when it last ran, for the scheduler's daily vacuum across restarts
     result = VacuumResult(sorted(files), hours, dry_run, round(time.perf_counter() - started, 3))
     log.info("table_vacuumed", table=redact_uri(uri), files=len(files), retention_hours=hours, dry_run=dry_run,
              seconds=result.seconds)
