@@ -127,6 +127,9 @@ def entry() -> None:
               help="Serve Prometheus /metrics and /healthz on --metrics-host:PORT (off by default).")
 @click.option("--metrics-host", help="Address for --metrics-port.  [default: 127.0.0.1]")
 @click.option("--skip-unknown", is_flag=True, default=None, help="Go on without tags the server does not know.")
+@click.option("--rediscover-interval", type=float,
+              help="Resolve the tags file (its masks, its tags) again this often, in seconds, and follow what "
+                   "changed without a restart; 0: only when the file changes or on SIGHUP.  [default: 3600]")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False),
               help="TOML file with any of these settings (names with underscores).")
 @click.option("--log-format", type=click.Choice(["auto", "console", "json"]),

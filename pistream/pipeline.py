@@ -1,5 +1,7 @@
 """The composition root: resolve tags, then run channel readers -> flusher -> commit writer in one
-nursery until stopped, and shut down in order (readers first, then flush, then the last commit).
+nursery until stopped, and shut down in order (readers first, then flush, then the last commit). While it
+runs, the tag set follows the tags file and the server (``pi.discovery``): readers come and go under
+``pi.subscriptions``.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ from .lake.writer import CommitWriter
 from .metrics import MetricsServer
 from .pi.auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, OidcClientCredentials
 from .pi.channel import ChannelReader, receive_buffer_size, shard_webids
+from .pi.discovery import Rediscovery, TagsFileWatch, discover
 from .pi.flow import GapRequest, Incoming
 from .pi.gapfill import GapFiller, GapQueue
 from .pi.piwebapi import PiWebApi, ResolvedTags, unknown_tags_error
-from .pi.tags import read_tags_file
+from .pi.subscriptions import Subscriptions
+from .pi.tags import TagList
 from .pi.tls import client_context
 from .stream.buffer import ColumnBuffer, Flush, Spill
 from .stream.columns import DECODER, FRAME_CODEC
@@ -70,10 +74,14 @@ def default_app_id() -> str:
     return f"pistream-{socket.gethostname()}"
 
 
-async def resolve_tags(api: PiWebApi, paths: list[str], skip_unknown: bool, state_dir: str
+async def resolve_tags(api: PiWebApi, tag_list: TagList, skip_unknown: bool, state_dir: str
                        ) -> ResolvedTags:
+    """The tags to start with: exact lines and masks' matches. Unknown exact tags stop the start (unless
+    ``skip_unknown``); masks that match nothing are only a warning (``discover``)."""
     await api.check_root()
-    resolved, unknown = await api.resolve(paths)
+    paths = tag_list.paths
+    found = await discover(api, tag_list)
+    resolved, unknown = found.resolved, found.unknown
     if unknown:
         listing = Path(state_dir) / "unknown-tags.txt"
         try:
@@ -82,9 +90,12 @@ async def resolve_tags(api: PiWebApi, paths: list[str], skip_unknown: bool, stat
         except OSError:
             listing = None  # type: ignore[assignment]
         error = unknown_tags_error(unknown, len(paths), str(listing) if listing else None)
-        if not skip_unknown or not len(resolved):
+        if not skip_unknown or not (len(resolved) or tag_list.masks):
             raise error
         log.warning("tags_skipped", count=len(unknown), first=unknown[:5], listing=str(listing))
+    if not len(resolved):
+        log.warning("no_tags_yet", masks=len(tag_list.masks),
+                    note="no listed tag exists yet: pistream waits for rediscovery to find some")
     return resolved
 
 
@@ -222,7 +233,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
     use_returning_arrow_pool()
     stop = stop if stop is not None else trio.Event()  # an Event has no truth value
     assert settings.tags is not None
-    tag_list = read_tags_file(settings.tags, settings.server)
+    watch = TagsFileWatch(settings.tags, settings.server)
+    tag_list = watch.read()
     if tag_list.duplicates:
         log.warning("tags_duplicated", count=len(tag_list.duplicates),
                     first=[f"line {line}: {path}" for line, path in tag_list.duplicates[:5]])
@@ -248,7 +260,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                            auth_hint=hint)
             async with api:
                 # PI Web API first: a wrong URL or password must not leave an empty table behind.
-                resolved = await resolve_tags(api, paths, settings.skip_unknown, settings.state_dir)
+                resolved = await resolve_tags(api, tag_list, settings.skip_unknown, settings.state_dir)
                 if target is not None:
                     await target.open()
                     sink = open_sink(target, app_id)
@@ -263,10 +275,10 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                 committed, txn_version = await trio.to_thread.run_sync(
                     recover_floors, sink, store, int(settings.reread_seconds * 1_000_000))
                 open_gaps = await trio.to_thread.run_sync(recover_open_gaps, sink, store)
-                shards = shard_webids(url, resolved.webids, settings.max_url_length)
-                tag_count = len(resolved)
+                shard = partial(shard_webids, url, max_url_length=settings.max_url_length)
+                shards = shard(resolved.webids)
                 log.info("decoder_selected", decoder=DECODER)
-                log.info("tags_resolved", tags=tag_count, channels=len(shards), table=sink.display_uri,
+                log.info("tags_resolved", tags=len(resolved), channels=len(shards), table=sink.display_uri,
                          seconds=round(time.monotonic() - started, 3))
 
                 message_send, message_recv = trio.open_memory_channel[Incoming](READER_QUEUE)
@@ -278,6 +290,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                     gap_queue.put(gap)
                 buffer = ColumnBuffer({}, event_filter)
                 buffer.describe(resolved.webids, resolved.paths, resolved.uoms)
+                webids = resolved.webids
                 del tag_list, paths, resolved  # the buffer's tag index keeps what is needed
                 flusher = Flusher(buffer, message_recv, flush_send,
                                   max_rows=settings.flush_rows, max_bytes=settings.flush_bytes,
@@ -288,17 +301,22 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                 del buffer, open_gaps  # the flusher and the filter's windows have them now
                 gap_filler = GapFiller(api, gap_queue, message_send.clone())
                 message_size = int(settings.max_message_mb * (1 << 20)) if settings.max_message_mb else None
-                readers = [
-                    ChannelReader(f"channel-{i}", url, shard, message_send.clone(), auth=auth, ssl_context=tls,
-                                  auth_hint=hint,
-                                  heartbeat_rate=settings.heartbeat_rate, read_timeout=settings.silence_seconds,
-                                  stall_timeout=settings.stall_seconds, receive_buffer=receive_buffer_size(len(shards)),
-                                  max_message_size=message_size, raw_frames=FRAME_CODEC)
-                    for i, shard in enumerate(shards)
-                ]
-                message_send.close()  # each producer owns a clone; the flusher ends when the last one closes
+
+                def make_reader(name: str, shard: list[str], send: trio.MemorySendChannel[Incoming]) -> ChannelReader:
+                    return ChannelReader(name, url, shard, send, auth=auth, ssl_context=tls, auth_hint=hint,
+                                         heartbeat_rate=settings.heartbeat_rate, read_timeout=settings.silence_seconds,
+                                         stall_timeout=settings.stall_seconds,
+                                         receive_buffer=receive_buffer_size(len(shards)),
+                                         max_message_size=message_size, raw_frames=FRAME_CODEC)
+
+                # It owns message_send and a clone per reader; the flusher ends when the last producer closes.
+                subscriptions = Subscriptions(message_send, make_reader, shard)
+                rediscovery = Rediscovery(
+                    api, watch, subscriptions, lambda tags: flusher.buffer.describe(tags.webids, tags.paths, tags.uoms),
+                    interval=settings.rediscover_interval, sighup=handle_signals)
                 async with trio.open_nursery() as background:  # cancelled once the last commit has landed
-                    reporter = StatsReporter(settings.stats_interval, flusher, writer, readers, gap_filler)
+                    reporter = StatsReporter(settings.stats_interval, flusher, writer, subscriptions.readers, gap_filler,
+                                             subscriptions=subscriptions)
                     if settings.stats_interval:
                         background.start_soon(reporter.run)
                     if settings.metrics_port is not None:
@@ -312,7 +330,9 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
                         await flow.start(flusher.run)
                         deadline = trio.current_time() + (settings.duration - (time.monotonic() - started)
                                                           if settings.duration is not None else math.inf)
-                        flow.start_soon(_run_producers, readers, gap_filler, stop, deadline)
+                        flow.start_soon(_run_producers, subscriptions, webids, rediscovery, gap_filler, stop,
+                                        deadline)
+                        del webids
                     background.cancel_scope.cancel()
                 await trio.to_thread.run_sync(log_table_summary, sink)
             root.cancel_scope.cancel()  # the simulator and the signal watcher
@@ -321,15 +341,15 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
             target.close()  # the Databricks workspace's connections
 
     summary = RunSummary(
-        tags=tag_count,
-        channels=len(shards),
+        tags=subscriptions.tag_count,
+        channels=len(subscriptions.readers),
         values_received=flusher.stats.values_received,
         values_written=writer.stats.values_written,
         repeats_dropped=flusher.stats.repeats_dropped,
         rejected=flusher.stats.rejected,
         commits=writer.stats.commits,
         failed_commits=writer.stats.failed_attempts,
-        channel_pauses=sum(r.stats.pauses for r in readers),
+        channel_pauses=subscriptions.pauses,
         gaps_filled=gap_filler.stats.gaps,
         gap_values=gap_filler.stats.values_read,
         gaps_lost=gap_filler.stats.lost_gaps,
@@ -339,15 +359,17 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None,
     return summary
 
 
-async def _run_producers(readers: list[ChannelReader], gap_filler: GapFiller, stop: trio.Event,
-                         deadline: float) -> None:
-    """Run the readers and the gap filler until stop or the deadline (``--duration`` counts from the
-    process start); when they close their channel ends, the flusher flushes what is left. Gaps still being
-    read then are in the open-gaps file the commit writer keeps, and are read again on the next start."""
+async def _run_producers(subscriptions: Subscriptions, webids: list[str], rediscovery: Rediscovery,
+                         gap_filler: GapFiller, stop: trio.Event, deadline: float) -> None:
+    """Run the readers (of ``webids``, then of what rediscovery finds), rediscovery and the gap filler until
+    stop or the deadline (``--duration`` counts from the process start); when they close their channel
+    ends, the flusher flushes what is left. Gaps still being read then are in the open-gaps file the commit
+    writer keeps, and are read again on the next start."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gap_filler.run)
-        for reader in readers:
-            nursery.start_soon(reader.run)
+        await nursery.start(subscriptions.run, webids)
+        del webids
+        await nursery.start(rediscovery.run)
         with trio.move_on_at(deadline):
             await stop.wait()
         nursery.cancel_scope.cancel()
