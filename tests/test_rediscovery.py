@@ -210,3 +210,42 @@ async def test_without_the_interval_a_file_edit_and_sighup_still_rediscover(tmp_
     result = compare_with_model(settings.table, model, windows)
     assert result.missing == [] and result.duplicates == [] and result.unexpected == []
     assert len(windows) == summary.tags == 3
+
+
+async def test_a_channel_refused_after_a_point_was_deleted_drops_that_point_and_streams_on(tmp_path):
+    """A point deleted on the server, then the channel holding it reconnects before any rediscovery: the
+    server refuses the channel (404 for the unknown WebID). pistream rediscovers, unsubscribes the deleted
+    point and reopens the channel with the others, instead of stopping."""
+    model = SimModel.from_paths(["\\\\SIMSRV\\A1", "\\\\SIMSRV\\A2", "\\\\SIMSRV\\A3"], rate=10)
+    simulator = Simulator(model, poll_interval=0.1)
+    tags = tmp_path / "tags.txt"
+    write_tags(tags, ["\\\\SIMSRV\\A1", "\\\\SIMSRV\\A2", "\\\\SIMSRV\\A3"])
+    stop = trio.Event()
+
+    async def delete_then_cut(logs: list[dict]) -> None:
+        await until(lambda: all(webid(n) in simulator.emitted for n in ("A1", "A2", "A3")), "first values")
+        await trio.sleep(0.5)
+        model.remove(webid("A2"))
+        simulator.faults.kill_channels()
+        await until(lambda: names_in(logs, "tags_removed", "A2"), "tags_removed A2")
+        await until(lambda: simulator.channels_opened[-1] == (webid("A1"), webid("A3")), "the channel reopened")
+        await trio.sleep(1.0)
+        stop.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(simulator.run)
+        settings = build_settings({}, {"tags": str(tags), "url": simulator.url, "table": str(tmp_path / "table"),
+                                       "state_dir": str(tmp_path / "state"), "flush_seconds": 0.5,
+                                       "rediscover_interval": 0})
+        with trio.fail_after(120), capture_logs() as logs:
+            nursery.start_soon(delete_then_cut, logs)
+            summary = await run_pipeline(settings, stop, handle_signals=False)
+        nursery.cancel_scope.cancel()
+
+    assert logged(logs, "channel_refused") and logged(logs, "tags_removed", reason="channel_refused")
+    assert simulator.channels_opened[-1] == (webid("A1"), webid("A3"))
+    windows = {w: (r.first_us, r.last_us - TAIL_US) for w, r in simulator.emitted.items()}
+    windows[webid("A2")] = (simulator.emitted[webid("A2")].first_us, simulator.emitted[webid("A2")].last_us)
+    result = compare_with_model(settings.table, model, windows)
+    assert result.missing == [] and result.duplicates == [] and result.unexpected == []
+    assert summary.tags == 2 and summary.gaps_lost == 0

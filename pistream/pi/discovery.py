@@ -166,11 +166,19 @@ class Rediscovery:
         self.failures = 0
         self._reason: str | None = None
         self._wakeup = trio.Event()
+        self._finished = trio.Event()  # set when a rediscovery ends, then replaced
+        subscriptions.on_refused = self._after_refusal
 
     def request(self, reason: str) -> None:
         """Rediscover as soon as the one running (if any) is done."""
         self._reason = self._reason or reason
         self._wakeup.set()
+
+    async def _after_refusal(self) -> None:
+        """A channel was refused: rediscover now and return once that is done."""
+        finished = self._finished
+        self.request("channel_refused")
+        await finished.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -184,11 +192,13 @@ class Rediscovery:
                     await self._wakeup.wait()
                 reason = self._reason or "interval"
                 self._reason, self._wakeup = None, trio.Event()
+                finished, self._finished = self._finished, trio.Event()
                 if await self.rediscover(reason):
                     self.backoff.reset()
                     due = self._next_interval()
                 else:
                     due = trio.current_time() + self.backoff.next_delay()
+                finished.set()
 
     def _next_interval(self) -> float:
         return trio.current_time() + self.interval if self.interval > 0 else math.inf

@@ -11,16 +11,21 @@ closes its own when it stops, after its readers. A change of the tag set touches
 
 A closed channel's task has ended before its replacement starts, so nothing it read can reach the flusher
 after the replacement's ``Connected``: the gap window of a kept tag starts and ends in order.
+
+A channel the server refuses for good (``ChannelRefusedError``: a 404 when one of its points was deleted
+since it was opened looks the same as channels being disabled) first asks for a rediscovery
+(``on_refused``); if that replaces the channel, the stream goes on, otherwise the refusal stands.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import structlog
 import trio
 
+from ..errors import ChannelRefusedError
 from .channel import ChannelReader
 from .flow import Incoming
 
@@ -53,6 +58,8 @@ class Subscriptions:
         # Counters of the readers closed by changes, so that the totals never go back.
         self.retired_reconnects = 0
         self.retired_pauses = 0
+        # Runs a rediscovery and returns when it is done (set by ``Rediscovery``); None: refusals stand.
+        self.on_refused: Callable[[], Awaitable[None]] | None = None
 
     @property
     def tag_count(self) -> int:
@@ -114,7 +121,15 @@ class Subscriptions:
     async def _run_reader(self, reader: ChannelReader, running: _Running) -> None:
         try:
             with running.scope:
-                await reader.run()
+                try:
+                    await reader.run()
+                except ChannelRefusedError as exc:
+                    if self.on_refused is None:
+                        raise
+                    log.warning("channel_refused", channel=reader.name, error=str(exc),
+                                note="a subscribed point may have been deleted: rediscovering the tags")
+                    await self.on_refused()  # cancels this task if it replaces the channel
+                    raise
         finally:
             running.done.set()
 
