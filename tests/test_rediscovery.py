@@ -249,3 +249,35 @@ async def test_a_channel_refused_after_a_point_was_deleted_drops_that_point_and_
     result = compare_with_model(settings.table, model, windows)
     assert result.missing == [] and result.duplicates == [] and result.unexpected == []
     assert summary.tags == 2 and summary.gaps_lost == 0
+
+
+async def test_a_mask_that_matches_nothing_yet_starts_empty_and_picks_the_points_up_later(tmp_path):
+    model = SimModel.from_paths(["\\\\SIMSRV\\OTHER"], rate=10)
+    simulator = Simulator(model, poll_interval=0.1)
+    tags = tmp_path / "tags.txt"
+    write_tags(tags, ["\\\\SIMSRV\\LATER*"])
+    stop = trio.Event()
+
+    async def create_later(logs: list[dict]) -> None:
+        await until(lambda: logged(logs, "no_tags_yet"), "no_tags_yet")
+        assert logged(logs, "mask_matched_nothing")[0]["masks"] == ["\\\\SIMSRV\\LATER*"]
+        model.add("\\\\SIMSRV\\LATER1")
+        await until(lambda: webid("LATER1") in simulator.emitted, "LATER1 streaming")
+        await trio.sleep(1.0)
+        stop.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(simulator.run)
+        settings = build_settings({}, {"tags": str(tags), "url": simulator.url, "table": str(tmp_path / "table"),
+                                       "state_dir": str(tmp_path / "state"), "flush_seconds": 0.5,
+                                       "rediscover_interval": 0.5})
+        with trio.fail_after(120), capture_logs() as logs:
+            nursery.start_soon(create_later, logs)
+            summary = await run_pipeline(settings, stop, handle_signals=False)
+        nursery.cancel_scope.cancel()
+
+    assert logged(logs, "tags_resolved")[0]["tags"] == 0 and summary.tags == 1
+    windows = {w: (r.first_us, r.last_us - TAIL_US) for w, r in simulator.emitted.items()}
+    result = compare_with_model(settings.table, model, windows)
+    assert result.missing == [] and result.duplicates == [] and result.unexpected == []
+    assert result.expected >= 5 and list(windows) == [webid("LATER1")]
