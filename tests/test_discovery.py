@@ -63,6 +63,20 @@ async def test_exact_lines_and_masks_subscribe_each_tag_once_and_an_empty_mask_w
     assert warning["log_level"] == "warning" and warning["masks"] == ["\\\\PISRV01\\NOPE*"]
 
 
+async def test_keep_filters_exact_lines_and_mask_matches_alike():
+    """A process's share of the tags (``--shard K/N`` filters paths): masks' matches are filtered too."""
+    simulator = Simulator(site(20))
+    tags = parse_tags("\\\\PISRV01\\SINUSOID\n\\\\PISRV01\\FIC00001\n\\\\PISRV01\\FIC*\n")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(simulator.run)
+        with trio.fail_after(60):
+            async with PiWebApi(simulator.url) as api:
+                found = await discover(api, tags, keep=lambda path: path.casefold()[-1] in "13579")
+        nursery.cancel_scope.cancel()
+    odd = [f"\\\\PISRV01\\FIC{i:05d}" for i in range(1, 20, 2)]
+    assert found.resolved.paths == odd  # SINUSOID left out; FIC00001 listed and matched: once
+
+
 async def test_a_mask_on_an_unknown_server_names_the_server_and_the_fix():
     simulator = Simulator(site(3))
     async with trio.open_nursery() as nursery:

@@ -54,9 +54,12 @@ class Discovered:
     unmatched: list[str]
 
 
-async def discover(api: PiWebApi, tag_list: TagList, concurrency: int = MASK_CONCURRENCY) -> Discovered:
-    """Resolve a tags file's exact lines and masks; see the module docstring."""
-    resolved, unknown = await api.resolve(tag_list.paths)
+async def discover(api: PiWebApi, tag_list: TagList, concurrency: int = MASK_CONCURRENCY,
+                   keep: Callable[[str], bool] | None = None) -> Discovered:
+    """Resolve a tags file's exact lines and masks; see the module docstring. ``keep(path)``: only the
+    tags it accepts, exact lines and masks' matches alike (a process's share of the tags)."""
+    paths = tag_list.paths if keep is None else [p for p in tag_list.paths if keep(p)]
+    resolved, unknown = await api.resolve(paths)
     matches: list[ResolvedTags | None] = [None] * len(tag_list.masks)
     limiter = trio.CapacityLimiter(concurrency)
 
@@ -75,7 +78,7 @@ async def discover(api: PiWebApi, tag_list: TagList, concurrency: int = MASK_CON
         if not len(found):
             unmatched.append(mask)
         for path, webid, uom in zip(found.paths, found.webids, found.uoms, strict=True):
-            if webid not in seen:
+            if webid not in seen and (keep is None or keep(path)):
                 seen.add(webid)
                 resolved.paths.append(path)
                 resolved.webids.append(webid)
@@ -148,12 +151,13 @@ class Rediscovery:
     """Follows the tags file and the server's points while the channels stream; see the module docstring.
 
     ``describe(tags)`` tells the buffer the added tags' paths and units before any of their values can
-    arrive. ``sighup``: also on SIGHUP (where the platform has it; the composition root asks only when it
+    arrive. ``keep``: as for ``discover``. ``sighup``: also on SIGHUP (where the platform has it; the composition root asks only when it
     handles signals)."""
 
     def __init__(self, api: PiWebApi, watch: TagsFileWatch, subscriptions: Subscriptions,
                  describe: Callable[[ResolvedTags], None], *, interval: float, sighup: bool = False,
-                 check_seconds: float | None = None, retry: Backoff | None = None):
+                 check_seconds: float | None = None, retry: Backoff | None = None,
+                 keep: Callable[[str], bool] | None = None):
         self.api = api
         self.watch = watch
         self.subscriptions = subscriptions
@@ -161,6 +165,7 @@ class Rediscovery:
         self.interval = interval  # 0: no periodic rediscovery
         self.sighup = sighup and hasattr(signal, "SIGHUP")
         self.check_seconds = check_seconds or FILE_CHECK_SECONDS
+        self.keep = keep  # as for ``discover``
         self.backoff = retry or Backoff(initial=RETRY_SECONDS, maximum=MAX_RETRY_SECONDS)
         self.rediscoveries = 0  # that changed or confirmed the set
         self.failures = 0
@@ -222,7 +227,7 @@ class Rediscovery:
         failure: PistreamError | None = None
         try:
             tag_list = await trio.to_thread.run_sync(self.watch.read)
-            return await discover(self.api, tag_list)
+            return await discover(self.api, tag_list, keep=self.keep)
         except* PistreamError as group:
             failure = _first_leaf(group)
         return failure
