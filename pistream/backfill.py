@@ -155,8 +155,9 @@ async def run_backfill(settings: Settings, stop: trio.Event | None = None, *, ha
     end_text = settings.end or "*"
     start_us, end_us = resolve_range(settings.start, end_text, time.time_ns() // 1000)
     assert settings.tags is not None and settings.start is not None
-    paths = read_tags_file(settings.tags, settings.server).paths
-    app_id = settings.app_id or backfill_app_id(settings.start, end_text, paths)
+    tag_list = read_tags_file(settings.tags, settings.server)
+    paths = tag_list.paths
+    app_id = settings.app_id or backfill_app_id(settings.start, end_text, [*paths, *tag_list.masks])
     target = make_target(settings.table, storage_options=settings.storage_options,
                          databricks_profile=settings.databricks_profile, warehouse_id=settings.warehouse_id,
                          location=settings.location, warehouse_wait=settings.warehouse_wait) if sink is None else None
@@ -170,7 +171,7 @@ async def run_backfill(settings: Settings, stop: trio.Event | None = None, *, ha
             api = PiWebApi(url, auth=make_auth(settings, url, tls), verify=tls or True,
                            max_url_length=settings.max_url_length, auth_hint=AUTH_HINTS[auth_kind(settings)])
             async with api:
-                resolved = await resolve_tags(api, paths, settings.skip_unknown, settings.state_dir)
+                resolved = await resolve_tags(api, tag_list, settings.skip_unknown, settings.state_dir)
                 if target is not None:
                     await target.open()
                     if isinstance(target, CatalogTarget) and target.managed:

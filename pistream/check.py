@@ -39,6 +39,7 @@ from .logsetup import configure_logging
 
 if TYPE_CHECKING:
     from .lake.target import CatalogTarget
+    from .pi.tags import TagList
 
 log = structlog.get_logger(__name__)
 
@@ -87,21 +88,24 @@ class Report:
 
 async def run_checks(settings: Settings) -> Report:
     """Every check, in the order a start meets them (PI Web API, then the table, then the rest)."""
-    from .pi.tags import read_tags_file
+    from .pi.tags import TagList, read_tags_file
 
     report = Report()
     assert settings.tags is not None
     paths: list[str] = []
+    masks: list[str] = []
 
     def tags_file() -> str:
         tag_list = read_tags_file(settings.tags or "", settings.server)
         paths.extend(tag_list.paths)
+        masks.extend(tag_list.masks)
         repeated = f" ({len(tag_list.duplicates)} repeated lines ignored)" if tag_list.duplicates else ""
-        return f"{len(tag_list.paths)} tags in {settings.tags}{repeated}"
+        listed = f" and {len(masks)} name masks" if masks else ""
+        return f"{len(tag_list.paths)} tags{listed} in {settings.tags}{repeated}"
 
     if report.run("tags file", tags_file):
         async with trio.open_nursery() as nursery:
-            await _check_pi(report, settings, paths, nursery)
+            await _check_pi(report, settings, TagList(paths, masks=masks), nursery)
             nursery.cancel_scope.cancel()  # the simulator, if one was started
     else:
         for check in ("PI Web API", "tags", "channels"):
@@ -112,13 +116,15 @@ async def run_checks(settings: Settings) -> Report:
     return report
 
 
-async def _check_pi(report: Report, settings: Settings, paths: list[str], nursery: trio.Nursery) -> None:
+async def _check_pi(report: Report, settings: Settings, tag_list: TagList, nursery: trio.Nursery) -> None:
     from .pi.channel import ChannelReader
+    from .pi.discovery import discover
     from .pi.piwebapi import PiWebApi
     from .pi.tls import client_context
     from .pipeline import AUTH_HINTS, make_auth
 
     url = settings.url
+    paths = tag_list.paths
     if settings.simulate:
         from .sim.model import SimModel
         from .sim.server import Simulator
@@ -136,7 +142,8 @@ async def _check_pi(report: Report, settings: Settings, paths: list[str], nurser
                             auth_hint=hint) as api:
             await api.check_root()
             report.passed("PI Web API", f"{url} answered and accepted the credentials (auth {auth_kind(settings)})")
-            resolved, unknown = await api.resolve(paths)
+            found = await discover(api, tag_list)  # masks too
+            resolved, unknown = found.resolved, found.unknown
     except PistreamError as exc:
         report.failed("PI Web API", str(exc))
         for check in ("tags", "channels"):
@@ -153,7 +160,9 @@ async def _check_pi(report: Report, settings: Settings, paths: list[str], nurser
         else:
             report.failed("tags", text, unknown_tags=unknown)
     else:
-        report.passed("tags", f"all {len(resolved)} tags resolve")
+        matched = (f" ({len(tag_list.masks)} masks; {len(found.unmatched)} match nothing yet: "
+                   f"{', '.join(found.unmatched[:SHOWN_UNKNOWN])})" if found.unmatched else "")
+        report.passed("tags", f"all {len(resolved)} tags resolve{matched}")
     if not len(resolved):
         report.skipped("channels", "no tag resolved to open a channel with")
         return

@@ -183,6 +183,9 @@ RUN_OPTIONS = _options(
 @click.option("--metrics-port", type=click.IntRange(0, 65535),
               help="Serve Prometheus /metrics and /healthz on --metrics-host:PORT (off by default).")
 @click.option("--metrics-host", help="Address for --metrics-port.  [default: 127.0.0.1]")
+@click.option("--rediscover-interval", type=float,
+              help="Resolve the tags file (its masks, its tags) again this often, in seconds, and follow what "
+                   "changed without a restart; 0: only when the file changes or on SIGHUP.  [default: 3600]")
 @RUN_OPTIONS
 @click.version_option(__version__, prog_name="pistream",
                       message=f"%(prog)s %(version)s (frame decoder: {DECODER})")

@@ -58,6 +58,7 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     max_url_length: Annotated[int, msgspec.Meta(ge=512, le=65_536)] = 6000
     max_message_mb: Annotated[float, msgspec.Meta(gt=0, le=4096)] | None = None  # None: by the channel's tags
     skip_unknown: bool = False
+    rediscover_interval: Annotated[float, msgspec.Meta(ge=0, le=30 * 86_400)] = 3600.0  # 0: only on change/SIGHUP
     storage_options: dict[str, str] = {}
     databricks_profile: str | None = None
     warehouse_id: str | None = None

@@ -74,6 +74,7 @@ _FROM_SNAPSHOT = (
     ("buffer_bytes", "pistream_buffer_bytes", "gauge", "Bytes held by the in-memory buffer."),
     ("lag_s", "pistream_lag_seconds", "gauge",
      "Seconds since the table last caught up, while values wait for a commit (0 when none wait)."),
+    ("tags", "pistream_tags", "gauge", "Tags subscribed now (listed or matched by a mask, and found)."),
     ("channels", "pistream_channels", "gauge", "WebSocket channels the tags are sharded over."),
     ("channels_live", "pistream_channels_live", "gauge", "Channels connected and being read."),
     ("reconnects", "pistream_reconnects_total", "counter", "Channel reconnects."),

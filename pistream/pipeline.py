@@ -1,5 +1,7 @@
 """The composition root: resolve tags, then run channel readers -> flusher -> commit writer in one
-nursery until stopped, and shut down in order (readers first, then flush, then the last commit).
+nursery until stopped, and shut down in order (readers first, then flush, then the last commit). While it
+runs, the tag set follows the tags file and the server (``pi.discovery``): readers come and go under
+``pi.subscriptions``.
 """
 
 from __future__ import annotations
@@ -34,10 +36,12 @@ from .lake.writer import CommitWriter, Sink
 from .metrics import MetricsServer, StartupStatus
 from .pi.auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, OidcClientCredentials
 from .pi.channel import ChannelReader, receive_buffer_size, shard_webids
+from .pi.discovery import Rediscovery, TagsFileWatch, discover
 from .pi.flow import GapRequest, Incoming
 from .pi.gapfill import GapFiller, GapQueue
 from .pi.piwebapi import PiWebApi, ResolvedTags, RetryableError, unknown_tags_error
-from .pi.tags import read_tags_file, shard_paths
+from .pi.subscriptions import Subscriptions
+from .pi.tags import TagList, fleet_shard
 from .pi.tls import client_context
 from .stream.buffer import ColumnBuffer, Flush, Spill
 from .stream.columns import DECODER, FRAME_CODEC
@@ -91,10 +95,15 @@ def writer_app_id(settings: Settings) -> str:
     return default_app_id(settings)
 
 
-async def resolve_tags(api: PiWebApi, paths: list[str], skip_unknown: bool, state_dir: str
-                       ) -> ResolvedTags:
+async def resolve_tags(api: PiWebApi, tag_list: TagList, skip_unknown: bool, state_dir: str,
+                       keep: Callable[[str], bool] | None = None) -> ResolvedTags:
+    """The tags to start with: exact lines and masks' matches (those ``keep`` takes: ``--shard``). Unknown
+    exact tags stop the start (unless ``skip_unknown``); masks that match nothing are only a warning
+    (``discover``)."""
     await api.check_root()
-    resolved, unknown = await api.resolve(paths)
+    paths = tag_list.paths if keep is None else [p for p in tag_list.paths if keep(p)]
+    found = await discover(api, tag_list, keep=keep)
+    resolved, unknown = found.resolved, found.unknown
     if unknown:
         listing = Path(state_dir) / "unknown-tags.txt"
         try:
@@ -103,9 +112,12 @@ async def resolve_tags(api: PiWebApi, paths: list[str], skip_unknown: bool, stat
         except OSError:
             listing = None  # type: ignore[assignment]
         error = unknown_tags_error(unknown, len(paths), str(listing) if listing else None)
-        if not skip_unknown or not len(resolved):
+        if not skip_unknown or not (len(resolved) or tag_list.masks):
             raise error
         log.warning("tags_skipped", count=len(unknown), first=unknown[:5], listing=str(listing))
+    if not len(resolved):
+        log.warning("no_tags_yet", masks=len(tag_list.masks),
+                    note="no listed tag exists yet: pistream waits for rediscovery to find some")
     return resolved
 
 
@@ -399,17 +411,19 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
     use_returning_arrow_pool()
     stop = stop if stop is not None else trio.Event()  # an Event has no truth value
     assert settings.tags is not None
-    tag_list = read_tags_file(settings.tags, settings.server)
+    watch = TagsFileWatch(settings.tags, settings.server)
+    tag_list = watch.read()
     if tag_list.duplicates:
         log.warning("tags_duplicated", count=len(tag_list.duplicates),
                     first=[f"line {line}: {path}" for line, path in tag_list.duplicates[:5]])
     paths = tag_list.paths
-    shard = shard_of(settings)
-    if shard is not None:
-        paths = shard_paths(paths, *shard)
-        log.info("shard_selected", shard=f"{shard[0]}/{shard[1]}", tags=len(paths), listed=len(tag_list.paths))
-        if not paths:
-            raise ConfigError(f"--shard {shard[0]}/{shard[1]} holds none of the {len(tag_list.paths)} tags of "
+    keep = fleet_member(shard_of(settings))
+    if keep is not None:
+        paths = [p for p in paths if keep(p)]
+        log.info("shard_selected", shard=settings.shard, tags=len(paths), listed=len(tag_list.paths),
+                 masks=len(tag_list.masks))
+        if not paths and not tag_list.masks:
+            raise ConfigError(f"--shard {settings.shard} holds none of the {len(tag_list.paths)} tags of "
                               f"{settings.tags}: use fewer shards than tags")
     kind = auth_kind(settings)
 
@@ -451,7 +465,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
                     root.start_soon(_cancel_on_stop, stop, starting)
                     # PI Web API first: a wrong URL or password must not leave an empty table behind.
                     resolved = await startup.step(f"PI Web API at {url}", "pi_web_api_unreachable", resolve_tags,
-                                                  api, paths, settings.skip_unknown, settings.state_dir)
+                                                  api, tag_list, settings.skip_unknown, settings.state_dir, keep)
                     table_step = f"table {target.display if target is not None else settings.table}"
                     opened = await startup.step(table_step, "storage_unreachable", open_table, target, sink, app_id,
                                                 settings)
@@ -480,10 +494,10 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
                     await root.start(MaintenanceScheduler(
                         sink.uri, target.storage_options if target is not None else sink.current_storage_options,
                         interval=settings.maintenance_interval).run)
-                shards = shard_webids(url, resolved.webids, settings.max_url_length)
-                tag_count = len(resolved)
+                shard = partial(shard_webids, url, max_url_length=settings.max_url_length)
+                shards = shard(resolved.webids)
                 log.info("decoder_selected", decoder=DECODER)
-                log.info("tags_resolved", tags=tag_count, channels=len(shards), table=sink.display_uri,
+                log.info("tags_resolved", tags=len(resolved), channels=len(shards), table=sink.display_uri,
                          seconds=round(time.monotonic() - started, 3))
 
                 message_send, message_recv = trio.open_memory_channel[Incoming](READER_QUEUE)
@@ -498,6 +512,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
                 del listed
                 buffer = ColumnBuffer({}, event_filter)
                 buffer.describe(resolved.webids, resolved.paths, resolved.uoms)
+                webids = resolved.webids
                 del tag_list, paths, resolved  # the buffer's tag index keeps what is needed
                 flusher = Flusher(buffer, message_recv, flush_send,
                                   max_rows=settings.flush_rows, max_bytes=settings.flush_bytes,
@@ -508,18 +523,23 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
                 del buffer, ready  # the flusher and the filter's windows have them now
                 gap_filler = GapFiller(api, gap_queue, message_send.clone())
                 message_size = int(settings.max_message_mb * (1 << 20)) if settings.max_message_mb else None
-                readers = [
-                    ChannelReader(f"channel-{i}", url, shard, message_send.clone(), auth=auth, ssl_context=tls,
-                                  auth_hint=hint,
-                                  heartbeat_rate=settings.heartbeat_rate, read_timeout=settings.silence_seconds,
-                                  stall_timeout=settings.stall_seconds, receive_buffer=receive_buffer_size(len(shards)),
-                                  max_message_size=message_size, raw_frames=FRAME_CODEC)
-                    for i, shard in enumerate(shards)
-                ]
-                message_send.close()  # each producer owns a clone; the flusher ends when the last one closes
+
+                def make_reader(name: str, shard: list[str], send: trio.MemorySendChannel[Incoming]) -> ChannelReader:
+                    return ChannelReader(name, url, shard, send, auth=auth, ssl_context=tls, auth_hint=hint,
+                                         heartbeat_rate=settings.heartbeat_rate, read_timeout=settings.silence_seconds,
+                                         stall_timeout=settings.stall_seconds,
+                                         receive_buffer=receive_buffer_size(len(shards)),
+                                         max_message_size=message_size, raw_frames=FRAME_CODEC)
+
+                # It owns message_send and a clone per reader; the flusher ends when the last producer closes.
+                subscriptions = Subscriptions(message_send, make_reader, shard)
+                rediscovery = Rediscovery(
+                    api, watch, subscriptions, lambda tags: flusher.buffer.describe(tags.webids, tags.paths, tags.uoms),
+                    interval=settings.rediscover_interval, sighup=handle_signals, keep=keep)
                 finishing = trio.CancelScope()  # the flow, cancelled --stop-timeout after a stop
                 async with trio.open_nursery() as background:  # cancelled once the last commit has landed
-                    reporter = StatsReporter(settings.stats_interval, flusher, writer, readers, gap_filler)
+                    reporter = StatsReporter(settings.stats_interval, flusher, writer, subscriptions.readers, gap_filler,
+                                             subscriptions=subscriptions)
                     if settings.stats_interval:
                         background.start_soon(reporter.run)
                     if metrics is not None:
@@ -531,7 +551,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
                         async with trio.open_nursery() as flow:
                             await flow.start(writer.run)
                             await flow.start(flusher.run)
-                            flow.start_soon(_run_producers, readers, gap_filler, stop)
+                            flow.start_soon(_run_producers, subscriptions, webids, rediscovery, gap_filler, stop)
+                            del webids
                     background.cancel_scope.cancel()
                 if finishing.cancelled_caught:
                     uncommitted = uncommitted_values(flusher, writer)
@@ -549,17 +570,17 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
             target.close()  # the Databricks workspace's connections
 
     summary = RunSummary(
-        tags=tag_count,
-        channels=len(shards),
+        tags=subscriptions.tag_count,
+        channels=len(subscriptions.readers),
         values_received=flusher.stats.values_received,
         values_written=writer.stats.values_written,
         repeats_dropped=flusher.stats.repeats_dropped,
         rejected=flusher.stats.rejected,
-        frames_malformed=frames_malformed(flusher, readers),
+        frames_malformed=frames_malformed(flusher, subscriptions.readers),
         values_unsubscribed=flusher.buffer.unsubscribed.values,
         commits=writer.stats.commits,
         failed_commits=writer.stats.failed_attempts,
-        channel_pauses=sum(r.stats.pauses for r in readers),
+        channel_pauses=subscriptions.pauses,
         gaps_filled=gap_filler.stats.gaps,
         gap_values=gap_filler.stats.values_read,
         gaps_lost=gap_filler.stats.lost_gaps,
@@ -574,14 +595,25 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
     return summary
 
 
-async def _run_producers(readers: list[ChannelReader], gap_filler: GapFiller, stop: trio.Event) -> None:
-    """Run the readers and the gap filler until stop (a signal, ``--duration``); when they close their channel
+def fleet_member(shard: tuple[int, int] | None) -> Callable[[str], bool] | None:
+    """``--shard K/N`` as a test of a tag path (for exact lines and masks' matches alike), or None."""
+    if shard is None:
+        return None
+    k, n = shard
+    return lambda path: fleet_shard(path, n) == k
+
+
+async def _run_producers(subscriptions: Subscriptions, webids: list[str], rediscovery: Rediscovery,
+                         gap_filler: GapFiller, stop: trio.Event) -> None:
+    """Run the readers (of ``webids``, then of what rediscovery finds), rediscovery and the gap filler until
+    stop (a signal, ``--duration``); when they close their channel
     ends, the flusher flushes what is left. Gaps still being read then are in the open-gaps file the commit
     writer keeps, and are read again on the next start."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(gap_filler.run)
-        for reader in readers:
-            nursery.start_soon(reader.run)
+        await nursery.start(subscriptions.run, webids)
+        del webids
+        await nursery.start(rediscovery.run)
         await stop.wait()
         nursery.cancel_scope.cancel()
 

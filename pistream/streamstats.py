@@ -13,6 +13,7 @@ import trio
 from .lake.writer import CommitWriter
 from .pi.channel import ChannelReader
 from .pi.gapfill import GapFiller
+from .pi.subscriptions import Subscriptions
 from .stream.flusher import Flusher
 
 log = structlog.get_logger(__name__)
@@ -22,12 +23,13 @@ class StatsReporter:
     """Reads the counters the pipeline's parts keep; never blocks them."""
 
     def __init__(self, interval: float, flusher: Flusher, writer: CommitWriter, readers: Sequence[ChannelReader],
-                 gap_filler: GapFiller):
+                 gap_filler: GapFiller, *, subscriptions: Subscriptions | None = None):
         self.interval = interval
         self.flusher = flusher
         self.writer = writer
-        self.readers = readers
+        self.readers = readers  # live: ``subscriptions`` changes the list in place
         self.gap_filler = gap_filler
+        self.subscriptions = subscriptions  # for the counters of readers closed by tag set changes
         self.started_at: float | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -64,9 +66,11 @@ class StatsReporter:
             # Seconds the batch being committed has been at it, retries included: a hung storage shows here.
             "commit_in_flight_s": round(self.writer.in_flight_seconds(now), 1),
             "mean_commit_s": round(writer.commit_seconds / writer.commits, 3) if writer.commits else None,
+            "tags": sum(len(r.webids) for r in self.readers),
             "channels_live": sum(r.connected for r in self.readers),
             "channels": len(self.readers),
-            "reconnects": sum(max(r.stats.connects - 1, 0) for r in self.readers),
+            "reconnects": self.subscriptions.reconnects if self.subscriptions is not None else
+            sum(max(r.stats.connects - 1, 0) for r in self.readers),
             "gaps_filled": self.gap_filler.stats.gaps,
             "gaps_lost": self.gap_filler.stats.lost_gaps,
             # Bad input, skipped and counted (each also logged): frames that did not decode, values without

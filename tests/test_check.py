@@ -127,6 +127,16 @@ def test_unknown_tags_are_listed(tmp_path):
     assert "--skip-unknown: a run goes on without them" in skipping["tags"]["detail"]
 
 
+def test_masks_are_resolved_and_one_that_matches_nothing_is_named(tmp_path):
+    simulator = Simulator(SimModel.from_paths(PATHS))
+    tags = tags_file(tmp_path, [r"\\SIMSRV\SINUSOID", r"\\SIMSRV\*", r"\\SIMSRV\NOPE*"], "masks.txt")
+    with simulator_thread(simulator):
+        code, checks = check(*local_args(tmp_path, "--url", simulator.url), "--tags", str(tags))
+    assert code == 0, checks
+    assert checks["tags file"]["detail"].startswith("1 tags and 2 name masks in ")
+    assert checks["tags"]["detail"] == r"all 3 tags resolve (2 masks; 1 match nothing yet: \\SIMSRV\NOPE*)"
+
+
 def test_channels_disabled(tmp_path):
     simulator = Simulator(SimModel.from_paths(PATHS), channels_enabled=False)
     with simulator_thread(simulator):

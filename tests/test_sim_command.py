@@ -18,7 +18,8 @@ from click.testing import CliRunner
 from test_sim import upgrade
 
 from pistream.pi.webid import attribute_webid
-from pistream.sim.command import build_model, simulate
+from pistream.sim.command import CHURN_KEPT, CHURN_PREFIX, build_model, churn_points, simulate
+from pistream.sim.model import SimModel
 
 
 def test_tags_file_is_read_like_the_client_reads_it(tmp_path: Path) -> None:
@@ -104,3 +105,13 @@ async def test_simulate_subprocess_with_tls_bearer_and_disabled_channels(tmp_pat
                 process.kill()
                 await process.wait()
             await process.stdout.aclose()
+
+
+async def test_churn_creates_a_point_each_round_and_deletes_the_one_three_rounds_older(autojump_clock) -> None:
+    model = SimModel.generated(2, server="SIMSRV")
+    with trio.move_on_after(5 * 60 + 1):
+        await churn_points(model, "SIMSRV", 60)
+    live = sorted(t.name for t in model.tags if t.name.startswith(CHURN_PREFIX))
+    assert live == ["CHURN000002", "CHURN000003", "CHURN000004"]
+    assert sorted(t.name for t in model.retired.values()) == ["CHURN000000", "CHURN000001"]
+    assert len(model.tags) == 2 + CHURN_KEPT

@@ -46,3 +46,24 @@ def test_non_utf8_file(tmp_path):
     path.write_bytes(b"\\\\S\\T\xe9\n")
     with pytest.raises(TagsFileError, match="not UTF-8"):
         read_tags_file(path)
+
+
+def test_masks_are_kept_apart_from_exact_lines_in_file_order():
+    result = parse_tags("\\\\PISRV01\\FIC*\nSINUSOID\nTI-1??-PV\n\\\\pisrv01\\fic*\n\\\\PISRV01\\CDT158\n",
+                        default_server="PISRV01")
+    assert result.paths == ["\\\\PISRV01\\SINUSOID", "\\\\PISRV01\\CDT158"]
+    assert result.masks == ["\\\\PISRV01\\FIC*", "\\\\PISRV01\\TI-1??-PV"]
+    assert result.duplicates == [(4, "\\\\pisrv01\\fic*")]
+
+
+def test_a_file_of_masks_only_is_a_tags_file():
+    assert parse_tags("\\\\PISRV01\\*\n").masks == ["\\\\PISRV01\\*"]
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ("\\\\PISRV0?\\FIC*", "wildcard in the server name"),
+    ("\\\\AF01\\DB\\Pump*|Flow", "AF attribute mask: pistream resolves masks of PI point names only"),
+])
+def test_masks_pistream_cannot_resolve_name_the_line_and_the_fix(line, says):
+    with pytest.raises(TagsFileError, match=f"tags.txt:2: .*{says}"):
+        parse_tags("\\\\PISRV01\\A\n" + line + "\n", source="tags.txt")

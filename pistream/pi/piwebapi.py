@@ -1,4 +1,4 @@
-"""The PI Web API REST client (httpx): root check, bulk tag resolution, recorded values.
+"""The PI Web API REST client (httpx): root check, bulk tag resolution, name masks, recorded values.
 
 Every call has a timeout; every failure leaves this module as one PistreamError that names the cause and
 the option that fixes it. Credentials ride in headers built by ``auth`` and never appear in messages.
@@ -23,12 +23,14 @@ from ..timeutil import format_iso
 from .auth import AuthProvider, HttpxAuth, NoAuth
 from .messages import StreamSetMessage, channel_decoder
 from .tls import certificate_issuer
-from .webid import path_webid
+from .webid import dataserver_webid, path_webid
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
 LOOKUP_CHUNK = 500  # paths per points/multiple request, within the URL length budget
+POINTS_PAGE = 1000  # points per dataservers/{webId}/points page (the endpoint's default maxCount)
+MAX_POINT_PAGES = 10_000  # 10 M points: a server that never says "no more" cannot keep us paging
 REQUESTED_WITH = {"X-Requested-With": "pistream"}
 
 
@@ -55,7 +57,19 @@ class _PointsMultiple(msgspec.Struct, rename="pascal"):
     items: list[_PointItem] | None = None
 
 
+class _FoundPoint(msgspec.Struct, rename="pascal"):
+    name: str | None = None
+    path: str | None = None
+    engineering_units: str | None = None
+
+
+class _PointsPage(msgspec.Struct, rename="pascal"):
+    items: list[_FoundPoint] | None = None
+    web_exception: object | None = None
+
+
 _points_decoder = msgspec.json.Decoder(_PointsMultiple)
+_page_decoder = msgspec.json.Decoder(_PointsPage)
 _errors_decoder = msgspec.json.Decoder(_Errors)
 
 
@@ -270,6 +284,47 @@ class PiWebApi:
         found = [p for p in paths if p in webids]
         resolved = ResolvedTags(found, [webids[p] for p in found], [uoms[p] for p in found])
         return resolved, [p for p in paths if p not in webids]
+
+    async def find_points(self, mask: str, page_size: int = POINTS_PAGE) -> ResolvedTags:
+        r"""The points a name mask (``\\SERVER\FIC*``) matches, in the server's order: ``GET
+        dataservers/{webId}/points?nameFilter=`` page by page (``startIndex``, ``maxCount``) until a page
+        comes back short. The server's WebID is computed (path-only), so this is one call per page."""
+        server, _, name_filter = mask[2:].partition("\\")
+        endpoint = f"dataservers/{dataserver_webid(mask[:2] + server)}/points"
+        start = 0
+        paths: list[str] = []
+        uoms: list[str | None] = []
+        units: dict[str, str] = {}
+        for _ in range(MAX_POINT_PAGES):
+            params = [("nameFilter", name_filter), ("startIndex", str(start)), ("maxCount", str(page_size)),
+                      ("selectedFields", "Items.Name;Items.Path;Items.EngineeringUnits")]
+            response = await self._get_with_retry(endpoint, params)
+            if response.status_code == 404:
+                raise ServerError(f"mask {mask}: PI Data Archive {server!r} not found ({_error_text(response)}): "
+                                  "check the server name in the tags file")
+            if response.status_code != 200:
+                raise ServerError(f"mask {mask}: point search failed ({response.status_code}: "
+                                  f"{_error_text(response)})")
+            try:
+                page = _page_decoder.decode(response.content)
+            except msgspec.DecodeError as exc:
+                raise ServerError(f"mask {mask}: point search answer is not PI Web API JSON: {exc}") from exc
+            if page.web_exception is not None:
+                raise ServerError(f"mask {mask}: point search answer cut short: {page.web_exception}")
+            items = page.items or []
+            start += len(items)
+            for item in items:
+                path = item.path or (f"\\\\{server}\\{item.name}" if item.name else None)
+                if path is None:
+                    continue
+                paths.append(path)
+                uom = item.engineering_units or None
+                uoms.append(units.setdefault(uom, uom) if uom else None)
+            if len(items) < page_size:
+                break
+        else:
+            raise ServerError(f"mask {mask}: more than {MAX_POINT_PAGES * page_size} points: narrow the mask")
+        return ResolvedTags(paths, [path_webid(p) for p in paths], uoms)
 
     async def _lookup(self, endpoint: str, chunk: list[str], webids: dict[str, str],
                       uoms: dict[str, str | None], units: dict[str, str]) -> None:

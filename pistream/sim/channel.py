@@ -145,8 +145,11 @@ class ChannelSession:
     def collect(self, after_us: int, upto_us: int) -> Batch:
         """Per subscribed stream with events in ``(after_us, upto_us]``: the tag and its events."""
         events_of = self._model.events
+        retired = self._model.retired  # deleted points: no more values
         batch = []
         for tag in self._spec.tags:
+            if retired and tag.webid in retired:
+                continue
             events = events_of(tag, after_us + 1, upto_us)
             if events:
                 batch.append((tag, events))
@@ -156,6 +159,8 @@ class ChannelSession:
         latest = self._model.latest
         batch = []
         for tag in self._spec.tags:
+            if not self._model.is_live(tag):
+                continue
             event = latest(tag, now_us)
             if event is not None:
                 batch.append((tag, [event]))

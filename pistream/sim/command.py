@@ -8,6 +8,7 @@ names on ``--server``; blank lines and ``#`` comments skipped).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import ssl
 from pathlib import Path
@@ -134,6 +135,12 @@ def _ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
 @click.option(
     "--repeat-last", type=click.FloatRange(0, 1), default=0.0, help="Fraction of streams resending a value."
 )
+@click.option(
+    "--churn",
+    type=click.FloatRange(min=0.1),
+    help="Every SECONDS create a point CHURNnnnnnn on --server and delete the one created three rounds "
+    "before: a site whose points come and go (pistream's masks and rediscovery follow it).",
+)
 @click.option("--allow-remote", is_flag=True, help="Allow binding a non-loopback address.")
 def simulate(
     tag_count: int | None,
@@ -160,6 +167,7 @@ def simulate(
     shuffle: bool,
     late_fraction: float,
     repeat_last: float,
+    churn: float | None,
     allow_remote: bool,
 ) -> None:
     """Serve a simulated PI Web API (REST and channels) with deterministic values."""
@@ -202,6 +210,10 @@ def simulate(
             for tag in model.tags[:_SHOWN_TAGS]:
                 kind = f"{tag.af_type} attribute" if tag.is_attribute else tag.point_type
                 click.echo(f"  {tag.path}  ({kind}, WebId {tag.webid})")
+            if churn:
+                click.echo(f"Points come and go every {churn:g} s: \\\\{server}\\{CHURN_PREFIX}* (SIGHUP pistream, "
+                           "or let its rediscovery find them)")
+                nursery.start_soon(churn_points, model, server, churn)
             click.echo("Press Ctrl+C to stop.")
 
     try:
@@ -214,6 +226,22 @@ def simulate(
         if isinstance(leaf, OSError):
             raise click.ClickException(f"cannot serve on {host}:{port}: {leaf}") from None
         raise
+
+
+CHURN_PREFIX = "CHURN"
+CHURN_KEPT = 3  # points created by --churn alive at once
+
+
+async def churn_points(model: SimModel, server: str, seconds: float) -> None:
+    """Create a point every ``seconds`` and delete the one created CHURN_KEPT rounds before."""
+    created: list[str] = []
+    for n in itertools.count():
+        await trio.sleep(seconds)
+        tag = model.add(f"\\\\{server}\\{CHURN_PREFIX}{n:06d}")
+        created.append(tag.webid)
+        click.echo(f"created {tag.path}")
+        if len(created) > CHURN_KEPT:
+            click.echo(f"deleted {model.remove(created.pop(0)).path}")
 
 
 def _single_leaf(exc: BaseException) -> BaseException:

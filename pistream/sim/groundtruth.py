@@ -63,7 +63,7 @@ def compare_rows(rows: Iterable[tuple], model: SimModel, windows: dict[str, tupl
         by_webid.setdefault(webid, Counter())[tuple(rest)] += 1
     result = Comparison(found=len(rows), tags_with_rows=len(by_webid))
     for webid, (first_us, last_us) in windows.items():
-        tag = model.lookup(webid)
+        tag = model.find(webid)
         assert tag is not None, webid
         seen = by_webid.get(webid, Counter())
         for event in model.events(tag, first_us, last_us):
@@ -74,7 +74,7 @@ def compare_rows(rows: Iterable[tuple], model: SimModel, windows: dict[str, tupl
             elif n > 1:
                 result.duplicates.append((tag.path, event.timestamp_us))
     for webid, seen in by_webid.items():
-        tag = model.lookup(webid)
+        tag = model.find(webid)
         all_events = {expected_row(e) for e in model.events(tag, min(r[0] for r in seen), max(r[0] for r in seen))} \
             if tag else set()
         for row, n in seen.items():

@@ -241,9 +241,15 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 class SimModel:
-    """A fixed set of tags, each producing one event per ``period_us = round(1e6 / rate)``.
+    """A set of tags, each producing one event per ``period_us = round(1e6 / rate)``.
 
     ``error_values`` adds ``{"Errors": [...]}`` values at known events (see the module docstring).
+
+    Points can be created and deleted while the simulator runs (``add``, ``remove``; the REST API's
+    ``POST dataservers/{webId}/points`` and ``DELETE points/{webId}`` call them): a deleted point is no longer
+    found by path, WebID or name filter and its channels stop sending it, but ``find`` still knows it for the
+    ground truth. A point created again under a deleted one's path is the same stream (same index, same
+    events, its archive intact), so a client that reads the deleted time back gets the model's events.
     """
 
     def __init__(self, tags: Iterable[SimTag], rate: float = 1.0, *, error_values: bool = False) -> None:
@@ -266,6 +272,9 @@ class SimModel:
             if not tag.is_attribute:
                 servers.setdefault(_upper(tag.server), tag.server)
         self.servers: list[str] = list(servers.values())  # PI Data Archives (AF servers are not listed)
+        self.retired: dict[str, SimTag] = {}  # deleted points by WebID
+        self.version = 0  # counts creations and deletions (caches of name filters key on it)
+        self._next_index = max((t.index for t in self.tags), default=-1) + 1
 
     @classmethod
     def from_paths(cls, paths: Iterable[str], rate: float = 1.0, *, error_values: bool = False) -> SimModel:
@@ -307,6 +316,49 @@ class SimModel:
         if webid_or_path.startswith("\\"):
             return self._by_path.get(_upper(webid_or_path))
         return self._by_webid.get(webid_or_path)
+
+    def find(self, webid: str) -> SimTag | None:
+        """By WebID, deleted points included (the ground truth of what was once served)."""
+        return self._by_webid.get(webid) or self.retired.get(webid)
+
+    # -- points created and deleted at run time -------------------------------------------------------
+
+    def add(self, path: str, kind: str | None = None) -> SimTag:
+        r"""Create a point (``\\SERVER\NAME``) or attribute; a deleted one's path brings it back as it was.
+        ValueError if it exists."""
+        server, name = split_path(path.strip())
+        key = _upper(f"\\\\{server}\\{name}")
+        if key in self._by_path:
+            raise ValueError(f"{path!r} exists already")
+        revived = next((t for t in self.retired.values() if _upper(t.path) == key), None)
+        if revived is not None:
+            tag = self.retired.pop(revived.webid)
+        else:
+            tag = SimTag(name, server, kind or kind_for_name(name.rpartition("|")[2]), self._next_index)
+            self._next_index += 1
+        self.tags.append(tag)
+        self._by_path[key] = tag
+        self._by_webid[tag.webid] = tag
+        if not tag.is_attribute and all(_upper(s) != _upper(server) for s in self.servers):
+            self.servers.append(server)
+        self.version += 1
+        return tag
+
+    def remove(self, webid_or_path: str) -> SimTag:
+        """Delete a point or attribute; KeyError if there is none."""
+        tag = self.lookup(webid_or_path)
+        if tag is None:
+            raise KeyError(webid_or_path)
+        self.tags.remove(tag)
+        del self._by_path[_upper(tag.path)]
+        del self._by_webid[tag.webid]
+        self.retired[tag.webid] = tag
+        self.version += 1
+        return tag
+
+    def is_live(self, tag: SimTag) -> bool:
+        """Not deleted (channels skip deleted points)."""
+        return not self.retired or tag.webid not in self.retired
 
     # -- events ----------------------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 r"""The REST side of the simulator: routing and the answers of the PI Web API endpoints pistream uses.
 
-Pure functions of (method, target, body, time): no sockets here, so ``batch`` dispatches through the same
-router and the HTTP layer (and later fault injection) stays separate. Paths match case-insensitively after
-``/piwebapi``, like IIS; WebIDs keep their case (they are base64).
+Functions of (method, target, body, time) and the model: no sockets here, so ``batch`` dispatches through the
+same router and the HTTP layer (and later fault injection) stays separate. Paths match case-insensitively
+after ``/piwebapi``, like IIS; WebIDs keep their case (they are base64). Two endpoints change the model, as
+they change a PI Data Archive: ``POST dataservers/{webId}/points`` creates a point, ``DELETE points/{webId}``
+deletes one (tests and ``pistream simulate --churn`` make a site whose points come and go).
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from pistream.sim.pitime import parse_time
 MAX_RETURNED_ITEMS_PER_CALL = 150_000  # the server's MaxReturnedItemsPerCall default
 MAX_URL_SEGMENT = 260  # HTTP.sys UrlSegmentMaxLength
 _UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_KIND_OF_POINT_TYPE = {"float16": "float", "float32": "float", "float64": "float", "int16": "int", "int32": "int",
+                       "digital": "digital", "string": "string", "timestamp": "timestamp", "blob": "array"}
 _JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}
 
 
@@ -141,15 +145,18 @@ class RestApi:
         self.model = model
         self.now_us = now_us
         self.wire = wire or Wire()
+        self._filter_cache: tuple[tuple[str, str, int], list[SimTag]] | None = None
         # (method, pattern); None in a pattern captures one segment (a WebID) into Context.args.
         self._routes: list[tuple[str, tuple[str | None, ...], Handler]] = [
             ("GET", (), self._landing),
             ("GET", ("dataservers",), self._dataservers),
             ("GET", ("dataservers", None), self._dataserver),
             ("GET", ("dataservers", None, "points"), self._dataserver_points),
+            ("POST", ("dataservers", None, "points"), self._create_point),
             ("GET", ("points",), self._point_by_path),
             ("GET", ("points", "multiple"), self._points_multiple),
             ("GET", ("points", None), self._point_by_webid),
+            ("DELETE", ("points", None), self._delete_point),
             ("GET", ("attributes",), self._attribute_by_path),
             ("GET", ("attributes", "multiple"), self._attributes_multiple),
             ("GET", ("attributes", None), self._attribute_by_webid),
@@ -275,17 +282,52 @@ class RestApi:
         return Reply(200, data_server(self._server_of(ctx.args[0]), ctx.base_url, ctx.now_us))
 
     def _dataserver_points(self, ctx: Context) -> Reply:
+        """Points of a server whose names match ``nameFilter`` (``*`` and ``?``, any case), a page of
+        ``maxCount`` from ``startIndex``, in name order."""
         server = self._server_of(ctx.args[0]).upper()
-        pattern = re.compile(fnmatch.translate((ctx.query.one("nameFilter") or "*").upper()))
+        name_filter = (ctx.query.one("nameFilter") or "*").upper()
         start = ctx.query.integer("startIndex", 0, 0, 2**31 - 1)
         max_count = ctx.query.integer("maxCount", 1000, 1, MAX_RETURNED_ITEMS_PER_CALL)
-        matches = [
-            t
-            for t in self.model.tags
-            if not t.is_attribute and t.server.upper() == server and pattern.match(t.name.upper())
-        ]
+        matches = self._matching_points(server, name_filter)
         items = [point(t, ctx.base_url) for t in matches[start : start + max_count]]
         return Reply(200, StreamItems(Links={}, Items=items))
+
+    def _matching_points(self, server: str, name_filter: str) -> list[SimTag]:
+        """The match list of the last name filter, kept while the model is unchanged: paging through
+        100,000 matches asks the same question 100 times."""
+        key = (server, name_filter, self.model.version)
+        if self._filter_cache is None or self._filter_cache[0] != key:
+            pattern = re.compile(fnmatch.translate(name_filter), re.DOTALL)
+            found = [t for t in self.model.tags
+                     if not t.is_attribute and t.server.upper() == server and pattern.match(t.name.upper())]
+            found.sort(key=lambda t: t.name.upper())
+            self._filter_cache = (key, found)
+        return self._filter_cache[1]
+
+    def _create_point(self, ctx: Context) -> Reply:
+        """``POST dataservers/{webId}/points`` with ``{"Name": ..., "PointType": ...}``: 201 and a Location."""
+        server = self._server_of(ctx.args[0])
+        try:
+            body = DECODER.decode(ctx.body) if ctx.body else None
+        except msgspec.DecodeError as exc:
+            raise HttpError(400, f"The point definition is not valid JSON: {exc}") from None
+        name = body.get("Name") if isinstance(body, dict) else None
+        if not isinstance(name, str) or not name.strip() or any(c in name for c in "*?\\|"):
+            raise HttpError(400, "The point definition needs a 'Name' without * ? \\ or |.")
+        point_type = body.get("PointType") if isinstance(body, dict) else None
+        kind = _KIND_OF_POINT_TYPE.get(str(point_type).lower()) if point_type else None
+        if point_type and kind is None:
+            raise HttpError(400, f"PointType '{point_type}' is not supported by the simulator.")
+        try:
+            tag = self.model.add(f"\\\\{server}\\{name.strip()}", kind)
+        except ValueError:
+            raise HttpError(409, f"A PI Point named '{name}' already exists on '{server}'.") from None
+        return Reply(201, None, (("Location", f"{ctx.base_url}/points/{tag.webid}"),))
+
+    def _delete_point(self, ctx: Context) -> Reply:
+        """``DELETE points/{webId}``: 204."""
+        self.model.remove(self.resolve_point(ctx.args[0]).webid)
+        return Reply(204, None)
 
     def _point_by_path(self, ctx: Context) -> Reply:
         path = ctx.query.one("path")

@@ -116,6 +116,7 @@ class Simulator:
         self.rate_limiter = RateLimiter(rate_limit) if rate_limit is not None else None
         self.emitted: dict[str, EmittedRange] = {}
         self.sessions: set[ChannelSession] = set()  # open channels, for tests and fault injection
+        self.channels_opened: list[tuple[str, ...]] = []  # each channel's WebIDs, in the order opened (tests)
         self.faults = faults or Faults()
         self.faults.bind(self.sessions)
         self.requests_served = 0
@@ -185,7 +186,8 @@ class Simulator:
 
     @staticmethod
     def _encode(reply: Reply) -> HttpResponse:
-        return HttpResponse(reply.status, ENCODER.encode(reply.content), list(reply.headers))
+        body = b"" if reply.content is None else ENCODER.encode(reply.content)  # 201, 204: no body
+        return HttpResponse(reply.status, body, list(reply.headers))
 
     @staticmethod
     def _fault_response(fault: RestFault) -> HttpResponse:
@@ -274,6 +276,7 @@ class Simulator:
             wire=self.wire,
         )
         self.sessions.add(session)
+        self.channels_opened.append(tuple(t.webid for t in spec.tags))
         log.debug("channel_opened", streams=len(spec.tags), initial=spec.include_initial_values)
         try:
             await session.run()
