@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--flush-rows", type=int, default=100_000)
     args = parser.parse_args()
     configure_logging("console", "warning")
-    sim = subprocess.Popen([sys.executable, "-m", "pistream", "simulate", "--tags", str(args.tags),
+    sim = subprocess.Popen([sys.executable, "-m", "pistream", "simulate", "--tag-count", str(args.tags),
                             "--rate", str(args.rate), "--poll-interval", "0.25"],
                            stdout=subprocess.PIPE, text=True)
     try:

@@ -55,7 +55,7 @@ def start_simulator(directory: Path, tags: int, rate: float, cert: Path, key: Pa
     started = time.monotonic()
     with open(directory / "simulator.log", "w") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(
-            _pistream("simulate", "--tags", str(tags), "--rate", str(rate), "--tls-cert", str(cert),
+            _pistream("simulate", "--tag-count", str(tags), "--rate", str(rate), "--tls-cert", str(cert),
                       "--tls-key", str(key), "--basic-user", USER, "--basic-password-env", "SCALE_SIM_PASSWORD"),
             stdout=subprocess.PIPE, stderr=log, text=True, cwd=directory,
             env={**os.environ, "SCALE_SIM_PASSWORD": PASSWORD})

@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 import click
+import cloup
 import structlog
 import trio
 
@@ -64,24 +65,33 @@ def entry() -> None:
     os._exit(code)
 
 
-def _options(*options: Callable[[F], F]) -> Callable[[F], F]:
-    """Several click options as one decorator: the main command and ``backfill`` share these."""
-    def apply(f: F) -> F:
-        for option in reversed(options):
-            f = option(f)
-        return f
-    return apply
+CONTEXT_SETTINGS = {"auto_envvar_prefix": "PISTREAM", "help_option_names": ["-h", "--help"],
+                    "max_content_width": 110}
+ENVIRONMENT_EPILOG = (
+    "Every option can also be set as PISTREAM_<OPTION> (PISTREAM_FLUSH_SECONDS=10) or in the --config TOML file "
+    "(flush_seconds = 10). Secrets never go on the command line: the Basic password in PISTREAM_PASSWORD, a "
+    "bearer token in PISTREAM_TOKEN, the OIDC client secret in PISTREAM_OIDC_CLIENT_SECRET (or the config "
+    "file). Before a first start: pistream check.")
 
+# Option groups: --help lists them under these titles (cloup). The main command and ``backfill`` share the
+# lists; each command adds its own options to a group.
 
-# How to reach PI Web API and which tags: the main command's and backfill's.
-CONNECTION_OPTIONS = _options(
+SOURCE_OPTIONS = [
     click.option("--tags", type=click.Path(dir_okay=False), help="Tags file: one PI point path per line."),
     click.option("--url", help="PI Web API base URL, e.g. https://pisrv01/piwebapi."),
     click.option("--server", help="Default PI Data Archive for bare tag names in the tags file."),
+    click.option("--skip-unknown", is_flag=True, default=None, help="Go on without tags the server does not know."),
+    click.option("--max-url-length", type=int, help="Longest request URL; more tags open more channels.  "
+                                                     "[default: 6000]"),
     click.option("--simulate", is_flag=True, default=None,
                   help="Start the built-in PI Web API simulator on a loopback port for the listed tags and "
                        "stream from it."),
     click.option("--sim-rate", type=float, help="Simulator events per second per tag.  [default: 1]"),
+]
+
+SOURCE_TITLE = 'PI Web API source'
+
+AUTH_OPTIONS = [
     click.option("--auth", type=click.Choice(["auto", "none", "basic", "bearer", "oidc", "kerberos"]),
                   help="How to log on to PI Web API; auto picks from the credentials given.  [default: auto]"),
     click.option("--username", help="Basic auth user; the password comes from PISTREAM_PASSWORD, the config "
@@ -93,12 +103,11 @@ CONNECTION_OPTIONS = _options(
                   help="PEM file of CA certificates to trust besides the operating system's store."),
     click.option("--insecure", is_flag=True, default=None,
                   help="Do not verify TLS certificates (logged loudly; prefer --ca-bundle)."),
-    click.option("--max-url-length", type=int, help="Longest request URL; more tags open more channels.  "
-                                                     "[default: 6000]"),
-    click.option("--skip-unknown", is_flag=True, default=None, help="Go on without tags the server does not know."),
-)
-# Where the values go.
-TABLE_OPTIONS = _options(
+]
+
+AUTH_TITLE = 'Authentication and TLS'
+
+TABLE_OPTIONS = [
     click.option("--table", help="Delta table: a local folder, an s3:// abfss:// gs:// URI, or a Unity Catalog "
                                   "table catalog.schema.table.  [default: pistream-data/pi_events]"),
     click.option("--databricks-profile", help="Profile in ~/.databrickscfg for a Unity Catalog --table.  "
@@ -122,71 +131,99 @@ TABLE_OPTIONS = _options(
                                             "https://<workspace-id>.zerobus.<region>.cloud.databricks.com."),
     click.option("--state-dir", help="Folder for the per-tag floors that make restarts exactly once.  "
                                       "[default: pistream-data/state]"),
-)
-FLUSH_OPTIONS = _options(
+]
+
+TABLE_TITLE = 'Table and Unity Catalog'
+
+COMMIT_OPTIONS = [
     click.option("--flush-rows", type=int, help="Commit when this many values are buffered.  [default: 1000000]"),
     click.option("--flush-bytes", type=int, help="Commit when the columns held in memory take this many bytes (at "
                                                   "least 1 MiB; a batch's rows go to data files every 262,144 rows "
                                                   "and then no longer count).  [default: 67108864 = 64 MiB]"),
-)
-# The config file and the log.
-RUN_OPTIONS = _options(
+]
+
+COMMIT_TITLE = 'Commits'
+
+RUN_OPTIONS = [
     click.option("--config", "config_path", type=click.Path(dir_okay=False),
                   help="TOML file with any of these settings (names with underscores)."),
     click.option("--log-format", type=click.Choice(["auto", "console", "json"]),
                   help="Log format; auto is console on a terminal, JSON otherwise."),
-    click.option("--log-level", type=click.Choice(LEVELS)),
+    click.option("--log-level", type=click.Choice(LEVELS), help="Least severe log lines written.  [default: info]"),
     click.option("--log-file", help="Write the log to this file (JSON lines), rotated by size, instead of stderr "
                                      "(for a service)."),
     click.option("--log-file-max-mb", type=float, help="Rotate --log-file at this size.  [default: 10]"),
     click.option("--log-file-backups", type=int, help="Rotated --log-file files kept (FILE.1 the newest).  "
                                                        "[default: 5]"),
+]
+
+RUN_TITLE = 'Configuration and logs'
+
+
+@cloup.group(invoke_without_command=True, context_settings=CONTEXT_SETTINGS, epilog=ENVIRONMENT_EPILOG)
+@cloup.option_group(
+    'PI Web API source',
+    *SOURCE_OPTIONS,
+    click.option("--rediscover-interval", type=float,
+                  help="Resolve the tags file (its masks, its tags) again this often, in seconds, and follow what "
+                       "changed without a restart; 0: only when the file changes or on SIGHUP.  [default: 3600]"),
+    click.option("--shard", metavar="K/N", help="Stream only shard K (1 to N) of the tags file's tags, split by a "
+                                                 "stable hash of each path: N processes share one tags file."),
 )
-
-
-@click.group(invoke_without_command=True, context_settings={"auto_envvar_prefix": "PISTREAM",
-                                                              "help_option_names": ["-h", "--help"]})
-@CONNECTION_OPTIONS
-@TABLE_OPTIONS
-@FLUSH_OPTIONS
-@click.option("--flush-seconds", type=float, help="Commit when the oldest buffered value is this old.  "
-                                                  "[default: 5]")
-@click.option("--flush-idle-seconds", type=float,
-              help="Commit a batch of 65,536 values or more once no value arrived for this long (a burst "
-                   "or backlog that ended); 0: only size and age.  [default: 1]")
-@click.option("--duration", type=float, help="Stop after this many seconds (flushing everything).")
-@click.option("--stop-timeout", type=float,
-              help="At a stop (Ctrl+C, SIGTERM, --duration), give the last commit this long; then exit 1 saying "
-                   "how many values were not committed (the next start reads them back).  [default: 30]")
-@click.option("--app-id", help="Delta transaction app id of this writer; one live process per app id and table.  "
-                              "[default: pistream-HOSTNAME-<hash of the tags file's path>[-sK-of-N]]")
-@click.option("--shard", metavar="K/N", help="Stream only shard K (1 to N) of the tags file's tags, split by a "
-                                             "stable hash of each path: N processes share one tags file.")
-@click.option("--heartbeat-rate", type=int, help="Channel heartbeat, in server polls; 0 disables.  "
-                                                 "[default: 5]")
-@click.option("--silence-seconds", type=float, help="With heartbeats on, reconnect a channel that sent nothing "
-                                                   "for this long (a dead socket).  [default: 30]")
-@click.option("--stall-seconds", type=float, help="Close a channel whose values the pipeline could not take "
-                                                 "for this long (storage down); reconnect and read the pause "
-                                                 "back later.  [default: 30]")
-@click.option("--reread-seconds", type=float, help="After a reconnect, also read back this far before each "
-                                                  "tag's newest value, for values a server delivers late.  "
-                                                  "[default: 2]")
-@click.option("--max-message-mb", type=float,
-              help="Largest channel message accepted, in MiB; a larger one closes the channel (it reconnects "
-                   "and reads the gap back).  [default: 16 KiB per tag on the channel, at least 1 MiB]")
-@click.option("--maintenance-interval", type=float,
-              help="Compact today's partition, Z-order closed ones and vacuum daily, every this many seconds; "
-                   "0 turns table maintenance off.  [default: 600]")
-@click.option("--stats-interval", type=float, help="Log stream statistics every this many seconds; 0: only at "
-                                                   "the stop.  [default: 60]")
-@click.option("--metrics-port", type=click.IntRange(0, 65535),
-              help="Serve Prometheus /metrics and /healthz on --metrics-host:PORT (off by default).")
-@click.option("--metrics-host", help="Address for --metrics-port.  [default: 127.0.0.1]")
-@click.option("--rediscover-interval", type=float,
-              help="Resolve the tags file (its masks, its tags) again this often, in seconds, and follow what "
-                   "changed without a restart; 0: only when the file changes or on SIGHUP.  [default: 3600]")
-@RUN_OPTIONS
+@cloup.option_group(
+    AUTH_TITLE,
+    *AUTH_OPTIONS,
+)
+@cloup.option_group(
+    'Table and Unity Catalog',
+    *TABLE_OPTIONS,
+    click.option("--app-id", help="Delta transaction app id of this writer; one live process per app id and table.  "
+                                  "[default: pistream-HOSTNAME-<hash of the tags file's path>[-sK-of-N]]"),
+)
+@cloup.option_group(
+    'Commits',
+    *COMMIT_OPTIONS,
+    click.option("--flush-seconds", type=float, help="Commit when the oldest buffered value is this old.  "
+                                                      "[default: 5]"),
+    click.option("--flush-idle-seconds", type=float,
+                  help="Commit a batch of 65,536 values or more once no value arrived for this long (a burst "
+                       "or backlog that ended); 0: only size and age.  [default: 1]"),
+    click.option("--maintenance-interval", type=float,
+                  help="Compact today's partition, Z-order closed ones and vacuum daily, every this many seconds; "
+                       "0 turns table maintenance off.  [default: 600]"),
+)
+@cloup.option_group(
+    'Resilience',
+    click.option("--heartbeat-rate", type=int, help="Channel heartbeat, in server polls; 0 disables.  "
+                                                     "[default: 5]"),
+    click.option("--silence-seconds", type=float, help="With heartbeats on, reconnect a channel that sent nothing "
+                                                       "for this long (a dead socket).  [default: 30]"),
+    click.option("--stall-seconds", type=float, help="Close a channel whose values the pipeline could not take "
+                                                     "for this long (storage down); reconnect and read the pause "
+                                                     "back later.  [default: 30]"),
+    click.option("--reread-seconds", type=float, help="After a reconnect, also read back this far before each "
+                                                      "tag's newest value, for values a server delivers late.  "
+                                                      "[default: 2]"),
+    click.option("--max-message-mb", type=float,
+                  help="Largest channel message accepted, in MiB; a larger one closes the channel (it reconnects "
+                       "and reads the gap back).  [default: 16 KiB per tag on the channel, at least 1 MiB]"),
+    click.option("--duration", type=float, help="Stop after this many seconds (flushing everything)."),
+    click.option("--stop-timeout", type=float,
+                  help="At a stop (Ctrl+C, SIGTERM, --duration), give the last commit this long; then exit 1 saying "
+                       "how many values were not committed (the next start reads them back).  [default: 30]"),
+)
+@cloup.option_group(
+    'Monitoring',
+    click.option("--stats-interval", type=float, help="Log stream statistics every this many seconds; 0: only at "
+                                                       "the stop.  [default: 60]"),
+    click.option("--metrics-port", type=click.IntRange(0, 65535),
+                  help="Serve Prometheus /metrics and /healthz on --metrics-host:PORT (off by default)."),
+    click.option("--metrics-host", help="Address for --metrics-port.  [default: 127.0.0.1]"),
+)
+@cloup.option_group(
+    RUN_TITLE,
+    *RUN_OPTIONS,
+)
 @click.version_option(__version__, prog_name="pistream",
                       message=f"%(prog)s %(version)s (frame decoder: {DECODER})")
 @click.pass_context
@@ -256,18 +293,28 @@ def warn_unknown_variables(command: click.Command) -> None:
                     note="these PISTREAM_* variables match no setting and are ignored")
 
 
-@main.command("backfill")
-@CONNECTION_OPTIONS
-@TABLE_OPTIONS
-@click.option("--start", help="Start of the range: PI time (*-30d, t, y) or ISO 8601 (2024-01-01, "
-                              "2024-01-01T06:00:00Z); UTC unless the time says otherwise.")
-@click.option("--end", help="End of the range (included), in the same syntax.  [default: *, now]")
-@click.option("--concurrency", type=click.IntRange(1, 32),
-              help="Recorded-values calls at a time; keep it low on a production PI Web API.  [default: 4]")
-@FLUSH_OPTIONS
-@click.option("--app-id", help="Delta transaction app id of this backfill.  [default: pistream-backfill- and a "
-                               "digest of --start, --end and the tags]")
-@RUN_OPTIONS
+@main.command("backfill", short_help="Read the tags' recorded history for a time range into the table.")
+@cloup.option_group(
+    SOURCE_TITLE,
+    *SOURCE_OPTIONS,
+)
+@cloup.option_group(AUTH_TITLE, *AUTH_OPTIONS)
+@cloup.option_group(
+    "History",
+    click.option("--start", help="Start of the range: PI time (*-30d, t, y) or ISO 8601 (2024-01-01, "
+                                 "2024-01-01T06:00:00Z); UTC unless the time says otherwise."),
+    click.option("--end", help="End of the range (included), in the same syntax.  [default: *, now]"),
+    click.option("--concurrency", type=click.IntRange(1, 32),
+                 help="Recorded-values calls at a time; keep it low on a production PI Web API.  [default: 4]"),
+)
+@cloup.option_group(
+    TABLE_TITLE,
+    *TABLE_OPTIONS,
+    click.option("--app-id", help="Delta transaction app id of this backfill.  [default: pistream-backfill- and "
+                                  "a digest of --start, --end and the tags]"),
+)
+@cloup.option_group(COMMIT_TITLE, *COMMIT_OPTIONS)
+@cloup.option_group(RUN_TITLE, *RUN_OPTIONS)
 @click.pass_context
 def backfill(ctx: click.Context, config_path: str | None, **options: Any) -> None:
     """Read the recorded history of the tags from --start to --end into the table, exactly once.

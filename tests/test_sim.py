@@ -436,7 +436,7 @@ async def test_channel_rejects_unknown_webid(start_sim: StartSim) -> None:
 
 
 def test_simulate_refuses_remote_host() -> None:
-    result = CliRunner().invoke(simulate, ["--host", "0.0.0.0", "--tags", "2"])
+    result = CliRunner().invoke(simulate, ["--host", "0.0.0.0", "--tag-count", "2"])
     assert result.exit_code == 2
     assert "--allow-remote" in result.output
     result = CliRunner().invoke(simulate, ["--tags", "2", "--basic-user", "u"])

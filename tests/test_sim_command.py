@@ -54,7 +54,7 @@ def test_simulate_usage_errors(tmp_path: Path, content: str | None, args: list[s
         tags.write_text(content, encoding="utf-8")
         args = ["--tags-file", str(tags), *args]
     else:
-        args = ["--tags", "2", *args]
+        args = ["--tag-count", "2", *args]
     result = CliRunner().invoke(simulate, args)
     assert result.exit_code == 2, result.output
     assert message in result.output
@@ -69,7 +69,7 @@ async def test_simulate_subprocess_with_tls_bearer_and_disabled_channels(tmp_pat
     ca.cert_pem.write_to_path(str(ca_file))
     code = "import sys; from pistream.sim.command import simulate; simulate(sys.argv[1:])"
     args = [
-        sys.executable, "-c", code, "--tags", "3", "--all-kinds", "--tls-cert", str(cert_file),
+        sys.executable, "-c", code, "--tag-count", "3", "--all-kinds", "--tls-cert", str(cert_file),
         "--tls-key", str(key_file), "--bearer-token-env", "SIM_TOKEN", "--disable-channels",
         "--quirk", "string-flags", "--quirk", "utc-offset",
     ]  # fmt: skip

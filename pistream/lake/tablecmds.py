@@ -110,7 +110,7 @@ def optimize(table: str, config_path: str | None, databricks_profile: str | None
                   _size(r.bytes_added), r.table_version, r.seconds] for r in results])
 
 
-@click.command()
+@click.command(short_help="Delete data files the table no longer references.")
 @_table_options
 @_wait_option
 @click.option("--retention-hours", type=click.IntRange(min=0),
@@ -142,7 +142,7 @@ def vacuum(table: str, config_path: str | None, databricks_profile: str | None, 
                f"({result.seconds} s)")
 
 
-@click.command()
+@click.command(short_help="Rows, files and partitions of the table, from its log.")
 @_table_options
 @click.option("--scan", is_flag=True,
               help="Also read the tag_webid and good columns: distinct tags and the share of good values.")
@@ -190,7 +190,7 @@ def _share(share: float | None) -> str:
     return "-" if share is None else f"{share:.2%}"
 
 
-@click.group()
+@click.group(short_help="Who holds the maintenance lease; free it by hand.")
 def maintenance() -> None:
     """The table's maintenance lease: who holds it, when each step last ran; free it by hand."""
 

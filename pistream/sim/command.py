@@ -1,6 +1,6 @@
 r"""``pistream simulate``: run the PI Web API simulator in the foreground until Ctrl+C.
 
-Register with ``cli.add_command(simulate)``. Tags come from ``--tags N`` (``\\SIMSRV\SIM000000``...) or a
+Register with ``cli.add_command(simulate)``. Tags come from ``--tag-count N`` (``\\SIMSRV\SIM000000``...) or a
 tags file, read by ``pistream.pi.tags`` exactly as the client reads it (point paths, AF attribute paths, bare
 names on ``--server``; blank lines and ``#`` comments skipped).
 """
@@ -38,7 +38,7 @@ def build_model(
     error_values: bool = False,
 ) -> SimModel:
     if tag_count is not None and tags_file is not None:
-        raise click.UsageError("give either --tags or --tags-file, not both")
+        raise click.UsageError("give either --tag-count or --tags-file, not both")
     if tags_file is not None:
         try:
             paths = read_tags_file(tags_file, server).paths
@@ -70,8 +70,10 @@ def _ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     return context
 
 
-@click.command("simulate")
-@click.option("--tags", "tag_count", type=click.IntRange(min=1), help="Generate N tags (default 100).")
+@click.command("simulate", short_help="Serve a simulated PI Web API with deterministic values.")
+@click.option("--tag-count", "tag_count", type=click.IntRange(min=1), help="Generate N tags (default 100).")
+@click.option("--tags", "tag_count_old", type=click.IntRange(min=1), hidden=True,
+              help="The former name of --tag-count (the main command's --tags is a file).")
 @click.option(
     "--tags-file",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -144,6 +146,7 @@ def _ssl_context(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
 @click.option("--allow-remote", is_flag=True, help="Allow binding a non-loopback address.")
 def simulate(
     tag_count: int | None,
+    tag_count_old: int | None,
     tags_file: Path | None,
     rate: float,
     host: str,
@@ -171,6 +174,7 @@ def simulate(
     allow_remote: bool,
 ) -> None:
     """Serve a simulated PI Web API (REST and channels) with deterministic values."""
+    tag_count = tag_count if tag_count is not None else tag_count_old
     if not allow_remote and not is_loopback(host):
         raise click.BadParameter(
             f"{host} is not a loopback address; the simulator has no real security, pass --allow-remote "
