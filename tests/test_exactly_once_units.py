@@ -307,7 +307,7 @@ def test_a_connect_looks_only_at_its_own_tags_pending_events():
     buffer.connected(["B"])
     assert buffer.filter.recent == {} and buffer.filter._pending_rows == 6  # nothing sorted in
     window = buffer.filter._awaiting["B"]
-    assert window.start_us == 140 - 50 and window.known == {key(100, 1.0), key(130, 4.0), key(140, 5.0)}
+    assert window.start_us == 140 - 50 and set(window.known) == {key(100, 1.0), key(130, 4.0), key(140, 5.0)}
     assert "A" not in buffer.filter._awaiting
     # B's gap then drops what the buffer has already and takes what it missed
     _, gaps = buffer.add_live_batch([live(("B", 300, 6.0))])
@@ -389,3 +389,47 @@ def test_a_take_after_spills_describes_the_whole_batch():
     # (the same events; a batch's value-by-value rows follow its bulk ones, so order within a tag may differ)
     assert {w: sorted(k) for w, k in committed.recent.items()} == {w: sorted(k) for w, k in committed_whole.recent.items()}
     assert [k[0] for k in committed.recent["A"]] == [200, 230] and [k[0] for k in committed.recent["B"]] == [10]
+
+
+def test_many_events_read_back_across_overlapping_windows_get_in_once():
+    """A tag's events accepted inside its windows are kept compactly while few and in a set once many
+    (a restart at 100,000 tags holds one such record per tag): either way each event gets in once, through
+    overlapping windows and as a late live value, and the record goes with the last window."""
+    f = EventFilter(lookback_us=10)
+    f.advance("W", key(1000))
+    f.connected(["W"])
+    first = f.first_live("W", [key(2000)])  # window [990, 2000]
+    f.advance("W", key(2000))
+    f.connected(["W"])  # a reconnect before the first gap was read
+    second = f.first_live("W", [key(2100)])  # window [1990, 2100]
+    f.advance("W", key(2100))
+    times = list(range(1001, 1001 + 40)) + [1995, 1996]
+    for ts in times:
+        assert f.accept_gap("W", key(ts)), ts
+        f.advance("W", key(ts))
+        seen = f._seen["W"]  # with the windows' ends
+        assert type(seen) is (tuple if len(seen) <= 16 else set)
+    assert type(seen) is set and len(seen) == len(times) + 2
+    for ts in times:  # both reads bring them, and the channel too, late
+        assert not f.accept_gap("W", key(ts)) and not f.accept_live("W", key(ts))
+    assert f.accept_gap("W", key(1997)) and f.accept_gap("W", key(1500, 2.0))  # others still get in
+    assert not f.accept_gap("W", key(2000)) and not f.accept_gap("W", key(2100))  # the windows' ends
+    f.gap_done(first)
+    assert not f.accept_gap("W", key(1995))  # the second window still knows it
+    f.gap_done(second)
+    assert f.open_gaps() == 0 and not f._seen
+
+
+def test_a_window_knows_many_recent_events_as_well_as_few():
+    """The recent events a window knows at connect time are a tuple while few, a frozenset when many."""
+    for count in (3, 40):
+        f = EventFilter(lookback_us=100)
+        for ts in range(1000, 1000 + count):
+            f.advance("W", key(ts))
+        f.connected(["W"])
+        last = 1000 + count - 1
+        f.first_live("W", [key(last + 50)])
+        assert type(f._windows["W"][0].known) is (tuple if count <= 8 else frozenset)
+        assert all(not f.accept_gap("W", key(ts)) for ts in range(max(1000, last - 100), last + 1))
+        assert f.accept_gap("W", key(last + 1)) and f.accept_gap("W", key(last, 2.0))
+        assert not f.accept_gap("W", key(last + 50))

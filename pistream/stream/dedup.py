@@ -49,12 +49,25 @@ def event_key(ts_us: int, value: float | None, text: str | None, code: int | Non
     return (ts_us, value, text, code, good, questionable, substituted, annotated)
 
 
+# A window's events known already, as a tuple while they are few (the usual ~3 recent events, the one
+# live value at its end): a tuple of 3 is 64 bytes, a frozenset 216, and a restart at 100,000 tags held two
+# per tag. Many (an earlier run's gap reopened with the events the table holds in it) go in a frozenset.
+SMALL_KEYS = 8
+SMALL_SEEN = 16
+
+
+def _keys(keys: Iterable[EventKey]) -> tuple[EventKey, ...] | frozenset[EventKey]:
+    """``keys`` for membership tests only: a tuple while few (``SMALL_KEYS``), else a frozenset."""
+    found = tuple(keys)
+    return frozenset(found) if len(found) > SMALL_KEYS else found
+
+
 @dataclass(slots=True)
 class _Window:
     start_us: int
-    known: frozenset[EventKey]  # recent events at connect time: already in the table or the buffer
+    known: tuple[EventKey, ...] | frozenset[EventKey]  # recent events at connect time: already in the table or buffer
     end_us: int | None = None
-    end_keys: frozenset[EventKey] = frozenset()
+    end_keys: tuple[EventKey, ...] | frozenset[EventKey] = ()  # the first live values, at ``end_us``
 
 
 @dataclass
@@ -129,8 +142,10 @@ class EventFilter:
     _awaiting: dict[str, _Window] = field(default_factory=dict)
     _windows: dict[str, list[_Window]] = field(default_factory=dict)  # several if it reconnected again
     # While a tag has open windows: every event accepted inside them, so that overlapping windows (a
-    # reconnect while an earlier gap is still being read) cannot both let the same event in.
-    _seen: dict[str, set[EventKey]] = field(default_factory=dict)
+    # reconnect while an earlier gap is still being read) cannot both let the same event in. A tuple while
+    # few (``SMALL_SEEN``), then a set: a restart at 100,000 tags has one per tag, mostly of 1-10 events
+    # (a set of 1 is 216 bytes, of 8 728, of 16 1,240; a tuple 48, 104 and 168).
+    _seen: dict[str, tuple[EventKey, ...] | set[EventKey]] = field(default_factory=dict)
     # The windows of ``_windows`` as the requests that read them: the snapshot each batch takes along to
     # the commit writer is a copy of this set (no Python work per window).
     _open: set[GapRequest] = field(default_factory=set)
@@ -254,7 +269,7 @@ class EventFilter:
             return
         pending = self._pending_events(waiting) if self._pending else {}
         for webid in waiting:
-            known = frozenset(self.recent.get(webid, ())).union(pending.get(webid, ()))
+            known = _keys([*self.recent.get(webid, ()), *pending.get(webid, ())])
             self._awaiting[webid] = _Window(floors[webid] - self.lookback_us, known)
 
     def first_live(self, webid: str, keys: list[EventKey]) -> GapRequest | None:
@@ -264,7 +279,7 @@ class EventFilter:
             return None
         end_us = min(k[0] for k in keys)
         window.end_us = end_us
-        window.end_keys = frozenset(k for k in keys if k[0] == end_us)
+        window.end_keys = _keys(k for k in keys if k[0] == end_us)
         if end_us < window.start_us:
             self._forget_seen(webid)
             return None
@@ -333,7 +348,7 @@ class EventFilter:
     def reopen(self, request: GapRequest, known: Iterable[EventKey]) -> None:
         """A gap left open by an earlier run, to read again: ``known`` are the events the table holds in
         it already (its end, pages read before the stop), so the read adds only what is missing."""
-        window = _Window(request.start_us, frozenset(known), request.end_us)
+        window = _Window(request.start_us, _keys(known), request.end_us)
         self._windows.setdefault(request.webid, []).append(window)
         self._open.add(request)
 
@@ -371,7 +386,15 @@ class EventFilter:
         windows = self._windows.get(webid, ())
         if (waiting is not None and ts >= waiting.start_us) or any(
                 w.start_us <= ts <= (w.end_us or ts) for w in windows):
-            self._seen.setdefault(webid, set()).add(key)
+            self._remember(webid, key)
+
+    def _remember(self, webid: str, key: EventKey) -> None:
+        """Add ``key`` to the tag's events accepted inside its windows."""
+        seen = self._seen.get(webid, ())
+        if isinstance(seen, set):
+            seen.add(key)
+        elif key not in seen:
+            self._seen[webid] = (*seen, key) if len(seen) < SMALL_SEEN else {*seen, key}
 
 
 def advance_from_rows(target: EventFilter, data: pa.Table | pa.RecordBatch) -> EventFilter:
