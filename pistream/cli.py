@@ -183,6 +183,9 @@ RUN_OPTIONS = _options(
 @click.option("--metrics-port", type=click.IntRange(0, 65535),
               help="Serve Prometheus /metrics and /healthz on --metrics-host:PORT (off by default).")
 @click.option("--metrics-host", help="Address for --metrics-port.  [default: 127.0.0.1]")
+@click.option("--backfill", metavar="DURATION",
+              help="Also read each tag's history for this long (30d, 12h, 90m, or seconds) before its first live "
+                   "value, behind the live stream, exactly once; resumed after a restart (README: History).")
 @click.option("--rediscover-interval", type=float,
               help="Resolve the tags file (its masks, its tags) again this often, in seconds, and follow what "
                    "changed without a restart; 0: only when the file changes or on SIGHUP.  [default: 3600]")
