@@ -11,11 +11,14 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import httpx
+import structlog
 import trio
 from click.testing import CliRunner
 from conftest import duckdb_rows
 from deltalake import DeltaTable
 from test_backfill import assert_exactly_once
+from test_metrics import parse
 
 import pistream.pi.history as history
 from pistream.cli import main
@@ -82,15 +85,25 @@ def windows_from(store: ProgressStore, emitted: dict[str, int]) -> dict[str, tup
 async def test_live_run_with_backfill_holds_every_value_from_start_minus_duration_once(tmp_path):
     model = SimModel.from_paths(PATHS, rate=5)
     first_start = time.time_ns() // 1000
-    async with served(tmp_path, model, PATHS, backfill="45s") as (simulator, settings):
-        stop = trio.Event()
-        with trio.fail_after(120):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(lambda: run_pipeline(settings, stop, handle_signals=False))
-                await wait_for(lambda: history_done(settings, len(PATHS)), "history read to each first live value")
-                table = Path(settings.table)
-                stop.set()
-        emitted = {w: r.last_us for w, r in simulator.emitted.items()}
+    scraped: dict[str, float] = {}
+    with structlog.testing.capture_logs() as logs:
+        async with served(tmp_path, model, PATHS, backfill="45s", metrics_port=0, stats_interval=0.5) \
+                as (simulator, settings):
+            stop = trio.Event()
+            with trio.fail_after(120):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(lambda: run_pipeline(settings, stop, handle_signals=False))
+                    await wait_for(lambda: history_done(settings, len(PATHS)), "history read to each first live value")
+                    url = next(e["url"] for e in logs if e["event"] == "metrics_served")
+                    async with httpx.AsyncClient(timeout=5) as client:
+                        for _ in range(1000):  # until the last history commit landed
+                            scraped = parse((await client.get(url)).text)
+                            if scraped["pistream_backfill_values_total"] == scraped["pistream_backfill_values_read"]:
+                                break
+                            await trio.sleep(0.1)
+                    table = Path(settings.table)
+                    stop.set()
+            emitted = {w: r.last_us for w, r in simulator.emitted.items()}
     store = read_progress(settings)
     assert store is not None and store.plan is not None
     assert first_start - 45 * US <= store.plan.start_us <= time.time_ns() // 1000 - 45 * US
@@ -99,6 +112,12 @@ async def test_live_run_with_backfill_holds_every_value_from_start_minus_duratio
     found = assert_exactly_once(table, model, windows_from(store, emitted), only_windows=False)
     history_rows = sum(model.count(t, store.plan.start_us, store.plan.ends[t.webid]) for t in model.tags)
     assert history_rows >= 4 * 40 * 5 and found > history_rows  # 45 s of history at 5/s, and the live stream
+    # Progress as an operator sees it: /metrics and the stream_stats line.
+    assert scraped["pistream_backfill_tags"] == scraped["pistream_backfill_tags_done"] == len(PATHS)
+    assert scraped["pistream_backfill_values_total"] == scraped["pistream_backfill_values_read"] == history_rows
+    stats = [e for e in logs if e["event"] == "stream_stats"]
+    assert stats and all(e["backfill_tags"] == len(PATHS) and 0 <= e["backfill_tags_done"] <= len(PATHS)
+                         for e in stats)
     # The history's commits are its own: its app id's transaction version, beside the live writer's.
     dt = DeltaTable(str(table))
     assert dt.transaction_version(history_app_id(writer_app_id(settings))) >= 1
@@ -183,3 +202,14 @@ def test_a_bad_duration_is_one_clear_error_exit_2(tmp_path):
         assert result.exit_code == 2, result.output
         assert "--backfill" in result.output and "30d, 12h, 90m" in result.output
         assert not (tmp_path / "t").exists()  # nothing written
+
+
+def test_a_progress_file_before_any_tag_joined_resumes(tmp_path):
+    """A live backfill stopped before any tag joined its plan (no tag resolved yet, a stop at once): the
+    next start reads the empty plan as version 0."""
+    from pistream.stream.progress import Plan
+
+    store = ProgressStore(tmp_path / "p.backfill.arrow", "table", "app-history")
+    store.start(Plan("30d", "first live value", 1, 2, {}, {}))
+    again = ProgressStore(tmp_path / "p.backfill.arrow", "table", "app-history")
+    assert again.load() and again.at(0) == {} and again.latest() == {}

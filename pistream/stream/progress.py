@@ -105,7 +105,8 @@ class ProgressStore:
         rows = data.to_pylist()
         self.plan = Plan(meta["start"], meta["end"], int(meta["start_us"]), int(meta["end_us"]),
                          {r["tag_webid"]: r["tag"] for r in rows}, {r["tag_webid"]: r["end_us"] for r in rows})
-        self.versions = {}
+        # No rows: a live backfill (``--backfill``) stopped before any tag joined its plan: no commit either.
+        self.versions = {} if rows else {0: {}}
         for r in rows:
             self.versions.setdefault(r["txn_version"], {})[r["tag_webid"]] = TagProgress(
                 r["cursor_us"], r["seen"], r["done"], r["values"], r["first_us"], r["last_us"])
