@@ -99,11 +99,13 @@ class LiveBackfill:
 
     # -- start (in a worker thread)
 
-    def prepare(self) -> None:
-        """Open the table, and the progress to resume from (the one recorded for the table's version of the
-        history app id), or a new plan starting ``duration`` before now."""
+    def open(self) -> None:
         self.sink.open()
         self.planner.open()
+
+    def prepare(self) -> None:
+        """The progress to resume from (the one recorded for the table's version of the history app id), or
+        a new plan starting ``duration`` before now. After ``open`` and the writer claim on the app id."""
         store = self.store
         txn_version = self.sink.last_txn_version()
         if store.load():

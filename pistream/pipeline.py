@@ -627,8 +627,10 @@ async def start_history(root: trio.Nursery, api: PiWebApi, sink: Sink, target: T
     history = LiveBackfill(api, history_sink, planner, store, committed.floors, settings.backfill,
                            flush_rows=settings.flush_rows, flush_bytes=settings.flush_bytes,
                            flush_seconds=settings.flush_seconds)
-    await trio.to_thread.run_sync(history.prepare)
+    await trio.to_thread.run_sync(history.open)
+    # Taken before reading where the history stopped, so that no other writer moves it (released at the end).
     await root.start(hold, history_sink, WriterClaim(app_id))
+    await trio.to_thread.run_sync(history.prepare)
     return history
 
 
