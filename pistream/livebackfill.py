@@ -154,6 +154,8 @@ class LiveBackfill:
 
     async def run(self, stop: trio.Event, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Read in rounds until ``stop``; then commit what was read (the progress file resumes the rest)."""
+        # This task's context (its children's copies): the history's log lines (batch_committed, ...) say so.
+        structlog.contextvars.bind_contextvars(part="history")
         page_send, page_recv = trio.open_memory_channel[HistoryPage](PAGE_QUEUE)
         flush_send, flush_recv = trio.open_memory_channel[Flush | Spill](1)
         buffer = ColumnBuffer({}, EventFilter())
