@@ -42,6 +42,8 @@ CONCURRENCY = 1  # recorded-values calls at a time: the live stream's reads and 
 PLAN_SECONDS = 2.0  # how often tags waiting for their first committed live value are looked at
 PAGE_QUEUE = 1
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", re.IGNORECASE)
+_INSTEAD = ("or run without --backfill and read the history still missing with pistream backfill --start ... "
+            "(it reads before each tag's first value in the table, not into holes after it)")
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
 
 
@@ -116,7 +118,7 @@ class LiveBackfill:
                 raise ConfigError(
                     f"the table holds version {txn_version} of the history app id {store.app_id} but its progress "
                     f"file {store.path} is for versions {sorted(store.versions)}: restore the state dir it used "
-                    "(--state-dir), or give --app-id a new value")
+                    f"(--state-dir); {_INSTEAD}")
             store.versions = {txn_version: progress}
             if plan.start != self.duration:
                 log.warning("backfill_duration_changed", was=plan.start, now=self.duration,
@@ -127,8 +129,7 @@ class LiveBackfill:
             if txn_version > 0:
                 raise ConfigError(
                     f"the table holds {txn_version} commits of the history app id {store.app_id} but its progress "
-                    f"file {store.path} is missing: restore the state dir it used (--state-dir), or give --app-id "
-                    "a new value")
+                    f"file {store.path} is missing: restore the state dir it used (--state-dir); {_INSTEAD}")
             now = time.time_ns() // 1000
             store.start(Plan(self.duration, "first live value", now - self.duration_us, now, {}, {}))
             self._first_start = now - self.duration_us

@@ -213,3 +213,28 @@ def test_a_progress_file_before_any_tag_joined_resumes(tmp_path):
     store.start(Plan("30d", "first live value", 1, 2, {}, {}))
     again = ProgressStore(tmp_path / "p.backfill.arrow", "table", "app-history")
     assert again.load() and again.at(0) == {} and again.latest() == {}
+
+
+async def test_a_lost_progress_file_is_one_clear_error(tmp_path):
+    """History commits in the table but no progress file (another --state-dir, a lost disk): resuming blind
+    could leave holes, so the start stops and says what to do."""
+    import pytest
+
+    from pistream.errors import ConfigError
+
+    model = SimModel.from_paths(PATHS[:2], rate=5)
+    async with served(tmp_path, model, PATHS[:2], backfill="10s") as (_, settings):
+        with trio.fail_after(120):
+            stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(lambda: run_pipeline(settings, stop, handle_signals=False))
+                await wait_for(lambda: history_done(settings, 2), "the history")
+                stop.set()
+            await trio.Path(progress_store(settings).path).unlink()
+            with pytest.raises(BaseException) as failed:  # in the root nursery's group: the CLI shows it, exit 2
+                await run_pipeline(settings, trio.Event(), handle_signals=False)
+            error = failed.value
+            while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+                error = error.exceptions[0]
+            assert isinstance(error, ConfigError) and error.exit_code == 2
+            assert "is missing: restore the state dir it used (--state-dir)" in str(error)
