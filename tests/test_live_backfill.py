@@ -238,3 +238,64 @@ async def test_a_lost_progress_file_is_one_clear_error(tmp_path):
                 error = error.exceptions[0]
             assert isinstance(error, ConfigError) and error.exit_code == 2
             assert "is missing: restore the state dir it used (--state-dir)" in str(error)
+
+
+def test_kill_9_in_the_middle_of_the_history_then_a_restart_resumes_every_value_once(tmp_path):
+    """The real process: killed (-9) while the history is being read and committed, started again, stopped
+    with SIGTERM once the history is done: every value from the first start - 12 h on, once."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from sim_thread import simulator_thread
+
+    model = SimModel.from_paths(PATHS, rate=5)  # 12 h x 4 tags x 5/s: 864,000 values of history, 10,000 a call
+    tags = tmp_path / "tags.txt"
+    tags.write_text("\n".join(PATHS) + "\n", encoding="utf-8")
+    settings = build_settings({}, {"tags": str(tags), "table": str(tmp_path / "table"),  # where the process writes
+                                   "state_dir": str(tmp_path / "state"), "url": "http://127.0.0.1:9/piwebapi"})
+    repo = Path(__file__).resolve().parent.parent
+
+    def start(url: str) -> subprocess.Popen:
+        command = [sys.executable, "-m", "pistream", "--tags", str(tags), "--url", url, "--table", settings.table,
+                   "--state-dir", settings.state_dir, "--backfill", "12h", "--flush-rows", "20000",
+                   "--flush-seconds", "0.5", "--maintenance-interval", "0", "--log-format", "json"]
+        return subprocess.Popen(command, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(repo)},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_until(process: subprocess.Popen, condition, what: str) -> None:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None and not condition():
+            time.sleep(0.05)
+        assert process.poll() is None and condition(), f"not reached: {what}"
+
+    def some_committed() -> bool:
+        store = read_progress(settings)
+        return store is not None and max(store.versions) >= 3
+
+    with simulator_thread(Simulator(model, poll_interval=0.1)) as sim:
+        first = start(sim.url)
+        try:
+            wait_until(first, some_committed, "a few history commits")
+            first.send_signal(signal.SIGKILL)
+            first.wait(30)
+        finally:
+            if first.poll() is None:
+                first.kill()
+        killed = read_progress(settings)
+        assert killed is not None and not all(p.done for p in killed.latest().values()), \
+            "the history was read whole before the kill: make it longer"
+        second = start(sim.url)
+        try:
+            wait_until(second, lambda: history_done(settings, len(PATHS)), "the history done after the restart")
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(60) == 0
+        finally:
+            if second.poll() is None:
+                second.kill()
+        emitted = {w: r.last_us for w, r in sim.emitted.items()}
+    store = read_progress(settings)
+    assert store is not None and store.plan is not None and store.plan.start_us == killed.plan.start_us
+    found = assert_exactly_once(settings.table, model, windows_from(store, emitted), only_windows=False)
+    assert found >= 864_000 - 4 * 5 * 60  # 12 h of history (less the minute or so before the first start)
