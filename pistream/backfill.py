@@ -32,11 +32,20 @@ from .lake.claim import WriterClaim, hold
 from .lake.sink import DeltaSink
 from .lake.target import CatalogTarget, make_target
 from .lake.writer import CommitWriter
+from .metrics import StartupStatus
 from .pi.history import HistoryPage, HistoryReader, TagProgress, TagRange
 from .pi.piwebapi import PiWebApi, ResolvedTags
 from .pi.tags import read_tags_file
 from .pi.tls import client_context
-from .pipeline import AUTH_HINTS, _start_simulator, delta_sink, make_auth, resolve_tags, watch_signals
+from .pipeline import (
+    AUTH_HINTS,
+    StartUp,
+    _start_simulator,
+    delta_sink,
+    make_auth,
+    resolve_tags,
+    watch_signals,
+)
 from .progressview import ProgressView, Snapshot
 from .stream.buffer import ColumnBuffer, Flush, Spill
 from .stream.dedup import EventFilter
@@ -171,7 +180,10 @@ async def run_backfill(settings: Settings, stop: trio.Event | None = None, *, ha
             api = PiWebApi(url, auth=make_auth(settings, url, tls), verify=tls or True,
                            max_url_length=settings.max_url_length, auth_hint=AUTH_HINTS[auth_kind(settings)])
             async with api:
-                resolved = await resolve_tags(api, tag_list, settings.skip_unknown, settings.state_dir)
+                # PI Web API busy (429), starting or unreachable: waited for, as the main command does.
+                resolved = await StartUp(StartupStatus()).step(
+                    f"PI Web API at {url}", "pi_web_api_unreachable", resolve_tags, api, tag_list,
+                    settings.skip_unknown, settings.state_dir)
                 if target is not None:
                     await target.open()
                     if isinstance(target, CatalogTarget) and target.managed:

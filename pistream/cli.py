@@ -169,6 +169,9 @@ RUN_TITLE = 'Configuration and logs'
                        "changed without a restart; 0: only when the file changes or on SIGHUP.  [default: 3600]"),
     click.option("--shard", metavar="K/N", help="Stream only shard K (1 to N) of the tags file's tags, split by a "
                                                  "stable hash of each path: N processes share one tags file."),
+    click.option("--backfill", metavar="DURATION",
+                 help="Also read each tag's history for this long (30d, 12h, 90m, or seconds) before its first live "
+                      "value, behind the live stream, exactly once; resumed after a restart (README: History)."),
 )
 @cloup.option_group(
     AUTH_TITLE,

@@ -80,6 +80,8 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
     start: str | None = None
     end: str | None = None
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=32)] = 4
+    # the main command: read this far (30d, 12h, 90m, seconds) before each tag's first live value, behind it
+    backfill: str | None = None
 
 
 def auth_kind(settings: Settings) -> str:

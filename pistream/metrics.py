@@ -86,6 +86,16 @@ _FROM_SNAPSHOT = (
      "Values without a usable timestamp: not written, logged (value_rejected)."),
     ("values_unsubscribed", "pistream_values_unsubscribed_total", "counter",
      "Values under a WebId no channel of this process subscribed to: not written (values_unsubscribed)."),
+    # --backfill only: the history read behind the live stream
+    ("backfill_tags", "pistream_backfill_tags", "gauge", "Subscribed tags whose history --backfill reads."),
+    ("backfill_tags_done", "pistream_backfill_tags_done", "gauge",
+     "Of those, tags whose history is read to their first live value and committed."),
+    ("backfill_values_read", "pistream_backfill_values_read", "gauge",
+     "History values committed by --backfill for the subscribed tags, in all runs."),
+    ("backfill_values_written", "pistream_backfill_values_total", "counter",
+     "History values committed by --backfill in this run."),
+    ("backfill_failed_tags", "pistream_backfill_failed_tags", "gauge",
+     "Tags whose history read failed in this run (the next start resumes them)."),
 )
 
 

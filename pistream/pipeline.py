@@ -33,6 +33,7 @@ from .lake.sink import DeltaSink
 from .lake.tablestats import table_stats
 from .lake.target import CatalogTarget, TableTarget, make_target
 from .lake.writer import CommitWriter, Sink
+from .livebackfill import LiveBackfill, history_app_id, parse_duration
 from .metrics import MetricsServer, StartupStatus
 from .pi.auth import AuthProvider, BasicAuth, BearerToken, NegotiateAuth, NoAuth, OidcClientCredentials
 from .pi.channel import ChannelReader, receive_buffer_size, shard_webids
@@ -48,6 +49,7 @@ from .stream.columns import DECODER, FRAME_CODEC
 from .stream.dedup import EventFilter, EventKey, advance_from_rows, row_keys
 from .stream.flusher import Flusher
 from .stream.heap import use_returning_arrow_pool
+from .stream.progress import ProgressStore, progress_path
 from .stream.state import StateStore, state_path
 from .streamstats import StatsReporter, frames_malformed
 from .timeutil import EPOCH, format_iso
@@ -428,6 +430,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
     kind = auth_kind(settings)
 
     app_id = writer_app_id(settings)
+    backfill_us = parse_duration(settings.backfill) if settings.backfill is not None else None  # bad: exit 2
     target = make_target(settings.table, storage_options=settings.storage_options,
                          databricks_profile=settings.databricks_profile, warehouse_id=settings.warehouse_id,
                          location=settings.location, warehouse_wait=settings.warehouse_wait,
@@ -487,6 +490,10 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
                     return RunSummary(len(paths), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
                                       round(time.monotonic() - started, 3))
                 sink, store, committed = ready.sink, ready.store, ready.committed
+                history: LiveBackfill | None = None
+                if backfill_us is not None:
+                    history = await start_history(root, api, sink, target, committed, settings)
+                    history.want(resolved)
                 if not isinstance(sink, DeltaSink):
                     log.info("maintenance_skipped", table=sink.display_uri, reason="a MANAGED table: Databricks "
                              "maintains it (predictive optimization, or OPTIMIZE on a schedule)")
@@ -533,13 +540,17 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
 
                 # It owns message_send and a clone per reader; the flusher ends when the last producer closes.
                 subscriptions = Subscriptions(message_send, make_reader, shard)
+                def describe(tags: ResolvedTags) -> None:
+                    flusher.buffer.describe(tags.webids, tags.paths, tags.uoms)
+                    if history is not None:
+                        history.want(tags)
+
                 rediscovery = Rediscovery(
-                    api, watch, subscriptions, lambda tags: flusher.buffer.describe(tags.webids, tags.paths, tags.uoms),
-                    interval=settings.rediscover_interval, sighup=handle_signals, keep=keep)
+                    api, watch, subscriptions, describe, interval=settings.rediscover_interval, sighup=handle_signals, keep=keep)
                 finishing = trio.CancelScope()  # the flow, cancelled --stop-timeout after a stop
                 async with trio.open_nursery() as background:  # cancelled once the last commit has landed
                     reporter = StatsReporter(settings.stats_interval, flusher, writer, subscriptions.readers, gap_filler,
-                                             subscriptions=subscriptions)
+                                             subscriptions=subscriptions, backfill=history)
                     if settings.stats_interval:
                         background.start_soon(reporter.run)
                     if metrics is not None:
@@ -552,6 +563,8 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
                             await flow.start(writer.run)
                             await flow.start(flusher.run)
                             flow.start_soon(_run_producers, subscriptions, webids, rediscovery, gap_filler, stop)
+                            if history is not None:  # behind the live stream; a stop commits what it read
+                                await flow.start(history.run, stop)
                             del webids
                     background.cancel_scope.cancel()
                 if finishing.cancelled_caught:
@@ -593,6 +606,32 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
             f"not answering?): {uncommitted:,} values were not committed; the next start reads them back from "
             f"PI Web API (the state in {settings.state_dir} says from where)", uncommitted)
     return summary
+
+
+async def start_history(root: trio.Nursery, api: PiWebApi, sink: Sink, target: TableTarget | None,
+                        committed: EventFilter, settings: Settings) -> LiveBackfill:
+    """``--backfill``: the history task's own sinks (app id ``<live app id>-history``) under a writer claim of
+    their own, and its plan and progress from its file in the state dir (``livebackfill``)."""
+    if not isinstance(sink, DeltaSink):
+        raise ConfigError(f"--backfill writes the history itself with Delta commits; {sink.display_uri} is a "
+                          "MANAGED table: backfill into an external table (pistream backfill) and INSERT INTO from it")
+    app_id = history_app_id(sink.app_id)
+    if target is not None:
+        history_sink, planner = delta_sink(target, app_id), delta_sink(target, app_id)
+    else:  # a sink given by the caller (tests)
+        history_sink = DeltaSink(sink.uri, app_id, sink.current_storage_options())
+        planner = DeltaSink(sink.uri, app_id, sink.current_storage_options())
+    table_name = target.catalog_name or sink.display_uri if target is not None else sink.display_uri
+    store = ProgressStore(progress_path(settings.state_dir, table_name, app_id), table_name, app_id)
+    assert settings.backfill is not None
+    history = LiveBackfill(api, history_sink, planner, store, committed.floors, settings.backfill,
+                           flush_rows=settings.flush_rows, flush_bytes=settings.flush_bytes,
+                           flush_seconds=settings.flush_seconds)
+    await trio.to_thread.run_sync(history.open)
+    # Taken before reading where the history stopped, so that no other writer moves it (released at the end).
+    await root.start(hold, history_sink, WriterClaim(app_id))
+    await trio.to_thread.run_sync(history.prepare)
+    return history
 
 
 def fleet_member(shard: tuple[int, int] | None) -> Callable[[str], bool] | None:

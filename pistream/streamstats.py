@@ -6,6 +6,7 @@ runs for weeks sees at a glance whether it keeps up.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import structlog
 import trio
@@ -19,17 +20,25 @@ from .stream.flusher import Flusher
 log = structlog.get_logger(__name__)
 
 
+class BackfillView(Protocol):
+    """The history read behind the live stream (``--backfill``): its counters, by their stats names."""
+
+    def snapshot(self) -> dict[str, object]: ...
+
+
 class StatsReporter:
     """Reads the counters the pipeline's parts keep; never blocks them."""
 
     def __init__(self, interval: float, flusher: Flusher, writer: CommitWriter, readers: Sequence[ChannelReader],
-                 gap_filler: GapFiller, *, subscriptions: Subscriptions | None = None):
+                 gap_filler: GapFiller, *, subscriptions: Subscriptions | None = None,
+                 backfill: BackfillView | None = None):
         self.interval = interval
         self.flusher = flusher
         self.writer = writer
         self.readers = readers  # live: ``subscriptions`` changes the list in place
         self.gap_filler = gap_filler
         self.subscriptions = subscriptions  # for the counters of readers closed by tag set changes
+        self.backfill = backfill
         self.started_at: float | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -53,6 +62,7 @@ class StatsReporter:
         caught_up = writer.last_commit_at if writer.last_commit_at is not None else self.started_at
         since_commit = now - caught_up if caught_up is not None else None
         return {
+            **(self.backfill.snapshot() if self.backfill is not None else {}),
             "values_per_s": round(received_per_s, 1),
             "written_per_s": round(written_per_s, 1),
             "values_received": self.flusher.stats.values_received,

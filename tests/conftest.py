@@ -12,6 +12,7 @@ import duckdb
 import duckdb_extension_delta
 import pytest
 import structlog
+import trio
 
 # Session-scoped S3 (moto_server) and Azure (Azurite) servers on loopback: tests/storage_servers.py
 pytest_plugins = ["storage_servers", "databricks_fake"]
@@ -84,3 +85,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_exit_status)
+
+
+async def streamed_for(simulator, tags: int, seconds: float, stop: trio.Event) -> None:
+    """Set ``stop`` once every tag has been streamed for ``seconds`` (however slowly the pipeline started)."""
+    span_us = int(seconds * 1_000_000)
+    for _ in range(1200):  # the test's own deadline bounds it too
+        spans = [r.last_us - r.first_us for r in simulator.emitted.values()]
+        if len(spans) == tags and min(spans) >= span_us:
+            break
+        await trio.sleep(0.05)
+    stop.set()

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pytest
 import structlog
 import trio
-from conftest import compare_with_model
+from conftest import compare_with_model, streamed_for
 from deltalake import DeltaTable
 
 import pistream.lake.writer as writer_module
@@ -59,17 +59,6 @@ async def run_against_simulator(tmp_path, model: SimModel, **options):
     async with served(tmp_path, model, **options) as (simulator, settings):
         summary = await run_pipeline(settings, handle_signals=False)
     return settings.table, summary, simulator, windows_of(simulator)
-
-
-async def streamed_for(simulator: Simulator, tags: int, seconds: float, stop: trio.Event) -> None:
-    """Set ``stop`` once every tag has been streamed for ``seconds`` (however slowly the pipeline started)."""
-    span_us = int(seconds * 1_000_000)
-    for _ in range(1200):  # the test's own deadline bounds it too
-        spans = [r.last_us - r.first_us for r in simulator.emitted.values()]
-        if len(spans) == tags and min(spans) >= span_us:
-            break
-        await trio.sleep(0.05)
-    stop.set()
 
 
 async def test_every_emitted_event_lands_exactly_once(tmp_path):

@@ -14,7 +14,7 @@ PACKAGE = Path(pistream.__file__).parent
 # Rank of each part of the package in the flow: a module may import ranks up to its own.
 HELPERS = {"errors", "backoff", "timeutil", "config", "configfile", "logsetup", "__init__"}
 FOLDERS = {"pi": 1, "stream": 2, "lake": 3}
-COMPOSITION = {"pipeline", "cli", "check", "__main__", "metrics", "streamstats", "backfill", "progressview"}
+COMPOSITION = {"pipeline", "cli", "check", "__main__", "metrics", "streamstats", "backfill", "progressview", "livebackfill"}
 SIMULATOR = 1  # the simulator stands beside the PI side: it may use pi's WebID and time helpers only
 
 

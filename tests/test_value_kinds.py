@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import trio
-from conftest import compare_with_model, duckdb_rows
+from conftest import compare_with_model, duckdb_rows, streamed_for
 
 import pistream.pipeline
 from pistream.config import build_settings
@@ -71,13 +71,14 @@ async def test_values_land_as_the_model_says(tmp_path, readers, case):
     table = str(tmp_path / "table")
     simulator = Simulator(model, poll_interval=0.1, **sim_options)
     duration = 2.5 if case == "heartbeats" else 1.0
-    with trio.fail_after(30):
+    stop = trio.Event()
+    with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
             await nursery.start(simulator.run)
             settings = build_settings({}, {"tags": str(tags), "url": simulator.url, "table": table,
-                                           "state_dir": str(tmp_path / "state"), "duration": duration,
-                                           "flush_seconds": 0.5, **options})
-            summary = await run_pipeline(settings, handle_signals=False)
+                                           "state_dir": str(tmp_path / "state"), "flush_seconds": 0.5, **options})
+            nursery.start_soon(streamed_for, simulator, TAGS, duration, stop)  # however slowly it started
+            summary = await run_pipeline(settings, stop, handle_signals=False)
             nursery.cancel_scope.cancel()
     windows = {w: (r.first_us, r.last_us - TAIL_US) for w, r in simulator.emitted.items()}
     result = compare_with_model(table, model, windows)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from .state import _write_atomically
 log = structlog.get_logger(__name__)
 
 FORMAT = 1
+UNPLANNED = -(1 << 62)  # a live backfill's tag whose range end is not known yet (no live value committed)
 SCHEMA = pa.schema([
     pa.field("tag_webid", pa.string(), nullable=False),
     pa.field("tag", pa.string(), nullable=False),
@@ -79,6 +81,9 @@ class ProgressStore:
         self.app_id = app_id
         self.plan: Plan | None = None
         self.versions: dict[int, dict[str, TagProgress]] = {}
+        # The commit writer's thread (``before_commit``) and a live backfill adding tags (``add_tags``,
+        # ``set_ends``, in another thread) change the plan and the progress: one at a time.
+        self._lock = threading.Lock()
 
     def load(self) -> bool:
         """Read the file; False if there is none. A file that is unreadable or for another table or app
@@ -100,7 +105,8 @@ class ProgressStore:
         rows = data.to_pylist()
         self.plan = Plan(meta["start"], meta["end"], int(meta["start_us"]), int(meta["end_us"]),
                          {r["tag_webid"]: r["tag"] for r in rows}, {r["tag_webid"]: r["end_us"] for r in rows})
-        self.versions = {}
+        # No rows: a live backfill (``--backfill``) stopped before any tag joined its plan: no commit either.
+        self.versions = {} if rows else {0: {}}
         for r in rows:
             self.versions.setdefault(r["txn_version"], {})[r["tag_webid"]] = TagProgress(
                 r["cursor_us"], r["seen"], r["done"], r["values"], r["first_us"], r["last_us"])
@@ -119,10 +125,40 @@ class ProgressStore:
     def before_commit(self, flush: Flush, txn_version: int) -> None:
         """Called by the commit writer, in its thread, before it commits ``flush`` as ``txn_version``: the
         commit before it has landed, so keep that one's progress and this one's (see the module docstring)."""
-        committed = self.versions.get(txn_version - 1) or self.versions[max(self.versions)]
-        progress = flush.progress if isinstance(flush, HistoryFlush) and flush.progress else {}
-        self.versions = {txn_version - 1: committed, txn_version: {**committed, **progress}}
-        self._save()
+        with self._lock:
+            committed = self.versions.get(txn_version - 1) or self.versions[max(self.versions)]
+            progress = flush.progress if isinstance(flush, HistoryFlush) and flush.progress else {}
+            self.versions = {txn_version - 1: committed, txn_version: {**committed, **progress}}
+            self._save()
+
+    def add_tags(self, paths: dict[str, str], start_us: int, end_us: int) -> None:
+        """Tags joining the plan (a live backfill's, ``--backfill``): each at ``start_us`` with ``end_us``
+        as its end (``UNPLANNED`` until known), in every version kept: none of their values is committed."""
+        with self._lock:
+            assert self.plan is not None
+            self.plan.paths.update(paths)
+            self.plan.ends.update(dict.fromkeys(paths, end_us))
+            new = {webid: TagProgress(start_us) for webid in paths}
+            # New dicts, not changed in place: the trio thread reads ``latest()`` for the stats.
+            self.versions = {version: {**progress, **new} for version, progress in self.versions.items()}
+            self._save()
+
+    def set_ends(self, ends: dict[str, int]) -> None:
+        """The ends of tags added with ``UNPLANNED`` (before any of their values was read); a tag whose end
+        is before its start has nothing to read: done."""
+        with self._lock:
+            assert self.plan is not None
+            self.plan.ends.update(ends)
+            versions = {}
+            for version, progress in self.versions.items():
+                progress = dict(progress)
+                for webid, end_us in ends.items():
+                    p = progress[webid]
+                    if end_us < p.cursor_us and not p.done:
+                        progress[webid] = TagProgress(p.cursor_us, p.seen, True, p.values, p.first_us, p.last_us)
+                versions[version] = progress
+            self.versions = versions
+            self._save()
 
     def latest(self) -> dict[str, TagProgress]:
         return self.versions[max(self.versions)]
