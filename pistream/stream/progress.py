@@ -11,8 +11,6 @@ committed are.
 
 from __future__ import annotations
 
-import hashlib
-import re
 import threading
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -23,7 +21,7 @@ import structlog
 from ..errors import ConfigError
 from ..pi.history import TagProgress
 from .buffer import Flush
-from .state import _write_atomically
+from .state import _write_atomically, state_path
 
 log = structlog.get_logger(__name__)
 
@@ -67,9 +65,8 @@ class Plan:
 
 
 def progress_path(state_dir: str | Path, table_uri: str, app_id: str) -> Path:
-    digest = hashlib.sha256(f"{table_uri}\n{app_id}".encode()).hexdigest()[:12]
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", app_id)[:60]
-    return Path(state_dir) / f"{safe}-{digest}.backfill.arrow"
+    """Beside the state files, named as they are (``state.state_path``)."""
+    return state_path(state_dir, table_uri, app_id, ".backfill.arrow")
 
 
 class ProgressStore:

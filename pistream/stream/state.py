@@ -59,11 +59,11 @@ class _LegacyStateFile(msgspec.Struct):
 _legacy_decoder = msgspec.json.Decoder(_LegacyStateFile)
 
 
-def state_path(state_dir: str | Path, table_uri: str, app_id: str) -> Path:
-    """One file per (table, writer); the name is readable and unique."""
+def state_path(state_dir: str | Path, table_uri: str, app_id: str, suffix: str = ".state.arrow") -> Path:
+    """One file per (table, writer) and kind (``suffix``); the name is readable and unique."""
     digest = hashlib.sha256(f"{table_uri}\n{app_id}".encode()).hexdigest()[:12]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", app_id)[:60]
-    return Path(state_dir) / f"{safe}-{digest}.state.arrow"
+    return Path(state_dir) / f"{safe}-{digest}{suffix}"
 
 
 class StateStore:
