@@ -7,7 +7,6 @@ batches spill to data files as they fill, and a batch is committed every ``max_r
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import trio
@@ -17,17 +16,9 @@ from ..pi.history import HistoryPage, TagProgress
 from ..pi.messages import StreamSetMessage
 from .buffer import ColumnBuffer, Flush, Spill
 from .dedup import EventFilter
-from .flusher import SPILL_ROWS
+from .flusher import SPILL_ROWS, FlushStats
 from .progress import HistoryFlush
 from .schema import BUFFER_SCHEMA
-
-
-@dataclass
-class HistoryFlushStats:
-    values_received: int = 0
-    repeats_dropped: int = 0
-    rejected: int = 0
-    flushes: int = 0
 
 
 class HistoryFlusher:
@@ -44,7 +35,7 @@ class HistoryFlusher:
         self.max_age = max_age
         self.spill_rows = spill_rows
         self.progress: dict[str, TagProgress] = {}  # of the tags the batch being gathered touched
-        self.stats = HistoryFlushStats()
+        self.stats = FlushStats()  # the live flusher's counters: the same meaning
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
