@@ -1,10 +1,14 @@
-r"""Where the memory of the *memory* scenario goes: the scenario in this process, with snapshots at set times.
+r"""Where the memory of the *memory* (or *restart*) scenario goes: the scenario in this process, with
+snapshots at set times.
 
     python -m benchmarks.memory_snapshots [--duration 60] [--at 10,30,50]
+    python -m benchmarks.memory_snapshots --scenario restart --at 5,10,30,60
 
 Each snapshot prints the process's resident memory by mapping (``/proc/self/smaps``: shared libraries,
 glibc's main heap, anonymous maps by size), glibc's own account (``mallinfo2``: in use vs. free but kept),
-Arrow's pool, and the Python containers of over 50,000 items with their owners. Linux with glibc only.
+Arrow's pool, pymalloc's blocks, the most numerous Python objects by type, and the Python containers of
+over 50,000 items with their owners. The times count from the start of the pipeline this process runs (for
+*restart*: the second run, after the first one and the downtime). Linux with glibc only.
 The scenario's figures (peak, warm-up, end RSS, slope) print at the end as the suite reports them.
 """
 
@@ -73,27 +77,84 @@ def big_containers() -> list[str]:
     return lines
 
 
+def object_counts(top: int = 12) -> str:
+    """The most numerous Python objects the collector tracks, by type (tuples of atoms are not tracked)."""
+    counts = collections.Counter(type(obj).__name__ for obj in gc.get_objects())
+    return "objects: " + ", ".join(f"{name} {n:,}" for name, n in counts.most_common(top))
+
+
+DEEP_ROOTS = ("EventFilter", "ColumnBuffer", "GapQueue", "MemoryChannelState", "TagIndex", "TagIds", "GapFiller",
+              "CommitWriter", "Flusher")
+
+
+def deep_sizes(limit_mb: float = 1.0) -> list[str]:
+    """Bytes reachable from each attribute of the pipeline's main objects (``--deep``), each object counted
+    once, under the first attribute that reaches it: slow (every object visited), so only for diagnosis."""
+    seen: set[int] = set()
+    lines = []
+
+    def reach(root: object) -> tuple[int, int]:
+        total = count = 0
+        stack = [root]
+        while stack:
+            obj = stack.pop()
+            if id(obj) in seen or isinstance(obj, type) or callable(obj) and not isinstance(obj, list | dict):
+                continue
+            seen.add(id(obj))
+            total += sys.getsizeof(obj)
+            count += 1
+            stack.extend(gc.get_referents(obj))
+        return total, count
+
+    roots = [obj for obj in gc.get_objects() if type(obj).__name__ in DEEP_ROOTS]
+    for root in roots:
+        seen.add(id(root))
+    for root in roots:
+        fields = vars(root) if hasattr(root, "__dict__") else {
+            name: getattr(root, name) for name in getattr(type(root), "__slots__", ()) if hasattr(root, name)}
+        for name, value in fields.items():
+            size, count = reach(value)
+            if size >= limit_mb * 1e6:
+                lines.append(f"  {type(root).__name__}.{name}: {size / 1e6:.1f} MB in {count:,} objects")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenario", choices=("memory", "restart"), default="memory")
     parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--deep", action="store_true", help="also the bytes behind each attribute (slow)")
     parser.add_argument("--at", default="10,30,50", help="seconds after the start, comma-separated")
     args = parser.parse_args(argv)
-    scenarios.SIZES["memory"]["duration"] = (args.duration, scenarios.SIZES["memory"]["duration"][1])
+    sizes = scenarios.SIZES[args.scenario]
+    sizes["duration"] = (args.duration, sizes["duration"][1])
     times = [float(t) for t in args.at.split(",")]
+    pipeline_started = threading.Event()
+    run_pipeline = scenarios._run_pipeline
+
+    def timed_run(*a, **kw):  # type: ignore[no-untyped-def]
+        pipeline_started.set()
+        return run_pipeline(*a, **kw)
+
+    scenarios._run_pipeline = timed_run
 
     def snapshots() -> None:
         import pyarrow as pa
 
+        pipeline_started.wait()
         started = time.time()
         for at in times:
             time.sleep(max(0.0, started + at - time.time()))
             lines = [f"--- {at:.0f} s", *by_mapping(), heap_account(),
                      f"Arrow pool ({pa.default_memory_pool().backend_name}): "
-                     f"{pa.total_allocated_bytes() / 1e6:.0f} MB", *big_containers()]
+                     f"{pa.total_allocated_bytes() / 1e6:.0f} MB",
+                     f"pymalloc blocks {sys.getallocatedblocks():,}", object_counts(), *big_containers()]
+            if args.deep:
+                lines += deep_sizes()
             print("\n".join(lines), file=sys.stderr, flush=True)
 
     threading.Thread(target=snapshots, daemon=True).start()
-    result = scenarios.memory(quick=False)
+    result = scenarios.SCENARIOS[args.scenario](False)
     result.pop("rss_series_MB")
     print(json.dumps(result, indent=2))
 
