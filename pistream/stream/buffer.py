@@ -352,10 +352,9 @@ class ColumnBuffer:
         if described is None:
             return
         path, uom = described
-        self.sync_filter()
         for row in self._rows(path, stream):
             if self.filter.accept_gap(webid, row.key):
-                self._append(webid, row, uom, received_us)
+                self._append(webid, row, uom, received_us, gap=True)
         self._compact_if_many()
 
     def _compact_if_many(self) -> None:
@@ -443,8 +442,11 @@ class ColumnBuffer:
             return None
         return self.index.path(known) or webid, stream.units_abbreviation or self.index.uoms[known]
 
-    def _append(self, webid: str, row: _Row, uom: str | None, received_us: int) -> None:
-        self.filter.advance(webid, row.key)
+    def _append(self, webid: str, row: _Row, uom: str | None, received_us: int, gap: bool = False) -> None:
+        if gap:
+            self.filter.advance_gap(webid, row.key)
+        else:
+            self.filter.advance(webid, row.key)
         ts, value, text, code, good, questionable, substituted, annotated = row.key
         self.tag_webid.append(webid)
         self.timestamp.append(ts)
