@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import trio
+
 from .messages import StreamSetMessage, StreamValues
 
 
@@ -45,10 +47,12 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class GapValues:
-    """Recorded values read back over REST for a gap."""
+    """Recorded values read back over REST for a gap. ``taken`` is set once the flusher has taken them in:
+    the gap filler keeps only a few pages ahead of it (a page is ~60,000 Python objects until then)."""
 
     received_us: int
     streams: list[StreamValues]
+    taken: trio.Event | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,6 +193,7 @@ class ColumnBuffer:
             columns = extract(streams, received, self.index, stream_ids)
             if columns is not None and self._accept_bulk(columns):
                 return count + len(columns), []
+        self.filter.sync_recent(stream_ids[stream_ids >= 0])  # these tags' bulk rows only (see sync_recent)
         gaps = []
         for stream, received_us in zip(streams, received, strict=True):
             count += len(stream.timed_values())
@@ -241,7 +242,7 @@ class ColumnBuffer:
         band = late & (ts >= floors[ids] - filt.lookback_us)
         keep = np.ones(len(ids), np.bool_)
         if band.any():
-            self.sync_filter()
+            filt.sync_recent(np.unique(ids[band]))
             rows = np.flatnonzero(band)
             recent_of = filt.recent
             for row, (webid, key) in zip(rows.tolist(), event_keys_of(RecentRows(ids, ts, columns.batch), rows),
@@ -334,7 +335,7 @@ class ColumnBuffer:
         if described is None:
             return None
         path, uom = described
-        self.sync_filter()
+        self.filter.sync_tag(webid)
         if not self.filter.in_gap(webid):
             self._add_live_steady(webid, path, uom, stream, received_us)
             return None

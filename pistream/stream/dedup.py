@@ -83,6 +83,10 @@ class RecentRows:
     def __len__(self) -> int:
         return len(self.ts)
 
+    def where(self, chosen: np.ndarray) -> RecentRows:
+        """The rows where ``chosen`` (a bool per row) is set, copied."""
+        return RecentRows(self.ids[chosen], self.ts[chosen], self.data.filter(pa.array(chosen)))
+
 
 def recent_chunks(rows: list[RecentRows], lookback_us: int, floors: np.ndarray | None = None) -> list[RecentRows]:
     """The chunks of ``rows`` that hold a row within ``lookback_us`` of its tag's floor (``floors`` by tag
@@ -153,6 +157,9 @@ class EventFilter:
     # Accepted in bulk, not yet in ``recent``; ``sync_recent`` sorts them in before any key lookup.
     _pending: list[RecentRows] = field(default_factory=list)
     _pending_rows: int = 0
+    # A mark by tag id for tags that may have rows in ``_pending``: a tag's value-by-value step sorts in
+    # only the marked tags it needs (``sync_recent(ids)``), not every tag's.
+    _unsynced: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
     _prune_at: int = 1 << 16
 
     def copy(self) -> EventFilter:
@@ -163,7 +170,12 @@ class EventFilter:
     def merge(self, floors: Floors, recent: list[RecentRows]) -> None:
         """Take over a committed batch's floors (of the streams it touched) and its newest rows."""
         self.floors.update_from(floors)
+        foreign = floors.tags is not self.floors.tags  # tag ids of another registry (tests build filters apart)
         for rows in recent:
+            if foreign and len(rows):
+                webids = _table(rows.data).column("tag_webid").to_pylist()
+                rows = RecentRows(np.fromiter(map(self.floors.tags.add, webids), np.int32, len(webids)), rows.ts,
+                                  rows.data)
             self.add_recent(rows)
 
     # -- events accepted in bulk ----------------------------------------------------------------------
@@ -172,6 +184,8 @@ class EventFilter:
         by dropping rows that fell out of the look-back whenever they have doubled."""
         self._pending.append(rows)
         self._pending_rows += len(rows)
+        if len(rows):
+            self._mark_unsynced(rows.ids)
         if self._pending_rows > self._prune_at:
             self.prune_pending()
 
@@ -185,6 +199,7 @@ class EventFilter:
         """Drop every recent event (the floors stay): for input that cannot repeat an event (history pages
         read with a cursor), whose rows must not stay alive in memory as recent events after a commit."""
         self._pending, self._pending_rows = [], 0
+        self._unsynced[:] = False
         self.recent.clear()
 
     def recent_rows(self) -> pa.Table:
@@ -219,11 +234,47 @@ class EventFilter:
             if not events:
                 del self.recent[webid]
 
-    def sync_recent(self) -> None:
-        """Sort the rows accepted in bulk into ``recent`` (each tag's are in time order already)."""
+    def _mark_unsynced(self, ids: np.ndarray) -> None:
+        need = int(ids.max()) + 1
+        if len(self._unsynced) < need:
+            grown = np.zeros(max(need, 2 * len(self._unsynced), 1024), np.bool_)
+            grown[:len(self._unsynced)] = self._unsynced
+            self._unsynced = grown
+        self._unsynced[ids] = True
+
+    def unsynced(self, tag_id: int) -> bool:
+        """Whether the tag may have rows accepted in bulk that ``recent`` does not hold yet."""
+        return tag_id < len(self._unsynced) and bool(self._unsynced[tag_id])
+
+    def sync_recent(self, ids: np.ndarray | None = None) -> None:
+        """Sort the rows accepted in bulk into ``recent`` (each tag's are in time order already): every
+        tag's, or only those of the tag ids ``ids``, whose rows leave the pending chunks (copied without
+        them). A value-by-value step needs only its own tags': after a restart at 100,000 tags, sorting
+        every tag's pending rows in at each such step (the first live value of each tag) turned ~200,000
+        rows into key tuples each time, the restart's peak of memory."""
         if not self._pending:
             return
-        pending, self._pending, self._pending_rows = self._pending, [], 0
+        if ids is None:
+            pending, self._pending, self._pending_rows = self._pending, [], 0
+            self._unsynced[:] = False
+        else:
+            wanted = np.zeros(len(self._unsynced), np.bool_)
+            ids = ids[ids < len(wanted)]
+            wanted[ids] = self._unsynced[ids]
+            if not wanted.any():
+                return
+            self._unsynced[wanted] = False
+            pending, rest = [], []
+            for rows in self._pending:
+                chosen = wanted[rows.ids]
+                if not chosen.any():
+                    rest.append(rows)
+                elif chosen.all():
+                    pending.append(rows)
+                else:
+                    pending.append(rows.where(chosen))
+                    rest.append(rows.where(~chosen))
+            self._pending, self._pending_rows = rest, sum(map(len, rest))
         lookback = self.lookback_us
         recent_of = self.recent
         for rows in pending:
@@ -355,7 +406,7 @@ class EventFilter:
     # -- live values ----------------------------------------------------------------------------------
     def accept_live(self, webid: str, key: EventKey) -> bool:
         """A live value at or before the floor is a repeat if it is a recent event."""
-        self.sync_recent()
+        self.sync_tag(webid)
         floor = self.floors.get(webid)
         if floor is None or key[0] > floor:
             return True
@@ -368,8 +419,15 @@ class EventFilter:
 
     def advance(self, webid: str, key: EventKey) -> None:
         """Record an accepted event: it may raise the tag's floor; it joins the recent events."""
-        self.sync_recent()
+        self.sync_tag(webid)
         self._advance(webid, key)
+
+    def sync_tag(self, webid: str) -> None:
+        """This tag's pending rows into ``recent`` (a no-op once its caller synced the tags it handles)."""
+        if self._pending:
+            tag_id = self.floors.tags.get(webid)
+            if tag_id is not None and self.unsynced(tag_id):
+                self.sync_recent(np.array([tag_id]))
 
     def advance_gap(self, webid: str, key: EventKey) -> None:
         """Record an accepted gap value (``accept_gap``) without sorting every tag's pending rows into

@@ -195,6 +195,8 @@ class Flusher:
             for stream in item.streams:
                 self.stats.values_received += len(stream.timed_values())
                 self.buffer.add_gap(stream, item.received_us)
+            if item.taken is not None:
+                item.taken.set()
         elif isinstance(item, Connected):
             if self.gap_queue is not None:
                 self.buffer.connected(list(item.webids))
