@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import trio
@@ -266,6 +267,8 @@ def test_committed_floors_from_a_bulk_batch_reach_the_state_file(tmp_path):
     store.save(committed, 1)
     loaded, version = store.load(50)
     assert version == 1 and loaded.floors == {"A": 200, "B": 10}
+    assert loaded.recent == {}  # loaded as columns, sorted into keys when a lookup needs them
+    loaded.sync_recent()
     assert [k[0] for k in loaded.recent["A"]] == [200]  # 100 and 130 fell out of the look-back
     assert list(loaded.recent["B"]) == [event_key(10, 4.0, None, None, True, False, False, False)]
     # and the buffer's own filter knows them too, after the take
@@ -293,7 +296,7 @@ def test_the_flusher_does_not_keep_every_tag_s_events_from_a_reconnect():
     buffer.connected(["A"])
     _, gaps = buffer.add_live_batch([live(("A", 300, 2.0))])  # A's first live value: value by value
     assert gaps == [GapRequest("A", 50, 300)] and set(buffer.filter.recent) == {"A"}
-    assert buffer.filter._pending_rows == 1  # B's event stays a pending row
+    assert buffer.filter._pending_rows == 2  # B's event and A's older one stay pending rows
     buffer.sync_filter()  # every tag's now (as the state file's copy does): B gets a list
     assert buffer.filter.recent["B"] == [key(100, 1.0)]
     buffer.add_live_batch([live(("B", 400, 3.0))])
@@ -314,7 +317,9 @@ def test_a_connect_looks_only_at_its_own_tags_pending_events():
     buffer.connected(["B"])
     assert buffer.filter.recent == {} and buffer.filter._pending_rows == 6  # nothing sorted in
     window = buffer.filter._awaiting["B"]
-    assert window.start_us == 140 - 50 and set(window.known) == {key(100, 1.0), key(130, 4.0), key(140, 5.0)}
+    assert window.known == () and window.known_rows is not None  # still columns, keys once its gap is read
+    known = window.known_rows.keys(np.arange(window.known_lo, window.known_hi))
+    assert window.start_us == 140 - 50 and set(known) == {key(100, 1.0), key(130, 4.0), key(140, 5.0)}
     assert "A" not in buffer.filter._awaiting
     # B's gap then drops what the buffer has already and takes what it missed
     _, gaps = buffer.add_live_batch([live(("B", 300, 6.0))])

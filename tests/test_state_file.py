@@ -48,6 +48,11 @@ def test_events_of_both_kinds_round_trip_and_bulk_ones_stay_columns(tmp_path):
     loaded, version = StateStore(path, "table", "app").load(100)
     assert version == 7
     assert loaded.floors == {"T": 1000, "quiet": 7, "A": 250, "B": 10}
+    assert loaded.recent == {}  # loaded as columns: sorted into keys when a lookup needs them
+    # A restarted flusher (a copy) recognises the saved events as repeats, its own lookup sorting them in.
+    assert not loaded.copy().accept_live("T", event_key(900, math.nan, None, None, True, True, False, False))
+    assert loaded.copy().accept_live("T", event_key(900, 1.0, None, None, True, True, False, False))
+    loaded.sync_recent()
     t = loaded.recent["T"]
     assert [k[0] for k in t] == [900, 950, 1000] and t[0][1] == "NaN"  # NaN still equals itself
     assert t[1:] == [event_key(950, None, "Shutdown", None, False, False, True, False),
@@ -55,8 +60,6 @@ def test_events_of_both_kinds_round_trip_and_bulk_ones_stay_columns(tmp_path):
     assert loaded.recent["A"] == [event_key(250, 3.0, None, None, True, False, False, False)]
     assert loaded.recent["B"] == [event_key(10, 4.0, None, None, True, False, False, False)]
     assert "quiet" not in loaded.recent
-    # A restarted flusher recognises the saved events as repeats.
-    assert not loaded.copy().accept_live("T", event_key(900, math.nan, None, None, True, True, False, False))
 
 
 def test_a_file_of_the_earlier_json_format_is_read(tmp_path):

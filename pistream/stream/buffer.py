@@ -193,7 +193,11 @@ class ColumnBuffer:
             columns = extract(streams, received, self.index, stream_ids)
             if columns is not None and self._accept_bulk(columns):
                 return count + len(columns), []
-        self.filter.sync_recent(stream_ids[stream_ids >= 0])  # these tags' bulk rows only (see sync_recent)
+        # The steady tags' pending rows into recent at once (their path looks keys up); a tag in a gap
+        # looks up only values at or before its floor, and sorts its own rows in then (``accept_live``).
+        in_gap = self.filter.in_gap
+        steady = [i for i, stream in enumerate(streams) if not in_gap(stream.web_id or "")]
+        self.filter.sync_recent(stream_ids[steady][stream_ids[steady] >= 0])
         gaps = []
         for stream, received_us in zip(streams, received, strict=True):
             count += len(stream.timed_values())
@@ -335,8 +339,8 @@ class ColumnBuffer:
         if described is None:
             return None
         path, uom = described
-        self.filter.sync_tag(webid)
         if not self.filter.in_gap(webid):
+            self.filter.sync_tag(webid)
             self._add_live_steady(webid, path, uom, stream, received_us)
             return None
         rows = self._rows(path, stream)
@@ -345,6 +349,12 @@ class ColumnBuffer:
             if self.filter.accept_live(webid, row.key):
                 self._append(webid, row, uom, received_us)
         return gap
+
+    def add_gaps(self, streams: list[StreamValues], received_us: int) -> None:
+        """A page of recorded values read back for gaps (``add_gap`` for each stream)."""
+        self.filter.prepare_gaps(stream.web_id or "" for stream in streams)
+        for stream in streams:
+            self.add_gap(stream, received_us)
 
     def add_gap(self, stream: StreamValues, received_us: int) -> None:
         """Append recorded values read back for a gap; only those inside the gap's window count."""
@@ -355,7 +365,7 @@ class ColumnBuffer:
         path, uom = described
         for row in self._rows(path, stream):
             if self.filter.accept_gap(webid, row.key):
-                self._append(webid, row, uom, received_us, gap=True)
+                self._append(webid, row, uom, received_us)
         self._compact_if_many()
 
     def _compact_if_many(self) -> None:
@@ -443,11 +453,8 @@ class ColumnBuffer:
             return None
         return self.index.path(known) or webid, stream.units_abbreviation or self.index.uoms[known]
 
-    def _append(self, webid: str, row: _Row, uom: str | None, received_us: int, gap: bool = False) -> None:
-        if gap:
-            self.filter.advance_gap(webid, row.key)
-        else:
-            self.filter.advance(webid, row.key)
+    def _append(self, webid: str, row: _Row, uom: str | None, received_us: int) -> None:
+        self.filter.advance(webid, row.key)
         ts, value, text, code, good, questionable, substituted, annotated = row.key
         self.tag_webid.append(webid)
         self.timestamp.append(ts)

@@ -36,6 +36,7 @@ from .schema import EVENT_KEY, TABLE_SCHEMA
 
 # Recent events as columns (the state file's): the table's types, tag_webid as text.
 RECENT_SCHEMA = pa.schema([TABLE_SCHEMA.field(name).with_nullable(True) for name in EVENT_KEY])
+_KNOWN_SCHEMA = pa.schema(list(RECENT_SCHEMA)[2:])
 
 # An event's identity besides its tag: (timestamp_us, value, value_text, state_code, good, questionable,
 # substituted, annotated). NaN is replaced so that a repeated NaN compares equal.
@@ -68,6 +69,31 @@ class _Window:
     known: tuple[EventKey, ...] | frozenset[EventKey]  # recent events at connect time: already in the table or buffer
     end_us: int | None = None
     end_keys: tuple[EventKey, ...] | frozenset[EventKey] = ()  # the first live values, at ``end_us``
+    # More known events, still as rows ``known_lo:known_hi`` of a connect's columns (``KnownRows``): they
+    # become keys in ``known`` only when a page of the gap arrives (``prepare_gaps``). After a restart at
+    # 100,000 tags, ~250,000 known events as key tuples were ~45 MB held until each gap was read.
+    known_rows: KnownRows | None = None
+    known_lo: int = 0
+    known_hi: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class KnownRows:
+    """Events as columns, sorted by tag id (``ids``): the pending rows of the tags a connect made wait."""
+
+    ids: np.ndarray
+    ts: np.ndarray
+    data: pa.Table  # EVENT_KEY[2:] columns
+
+    def keys(self, rows: np.ndarray) -> list[EventKey]:
+        """The event keys of these rows, NaN made equal to itself."""
+        columns = [self.data.column(name).take(pa.array(rows)).to_pylist() for name in EVENT_KEY[2:]]
+        keys = []
+        for key in zip(self.ts[rows].tolist(), *columns, strict=True):
+            if key[1] != key[1]:
+                key = (key[0], "NaN", *key[2:])
+            keys.append(key)
+        return keys
 
 
 @dataclass
@@ -163,9 +189,12 @@ class EventFilter:
     _prune_at: int = 1 << 16
 
     def copy(self) -> EventFilter:
-        """Floors and recent events only (no windows): the flusher starts from the committed state."""
-        self.sync_recent()
-        return EventFilter(self.lookback_us, self.floors.copy(), {w: list(k) for w, k in self.recent.items()})
+        """Floors and recent events only (no windows): the flusher starts from the committed state. Rows
+        accepted in bulk (and those of the state file) stay columns, shared: they are never changed."""
+        copied = EventFilter(self.lookback_us, self.floors.copy(), {w: list(k) for w, k in self.recent.items()})
+        copied._pending, copied._pending_rows = list(self._pending), self._pending_rows
+        copied._unsynced = self._unsynced.copy()
+        return copied
 
     def merge(self, floors: Floors, recent: list[RecentRows]) -> None:
         """Take over a committed batch's floors (of the streams it touched) and its newest rows."""
@@ -288,25 +317,6 @@ class EventFilter:
                 drop_older(recent, horizon)
                 recent.append(key)
 
-    def _pending_events(self, webids: list[str]) -> dict[str, list[EventKey]]:
-        """The recent events of these tags among the rows accepted in bulk, leaving those rows pending."""
-        wanted = pa.array(webids, pa.string())
-        found: dict[str, list[EventKey]] = {}
-        for rows in self._pending:
-            column = rows.data.column("tag_webid")
-            if isinstance(column, pa.ChunkedArray):
-                column = column.combine_chunks()
-            if pa.types.is_dictionary(column.type):
-                column = column.dictionary_decode()
-            chosen = np.flatnonzero(pc.is_in(column, value_set=wanted).to_numpy(zero_copy_only=False))
-            if not len(chosen):
-                continue
-            floors = self.floors.of(column.take(pa.array(chosen)).to_pylist())
-            keep = chosen[rows.ts[chosen] >= floors - self.lookback_us]
-            for webid, key in event_keys_of(rows, keep):
-                found.setdefault(webid, []).append(key)
-        return found
-
     # -- connections and gaps -------------------------------------------------------------------------
     def connected(self, webids: list[str]) -> None:
         """A channel (re)connected: its tags with a known floor wait for their first live value, knowing
@@ -318,10 +328,53 @@ class EventFilter:
         waiting = [webid for webid in webids if floors.get(webid) is not None]
         if not waiting:
             return
-        pending = self._pending_events(waiting) if self._pending else {}
-        for webid in waiting:
-            known = _keys([*self.recent.get(webid, ()), *pending.get(webid, ())])
-            self._awaiting[webid] = _Window(floors[webid] - self.lookback_us, known)
+        ids = np.fromiter(map(floors.tags.ids.__getitem__, waiting), np.int64, len(waiting))
+        rows = self._pending_known(ids) if self._pending else None
+        if rows is not None:
+            lows = np.searchsorted(rows.ids, ids, "left").tolist()
+            highs = np.searchsorted(rows.ids, ids, "right").tolist()
+        for i, webid in enumerate(waiting):
+            window = _Window(floors[webid] - self.lookback_us, _keys(self.recent.get(webid, ())))
+            if rows is not None and highs[i] > lows[i]:
+                window.known_rows, window.known_lo, window.known_hi = rows, lows[i], highs[i]
+            self._awaiting[webid] = window
+
+    def _pending_known(self, ids: np.ndarray) -> KnownRows | None:
+        """The pending rows of tags ``ids`` within the look-back of their floors, as columns sorted by tag
+        id (each tag's in time order), left pending."""
+        wanted = np.zeros(len(self.floors.tags), np.bool_)
+        wanted[ids] = True
+        floors = self.floors.array()
+        parts: list[tuple[np.ndarray, np.ndarray, pa.Table]] = []
+        for rows in self._pending:
+            chosen = wanted[rows.ids]
+            chosen[chosen] = rows.ts[chosen] >= floors[rows.ids[chosen]] - self.lookback_us
+            if chosen.any():
+                data = _table(rows.data).filter(pa.array(chosen)).select(list(EVENT_KEY[2:]))
+                parts.append((rows.ids[chosen], rows.ts[chosen], data.cast(_KNOWN_SCHEMA)))
+        if not parts:
+            return None
+        all_ids = np.concatenate([p[0] for p in parts])
+        order = np.argsort(all_ids, kind="stable")
+        data = pa.concat_tables([p[2] for p in parts]).take(pa.array(order))
+        return KnownRows(all_ids[order], np.concatenate([p[1] for p in parts])[order], data)
+
+    def prepare_gaps(self, webids: Iterable[str]) -> None:
+        """Turn the known events of these tags' windows into keys, for a page of their gaps: one pass
+        over each connect's columns instead of one per tag."""
+        by_rows: dict[int, list[_Window]] = {}
+        for webid in webids:
+            for window in self._windows.get(webid, ()):
+                if window.known_rows is not None:
+                    by_rows.setdefault(id(window.known_rows), []).append(window)
+        for windows in by_rows.values():
+            rows = windows[0].known_rows
+            assert rows is not None
+            spans = [np.arange(w.known_lo, w.known_hi) for w in windows]
+            keys = iter(rows.keys(np.concatenate(spans)))
+            for window, span in zip(windows, spans, strict=True):
+                window.known = _keys([*window.known, *(next(keys) for _ in range(len(span)))])
+                window.known_rows = None
 
     def first_live(self, webid: str, keys: list[EventKey]) -> GapRequest | None:
         """The first live values of a waiting tag close its gap window; returns what to read back."""
@@ -367,6 +420,8 @@ class EventFilter:
             assert window.end_us is not None
             if not window.start_us <= ts <= window.end_us:
                 continue
+            if window.known_rows is not None:
+                self.prepare_gaps([webid])
             if key in window.known or key in self._seen.get(webid, ()) or (
                     ts == window.end_us and key in window.end_keys):
                 self.stats.repeats_dropped += 1
@@ -406,10 +461,10 @@ class EventFilter:
     # -- live values ----------------------------------------------------------------------------------
     def accept_live(self, webid: str, key: EventKey) -> bool:
         """A live value at or before the floor is a repeat if it is a recent event."""
-        self.sync_tag(webid)
         floor = self.floors.get(webid)
         if floor is None or key[0] > floor:
             return True
+        self.sync_tag(webid)
         if key in self.recent.get(webid, ()) or key in self._seen.get(webid, ()):
             self.stats.repeats_dropped += 1
             return False
@@ -417,29 +472,24 @@ class EventFilter:
             self.stats.late_accepted += 1
         return True
 
-    def advance(self, webid: str, key: EventKey) -> None:
-        """Record an accepted event: it may raise the tag's floor; it joins the recent events."""
-        self.sync_tag(webid)
-        self._advance(webid, key)
-
     def sync_tag(self, webid: str) -> None:
-        """This tag's pending rows into ``recent`` (a no-op once its caller synced the tags it handles)."""
+        """This tag's pending rows into ``recent``: before a lookup of its recent events."""
         if self._pending:
             tag_id = self.floors.tags.get(webid)
             if tag_id is not None and self.unsynced(tag_id):
                 self.sync_recent(np.array([tag_id]))
 
-    def advance_gap(self, webid: str, key: EventKey) -> None:
-        """Record an accepted gap value (``accept_gap``) without sorting every tag's pending rows into
-        ``recent`` first. Pending rows are never inside a window (those from before the connect are in its
-        ``known``; after it, the bulk path takes no value of a tag awaiting its first live value, and only
-        values newer than its floor, which is at or past the window's end), so no decision on a gap value
-        needs them. Its key may join ``recent`` before pending rows older than it: ``recent`` is then out of
-        time order for a while, which only keeps an event there a little longer. After a restart at 100,000 tags every page of gap values
-        sorted ~200,000 pending rows into key tuples: most of the gap read's CPU, and ~1 M objects."""
-        self._advance(webid, key)
+    def advance(self, webid: str, key: EventKey) -> None:
+        """Record an accepted event: it may raise the tag's floor; it joins the recent events.
 
-    def _advance(self, webid: str, key: EventKey) -> None:
+        The tag's pending rows are not sorted in first: only lookups need them (``accept_live``, the steady
+        path). Appended now, the key may come before pending rows older than it, so ``recent`` is out of
+        time order for a while, which only keeps an event there a little longer. Gap values never need
+        pending rows either: those are never inside a window (rows from before the connect are in its
+        known events; after it, the bulk path takes no value of a tag awaiting its first live value, and
+        only values newer than its floor, at or past the window's end). After a restart at 100,000 tags,
+        sorting every tag's pending rows in at each page of gap values (~200,000 rows into key tuples) was
+        most of the gap read's CPU, and ~1 M objects."""
         floor = self.floors.get(webid)
         ts = key[0]
         recent = self.recent.get(webid)

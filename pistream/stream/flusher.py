@@ -192,9 +192,8 @@ class Flusher:
 
     def _take_in_other(self, item: Incoming) -> None:
         if isinstance(item, GapValues):
-            for stream in item.streams:
-                self.stats.values_received += len(stream.timed_values())
-                self.buffer.add_gap(stream, item.received_us)
+            self.stats.values_received += sum(len(stream.timed_values()) for stream in item.streams)
+            self.buffer.add_gaps(item.streams, item.received_us)
             if item.taken is not None:
                 item.taken.set()
         elif isinstance(item, Connected):

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
 from ..pi.flow import GapRequest
-from .dedup import RECENT_SCHEMA, EventFilter, event_key
+from .dedup import RECENT_SCHEMA, EventFilter, RecentRows, event_key
+from .floors import NO_FLOOR
 from .schema import EVENT_KEY
 
 log = structlog.get_logger(__name__)
@@ -155,12 +157,8 @@ class StateStore:
         floors = data.filter(is_floor)
         result.floors.set_many(floors.column("tag_webid").to_pylist(), floors.column("floor").to_numpy())
         events = data.filter(pc.invert(is_floor)).sort_by([("tag_webid", "ascending"), ("timestamp", "ascending")])
-        columns = [pc.cast(events.column("timestamp"), pa.int64()).to_pylist()]
-        columns += [events.column(name).to_pylist() for name in EVENT_KEY[2:]]
-        for webid, *key in zip(events.column("tag_webid").to_pylist(), *columns, strict=True):
-            floor = result.floors.get(webid)
-            if floor is not None and key[0] >= floor - lookback_us:
-                result.recent.setdefault(webid, []).append(event_key(*key))
+        if events.num_rows:
+            _load_events(result, events.select(list(EVENT_KEY)))
         return result, int(meta["txn_version"])
 
     def _usable(self, table: object, app_id: object, saved_lookback: object, lookback_us: int) -> bool:
@@ -190,6 +188,20 @@ class StateStore:
             result.recent[webid] = [event_key(*k) for k in sorted(keys, key=lambda k: k[0])
                                     if k[0] >= ts - lookback_us]
         return result, state.txn_version
+
+
+def _load_events(result: EventFilter, events: pa.Table) -> None:
+    """The saved recent events (sorted by tag and time) as rows accepted in bulk: columns, not a key tuple
+    each (after a restart at 100,000 tags, ~250,000 tuples, ~45 MB, held by each tag's gap window until its
+    gap was read). Those out of their tag's look-back (or without a floor) are left out."""
+    webids = events.column("tag_webid").combine_chunks().dictionary_encode()
+    tag_of = np.fromiter(map(result.floors.tags.add, webids.dictionary.to_pylist()), np.int32, len(webids.dictionary))
+    ids = tag_of[webids.indices.to_numpy(zero_copy_only=False)]
+    ts = pc.cast(events.column("timestamp"), pa.int64()).to_numpy(zero_copy_only=False)
+    floors = result.floors.array()[ids]
+    keep = floors != NO_FLOOR
+    keep[keep] = ts[keep] >= floors[keep] - result.lookback_us
+    result.add_recent(RecentRows(ids[keep], ts[keep], events.filter(pa.array(keep))))
 
 
 def _write_atomically(path: Path, schema: pa.Schema, parts: list[pa.Table]) -> None:
