@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pytest
 import trio
 
 import pistream.stream.buffer as buffer_module
@@ -225,6 +227,13 @@ def live(*values: tuple[str, int, float]) -> Live:
     return Live(0, StreamSetMessage(items=[StreamValues(web_id=w, items=v) for w, v in streams.items()]))
 
 
+def taken_times(buffer: ColumnBuffer, webid: str) -> list[int]:
+    """The times of ``webid``'s rows in the buffer's batch (taken: in bulk or value by value alike)."""
+    batch = buffer.take().batch
+    times = pc.cast(batch.column("timestamp"), pa.int64()).to_pylist()
+    return sorted(t for w, t in zip(batch.column("tag_webid").to_pylist(), times, strict=True) if w == webid)
+
+
 def bulk_buffer(lookback_us: int) -> ColumnBuffer:
     infos = {w: StreamInfo(f"\\\\S\\{w}", w) for w in ("A", "B", "C")}
     return ColumnBuffer(infos, EventFilter(lookback_us=lookback_us))
@@ -253,7 +262,7 @@ def test_a_reconnect_after_bulk_events_reads_back_from_the_floor_and_drops_what_
     assert gaps == [GapRequest("A", 100, 300)]
     buffer.add_gap(StreamValues(web_id="A", items=[TimedValue(timestamp=format_iso(t), value=v, good=True)
                                                    for t, v in ((100, 1.0), (200, 2.0), (300, 3.0))]), 0)
-    assert sorted(buffer.timestamp) == [200, 300]  # 100 came in bulk before the reconnect
+    assert taken_times(buffer, "A") == [100, 200, 300]  # 100 came in bulk before the reconnect, 300 after it
 
 
 def test_committed_floors_from_a_bulk_batch_reach_the_state_file(tmp_path):
@@ -294,13 +303,13 @@ def test_the_flusher_does_not_keep_every_tag_s_events_from_a_reconnect():
     buffer = bulk_buffer(lookback_us=50)
     buffer.add_live_batch([live(("A", 100, 1.0), ("B", 100, 1.0))])
     buffer.connected(["A"])
-    _, gaps = buffer.add_live_batch([live(("A", 300, 2.0))])  # A's first live value: value by value
-    assert gaps == [GapRequest("A", 50, 300)] and set(buffer.filter.recent) == {"A"}
-    assert buffer.filter._pending_rows == 2  # B's event and A's older one stay pending rows
-    buffer.sync_filter()  # every tag's now (as the state file's copy does): B gets a list
-    assert buffer.filter.recent["B"] == [key(100, 1.0)]
+    _, gaps = buffer.add_live_batch([live(("A", 300, 2.0))])  # A's first live value, in bulk too
+    assert gaps == [GapRequest("A", 50, 300)] and buffer.filter.recent == {}
+    assert buffer.filter._pending_rows == 3  # every event stays a pending row
+    buffer.sync_filter()  # every tag's now (as a lookup of all would): each gets a list
+    assert buffer.filter.recent == {"A": [key(300, 2.0)], "B": [key(100, 1.0)]}
     buffer.add_live_batch([live(("B", 400, 3.0))])
-    assert buffer._bulk_rows == 3 and buffer.tag_webid == ["A"]  # B moved on in bulk
+    assert buffer._bulk_rows == 4 and buffer.tag_webid == []  # B moved on in bulk
     buffer.take()
     assert "B" not in buffer.filter.recent  # its stale list swept
     assert buffer.filter.recent["A"] == [key(300, 2.0)]
@@ -327,7 +336,8 @@ def test_a_connect_looks_only_at_its_own_tags_pending_events():
     buffer.add_gap(StreamValues(web_id="B", items=[TimedValue(timestamp=format_iso(t), value=v, good=True)
                                                    for t, v in ((130, 4.0), (140, 5.0), (150, 9.0), (300, 6.0))]),
                    0)
-    assert sorted(buffer.timestamp) == [150, 300]
+    assert buffer.timestamp == [150]
+    assert taken_times(buffer, "B") == [100, 130, 140, 150, 300]
 
 
 def test_live_values_past_an_open_gap_go_in_bulk_and_the_gap_still_reads_once():
@@ -337,11 +347,11 @@ def test_live_values_past_an_open_gap_go_in_bulk_and_the_gap_still_reads_once():
     buffer.add_live_batch([live(("A", 100, 1.0), ("B", 100, 1.0))])
     buffer.connected(["A"])
     _, gaps = buffer.add_live_batch([live(("A", 300, 3.0))])  # the first live value closes the window
-    assert gaps == [GapRequest("A", 50, 300)] and buffer.tag_webid == ["A"]
+    assert gaps == [GapRequest("A", 50, 300)] and buffer.tag_webid == [] and buffer._bulk_rows == 3
     count, gaps = buffer.add_live_batch([live(("A", 400, 4.0), ("B", 400, 4.0)), live(("A", 500, 5.0))])
-    assert count == 3 and gaps == [] and buffer.tag_webid == ["A"] and buffer._bulk_rows == 5  # in bulk
+    assert count == 3 and gaps == [] and buffer.tag_webid == [] and buffer._bulk_rows == 6  # in bulk
     late = buffer.add_live_batch([live(("A", 200, 2.0))])  # at or before the floor: value by value
-    assert late == (1, []) and buffer.timestamp == [300, 200]
+    assert late == (1, []) and buffer.timestamp == [200]
     buffer.add_gap(StreamValues(web_id="A", items=[TimedValue(timestamp=format_iso(t), value=v, good=True)
                                                    for t, v in ((100, 1.0), (200, 2.0), (250, 2.5), (300, 3.0))]),
                    0)
@@ -445,3 +455,48 @@ def test_a_window_knows_many_recent_events_as_well_as_few():
         assert all(not f.accept_gap("W", key(ts)) for ts in range(max(1000, last - 100), last + 1))
         assert f.accept_gap("W", key(last + 1)) and f.accept_gap("W", key(last, 2.0))
         assert not f.accept_gap("W", key(last + 50))
+
+
+@pytest.mark.parametrize("as_frames", [False, True], ids=["decoded", "raw-frames"])
+def test_a_batch_with_a_tag_awaiting_its_first_value_takes_the_other_tags_in_bulk(as_frames):
+    """After a restart nearly every batch of the first seconds holds tags still awaiting their first live
+    value: the batch goes in bulk, and each such first value closes its tag's window; a tag whose first
+    value is at or before its floor (the value it had: nothing changed while down) goes value by value."""
+    buffer = bulk_buffer(lookback_us=50)
+    buffer.add_live_batch([live(("A", 100, 1.0), ("B", 100, 1.0), ("C", 100, 1.0))])
+    buffer.connected(["A", "B"])
+    buffer.add_live_batch([live(("B", 300, 3.0))])  # B's first live value: its window closes
+    assert buffer.filter.awaiting("A") and not buffer.filter.awaiting("B")
+    bulk_before, careful_before = buffer._bulk_rows, len(buffer.tag_webid)
+    batch = [live(("A", 300, 3.0), ("B", 400, 4.0), ("C", 200, 2.0)), live(("B", 500, 5.0), ("C", 300, 3.0))]
+    if as_frames:
+        batch = [Live(0, None, frame=msgspec.json.encode(item.message).decode()) for item in batch]
+    count, gaps = buffer.add_live_batch(batch)
+    assert count == 5 and gaps == [GapRequest("A", 50, 300)] and buffer.filter.open_gaps() == 2
+    assert buffer._bulk_rows - bulk_before == 5 and len(buffer.tag_webid) == careful_before  # all in bulk
+    # Their gaps read back: the first values (A's 300, B's 300) are known, the rest is new.
+    buffer.add_gaps([StreamValues(web_id=w, items=[TimedValue(timestamp=format_iso(t), value=v, good=True)
+                                                   for t, v in values])
+                     for w, values in (("A", ((100, 1.0), (250, 2.5), (300, 3.0))), ("B", ((100, 1.0), (300, 3.0))))], 0)
+    assert buffer.filter.stats.repeats_dropped == 4  # A's 100 and 300, B's 100 and 300
+    rows = buffer.take().batch
+    got = sorted(zip(rows.column("tag_webid").to_pylist(), pc.cast(rows.column("timestamp"), pa.int64()).to_pylist()))
+    assert got == [("A", 100), ("A", 250), ("A", 300), ("B", 100), ("B", 300), ("B", 400), ("B", 500), ("C", 100),
+                   ("C", 200), ("C", 300)]
+
+
+@pytest.mark.parametrize("as_frames", [False, True], ids=["decoded", "raw-frames"])
+def test_a_first_value_at_its_floor_goes_value_by_value_and_is_a_repeat(as_frames):
+    """A tag that did not change while pistream was down gets its stored value as its first live value:
+    at its floor, so it goes value by value, is dropped as known, and closes the window at its time; the
+    other tags of the batch still go in bulk."""
+    buffer = bulk_buffer(lookback_us=50)
+    buffer.add_live_batch([live(("A", 100, 1.0), ("B", 100, 1.0))])
+    buffer.connected(["A", "B"])
+    batch = [live(("A", 100, 1.0), ("B", 200, 2.0))]
+    if as_frames:
+        batch = [Live(0, None, frame=msgspec.json.encode(item.message).decode()) for item in batch]
+    count, gaps = buffer.add_live_batch(batch)
+    assert count == 2 and sorted(gaps, key=lambda g: g.webid) == [GapRequest("A", 50, 100), GapRequest("B", 50, 200)]
+    assert buffer.tag_webid == [] and buffer.filter.stats.repeats_dropped == 1
+    assert taken_times(buffer, "A") == [100] and buffer.filter.open_gaps() == 2

@@ -34,7 +34,17 @@ from ..pi.messages import (
 )
 from ..timeutil import TIMESTAMP_US, to_us
 from .columns import FRAME_CODEC, LiveColumns, TagIndex, Unsubscribed, buffered_bytes, extract, extract_frames
-from .dedup import EventFilter, EventKey, RecentRows, drop_older, event_key, event_keys_of, recent_chunks
+from .dedup import (
+    KNOWN_SCHEMA,
+    EventFilter,
+    EventKey,
+    KnownRows,
+    RecentRows,
+    drop_older,
+    event_key,
+    event_keys_of,
+    recent_chunks,
+)
 from .floors import Floors
 from .schema import BUFFER_SCHEMA, EVENT_KEY
 
@@ -171,6 +181,7 @@ class ColumnBuffer:
             for webid, values in columns.unsubscribed:
                 self.unsubscribed.drop(webid, values)
             return len(columns) + dropped, []
+        taken = self._accept_bulk_with_first_values(columns) if columns is not None else None
         streams: list[StreamValues] = []
         received: list[int] = []
         for item in items:
@@ -193,12 +204,18 @@ class ColumnBuffer:
             columns = extract(streams, received, self.index, stream_ids)
             if columns is not None and self._accept_bulk(columns):
                 return count + len(columns), []
+            taken = self._accept_bulk_with_first_values(columns) if columns is not None else None
+        gaps: list[GapRequest] = []
+        if taken is not None:  # most went in bulk: the rest go value by value
+            marks, values, gaps = taken
+            count += values
+            rest = ~marks[np.maximum(stream_ids, 0)] | (stream_ids < 0)
+            streams, received, stream_ids = list(compress(streams, rest)), list(compress(received, rest)), stream_ids[rest]
         # The steady tags' pending rows into recent at once (their path looks keys up); a tag in a gap
         # looks up only values at or before its floor, and sorts its own rows in then (``accept_live``).
         in_gap = self.filter.in_gap
         steady = [i for i, stream in enumerate(streams) if not in_gap(stream.web_id or "")]
         self.filter.sync_recent(stream_ids[steady][stream_ids[steady] >= 0])
-        gaps = []
         for stream, received_us in zip(streams, received, strict=True):
             count += len(stream.timed_values())
             gap = self.add_live(stream, received_us)
@@ -207,7 +224,41 @@ class ColumnBuffer:
         self._compact_if_many()
         return count, gaps
 
-    def _accept_bulk(self, columns: LiveColumns) -> bool:
+    def _accept_bulk_with_first_values(self, columns: LiveColumns
+                                       ) -> tuple[np.ndarray, int, list[GapRequest]] | None:
+        """A batch that holds tags awaiting their first live value since a connect, in bulk but for the
+        awaiting tags with a value at or before their floor (those go value by value, as the whole batch
+        did before: after a restart at 100,000 tags nearly every batch of the first seconds held such a tag,
+        and ~1 M values became key tuples and Python rows, the restart's peak of memory). Each other
+        awaiting tag's first value (its earliest: the values are in order) closes its window
+        (``EventFilter.first_values``). Returns a mark per tag id taken in bulk, how many values, and the
+        gaps to read back; None if nothing was taken."""
+        filt = self.filter
+        if not len(columns) or not filt.awaiting_tags():
+            return None
+        ids, ts = columns.ids, columns.ts
+        waiting = filt.awaiting_rows(ids)
+        if not waiting.any() or not self.index.all_described(ids) or not _in_order(ids, ts):
+            return None
+        floors = filt.floors.array()
+        stale = np.zeros(len(floors), np.bool_)
+        stale[ids[waiting & (ts <= floors[ids])]] = True
+        keep = ~stale[ids]
+        if not keep.any():
+            return None
+        part = columns if keep.all() else LiveColumns(ids[keep], ts[keep], columns.batch.filter(pa.array(keep)))
+        firsts = np.flatnonzero(waiting[keep])
+        tags, at = np.unique(part.ids[firsts], return_index=True)
+        first_rows = firsts[at]
+        if not self._accept_bulk(part, awaiting_too=True):
+            return None
+        data = part.batch.take(pa.array(first_rows)).select(list(EVENT_KEY[2:])).cast(KNOWN_SCHEMA)
+        gaps = filt.first_values(KnownRows(tags, part.ts[first_rows], pa.Table.from_batches([data])))
+        marks = np.zeros(len(self.index.webids), np.bool_)
+        marks[part.ids] = True
+        return marks, len(part), gaps
+
+    def _accept_bulk(self, columns: LiveColumns, awaiting_too: bool = False) -> bool:
         """Accept a batch as a whole if it is steady state: none of its tags awaiting its first live value
         since a connect, every value newer than its tag's floor and in order. Tags whose gap is being read
         back qualify (such values are past their windows): after a restart at 100,000 tags, taking their
@@ -215,7 +266,7 @@ class ColumnBuffer:
         of 100,000 in 90 s, 870 MB). Otherwise nothing is accepted and the caller goes value by value."""
         filt = self.filter
         ids, ts = columns.ids, columns.ts
-        if filt.awaiting_tags() and filt.any_awaiting(list(map(self.index.webids.__getitem__,
+        if not awaiting_too and filt.awaiting_tags() and filt.any_awaiting(list(map(self.index.webids.__getitem__,
                                                                   np.unique(ids).tolist()))):
             return False
         if not self.index.all_described(ids):  # streams no tag resolution named: their paths first

@@ -36,7 +36,7 @@ from .schema import EVENT_KEY, TABLE_SCHEMA
 
 # Recent events as columns (the state file's): the table's types, tag_webid as text.
 RECENT_SCHEMA = pa.schema([TABLE_SCHEMA.field(name).with_nullable(True) for name in EVENT_KEY])
-_KNOWN_SCHEMA = pa.schema(list(RECENT_SCHEMA)[2:])
+KNOWN_SCHEMA = pa.schema(list(RECENT_SCHEMA)[2:])
 
 # An event's identity besides its tag: (timestamp_us, value, value_text, state_code, good, questionable,
 # substituted, annotated). NaN is replaced so that a repeated NaN compares equal.
@@ -114,6 +114,18 @@ class RecentRows:
         return RecentRows(self.ids[chosen], self.ts[chosen], self.data.filter(pa.array(chosen)))
 
 
+def _marked(marks: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``marks`` (a bool by tag id) with ``ids`` set, grown by doubling if an id is past its end."""
+    if len(ids):
+        need = int(ids.max()) + 1
+        if len(marks) < need:
+            grown = np.zeros(max(need, 2 * len(marks), 1024), np.bool_)
+            grown[:len(marks)] = marks
+            marks = grown
+        marks[ids] = True
+    return marks
+
+
 def recent_chunks(rows: list[RecentRows], lookback_us: int, floors: np.ndarray | None = None) -> list[RecentRows]:
     """The chunks of ``rows`` that hold a row within ``lookback_us`` of its tag's floor (``floors`` by tag
     id; else the newest of the rows, which a floor is at least): the only ones that can still hold recent
@@ -187,6 +199,7 @@ class EventFilter:
     # only the marked tags it needs (``sync_recent(ids)``), not every tag's.
     _unsynced: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
     _prune_at: int = 1 << 16
+    _awaiting_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))  # ``_awaiting`` by tag id
 
     def copy(self) -> EventFilter:
         """Floors and recent events only (no windows): the flusher starts from the committed state. Rows
@@ -264,12 +277,7 @@ class EventFilter:
                 del self.recent[webid]
 
     def _mark_unsynced(self, ids: np.ndarray) -> None:
-        need = int(ids.max()) + 1
-        if len(self._unsynced) < need:
-            grown = np.zeros(max(need, 2 * len(self._unsynced), 1024), np.bool_)
-            grown[:len(self._unsynced)] = self._unsynced
-            self._unsynced = grown
-        self._unsynced[ids] = True
+        self._unsynced = _marked(self._unsynced, ids)
 
     def unsynced(self, tag_id: int) -> bool:
         """Whether the tag may have rows accepted in bulk that ``recent`` does not hold yet."""
@@ -338,6 +346,7 @@ class EventFilter:
             if rows is not None and highs[i] > lows[i]:
                 window.known_rows, window.known_lo, window.known_hi = rows, lows[i], highs[i]
             self._awaiting[webid] = window
+        self._awaiting_ids = _marked(self._awaiting_ids, ids)
 
     def _pending_known(self, ids: np.ndarray) -> KnownRows | None:
         """The pending rows of tags ``ids`` within the look-back of their floors, as columns sorted by tag
@@ -351,7 +360,7 @@ class EventFilter:
             chosen[chosen] = rows.ts[chosen] >= floors[rows.ids[chosen]] - self.lookback_us
             if chosen.any():
                 data = _table(rows.data).filter(pa.array(chosen)).select(list(EVENT_KEY[2:]))
-                parts.append((rows.ids[chosen], rows.ts[chosen], data.cast(_KNOWN_SCHEMA)))
+                parts.append((rows.ids[chosen], rows.ts[chosen], data.cast(KNOWN_SCHEMA)))
         if not parts:
             return None
         all_ids = np.concatenate([p[0] for p in parts])
@@ -381,6 +390,7 @@ class EventFilter:
         window = self._awaiting.pop(webid, None)
         if window is None or not keys:
             return None
+        self._awaiting_ids[self.floors.tags.ids[webid]] = False
         end_us = min(k[0] for k in keys)
         window.end_us = end_us
         window.end_keys = _keys(k for k in keys if k[0] == end_us)
@@ -392,11 +402,69 @@ class EventFilter:
         self._open.add(request)
         return request
 
+    def first_values(self, firsts: KnownRows) -> list[GapRequest]:
+        """The first live values of awaiting tags, taken in bulk (one row per tag, sorted by tag id, each
+        newer than its floor): each closes its tag's window at its time, as ``first_live`` does, and joins
+        the window's known events as columns (it is in the buffer), instead of being remembered as a key."""
+        webids = self.floors.tags.webids
+        self._awaiting_ids[firsts.ids] = False
+        requests = []
+        closing: list[tuple[int, _Window]] = []
+        for row, (tag_id, end_us) in enumerate(zip(firsts.ids.tolist(), firsts.ts.tolist(), strict=True)):
+            webid = webids[tag_id]
+            window = self._awaiting.pop(webid)
+            window.end_us = end_us
+            if end_us < window.start_us:
+                self._forget_seen(webid)
+                continue
+            closing.append((row, window))
+            self._windows.setdefault(webid, []).append(window)
+            request = GapRequest(webid, window.start_us, end_us)
+            self._open.add(request)
+            requests.append(request)
+        if closing:
+            self._add_known(closing, firsts)
+        return requests
+
+    @staticmethod
+    def _add_known(closing: list[tuple[int, _Window]], firsts: KnownRows) -> None:
+        """Give each closing window (with its row in ``firsts``) new known columns: its own known rows so
+        far and that row, in one ``KnownRows`` for all of them."""
+        parts: list[tuple[np.ndarray, np.ndarray, pa.Table]] = []
+        by_rows: dict[int, tuple[KnownRows, list[_Window]]] = {}
+        for _, window in closing:
+            if window.known_rows is not None:
+                by_rows.setdefault(id(window.known_rows), (window.known_rows, []))[1].append(window)
+        for rows, windows in by_rows.values():
+            taken = np.concatenate([np.arange(w.known_lo, w.known_hi) for w in windows])
+            parts.append((rows.ids[taken], rows.ts[taken], rows.data.take(pa.array(taken))))
+        chosen = np.array([row for row, _ in closing])
+        parts.append((firsts.ids[chosen], firsts.ts[chosen], firsts.data.take(pa.array(chosen))))
+        ids = np.concatenate([p[0] for p in parts])
+        order = np.argsort(ids, kind="stable")
+        known = KnownRows(ids[order], np.concatenate([p[1] for p in parts])[order],
+                          pa.concat_tables([p[2] for p in parts]).take(pa.array(order)))
+        tag_ids = firsts.ids[chosen]
+        lows = np.searchsorted(known.ids, tag_ids, "left").tolist()
+        highs = np.searchsorted(known.ids, tag_ids, "right").tolist()
+        for (_, window), low, high in zip(closing, lows, highs, strict=True):
+            window.known_rows, window.known_lo, window.known_hi = known, low, high
+
     def awaiting(self, webid: str) -> bool:
         return webid in self._awaiting
 
     def awaiting_tags(self) -> int:
         return len(self._awaiting)
+
+    def awaiting_rows(self, ids: np.ndarray) -> np.ndarray:
+        """A mark per row of tag ids ``ids``: its tag awaits its first live value since a connect."""
+        marks = self._awaiting_ids
+        inside = ids < len(marks)
+        if inside.all():
+            return marks[ids]
+        found = np.zeros(len(ids), np.bool_)
+        found[inside] = marks[ids[inside]]
+        return found
 
     def any_awaiting(self, webids: list[str]) -> bool:
         """Whether one of these tags still waits for its first live value since a connect. A tag whose gap
