@@ -99,10 +99,11 @@ class GapFiller:
         task_status.started()
         async with self.send_channel:
             while True:
-                requests = await self.queue.take_all()
-                for group in group_requests(requests, self.max_streams, self.api.max_url_length,
-                                            len(self.api.base_url) + len("/streamsets/recorded?")):
-                    await self.fill(group)
+                groups = group_requests(await self.queue.take_all(), self.max_streams, self.api.max_url_length,
+                                        len(self.api.base_url) + len("/streamsets/recorded?"))
+                groups.reverse()
+                while groups:  # popped: no request outlives its read (a restart queues one per tag)
+                    await self.fill(groups.pop())
 
     async def fill(self, group: list[GapRequest]) -> None:
         """Read one group of gaps to the end, page by page, then close their windows."""
