@@ -451,7 +451,7 @@ def test_a_window_knows_many_recent_events_as_well_as_few():
         f.connected(["W"])
         last = 1000 + count - 1
         f.first_live("W", [key(last + 50)])
-        assert type(f._windows["W"][0].known) is (tuple if count <= 8 else frozenset)
+        assert type(f._windows_of("W")[0].known) is (tuple if count <= 8 else frozenset)
         assert all(not f.accept_gap("W", key(ts)) for ts in range(max(1000, last - 100), last + 1))
         assert f.accept_gap("W", key(last + 1)) and f.accept_gap("W", key(last, 2.0))
         assert not f.accept_gap("W", key(last + 50))

@@ -182,7 +182,9 @@ class EventFilter:
     # Lists, not deques: a deque is ~600 bytes even when it holds 2 events, and there is one per tag.
     recent: dict[str, list[EventKey]] = field(default_factory=dict)
     _awaiting: dict[str, _Window] = field(default_factory=dict)
-    _windows: dict[str, list[_Window]] = field(default_factory=dict)  # several if it reconnected again
+    # A tag's window, or its windows if it reconnected while a gap was being read (a list per tag for the
+    # usual one window was ~90 bytes a tag after a restart at 100,000 tags): see ``_windows_of``.
+    _windows: dict[str, _Window | list[_Window]] = field(default_factory=dict)
     # While a tag has open windows: every event accepted inside them, so that overlapping windows (a
     # reconnect while an earlier gap is still being read) cannot both let the same event in. A tuple while
     # few (``SMALL_SEEN``), then a set: a restart at 100,000 tags has one per tag, mostly of 1-10 events
@@ -373,7 +375,7 @@ class EventFilter:
         over each connect's columns instead of one per tag."""
         by_rows: dict[int, list[_Window]] = {}
         for webid in webids:
-            for window in self._windows.get(webid, ()):
+            for window in self._windows_of(webid):
                 if window.known_rows is not None:
                     by_rows.setdefault(id(window.known_rows), []).append(window)
         for windows in by_rows.values():
@@ -397,7 +399,7 @@ class EventFilter:
         if end_us < window.start_us:
             self._forget_seen(webid)
             return None
-        self._windows.setdefault(webid, []).append(window)
+        self._add_window(webid, window)
         request = GapRequest(webid, window.start_us, end_us)
         self._open.add(request)
         return request
@@ -418,7 +420,7 @@ class EventFilter:
                 self._forget_seen(webid)
                 continue
             closing.append((row, window))
-            self._windows.setdefault(webid, []).append(window)
+            self._add_window(webid, window)
             request = GapRequest(webid, window.start_us, end_us)
             self._open.add(request)
             requests.append(request)
@@ -449,6 +451,21 @@ class EventFilter:
         highs = np.searchsorted(known.ids, tag_ids, "right").tolist()
         for (_, window), low, high in zip(closing, lows, highs, strict=True):
             window.known_rows, window.known_lo, window.known_hi = known, low, high
+
+    def _windows_of(self, webid: str) -> list[_Window] | tuple[_Window, ...]:
+        found = self._windows.get(webid)
+        if found is None:
+            return ()
+        return (found,) if isinstance(found, _Window) else found
+
+    def _add_window(self, webid: str, window: _Window) -> None:
+        found = self._windows.get(webid)
+        if found is None:
+            self._windows[webid] = window
+        elif isinstance(found, _Window):
+            self._windows[webid] = [found, window]
+        else:
+            found.append(window)
 
     def awaiting(self, webid: str) -> bool:
         return webid in self._awaiting
@@ -484,7 +501,7 @@ class EventFilter:
     def accept_gap(self, webid: str, key: EventKey) -> bool:
         """A recorded value read back for a gap: inside its window and not an event known already."""
         ts = key[0]
-        for window in self._windows.get(webid, ()):
+        for window in self._windows_of(webid):
             assert window.end_us is not None
             if not window.start_us <= ts <= window.end_us:
                 continue
@@ -499,10 +516,12 @@ class EventFilter:
         return False
 
     def gap_done(self, request: GapRequest) -> None:
-        windows = self._windows.get(request.webid, [])
-        windows[:] = [w for w in windows if (w.start_us, w.end_us) != (request.start_us, request.end_us)]
-        if not windows:
+        left = [w for w in self._windows_of(request.webid)
+                if (w.start_us, w.end_us) != (request.start_us, request.end_us)]
+        if not left:
             self._windows.pop(request.webid, None)
+        else:
+            self._windows[request.webid] = left[0] if len(left) == 1 else left
         self._open.discard(request)
         self._forget_seen(request.webid)
 
@@ -523,7 +542,7 @@ class EventFilter:
         """A gap left open by an earlier run, to read again: ``known`` are the events the table holds in
         it already (its end, pages read before the stop), so the read adds only what is missing."""
         window = _Window(request.start_us, _keys(known), request.end_us)
-        self._windows.setdefault(request.webid, []).append(window)
+        self._add_window(request.webid, window)
         self._open.add(request)
 
     # -- live values ----------------------------------------------------------------------------------
@@ -572,7 +591,7 @@ class EventFilter:
             recent.append(key)
         # Events accepted while a window is open or awaiting its end may be read back by it again.
         waiting = self._awaiting.get(webid)
-        windows = self._windows.get(webid, ())
+        windows = self._windows_of(webid)
         if (waiting is not None and ts >= waiting.start_us) or any(
                 w.start_us <= ts <= (w.end_us or ts) for w in windows):
             self._remember(webid, key)
