@@ -741,8 +741,9 @@ def backfill(quick: bool) -> dict[str, Any]:
 def history(quick: bool) -> dict[str, Any]:
     """``pistream backfill``'s path (``run_backfill``: paged ``streamsets/recorded`` -> history flusher ->
     commit writer) against two references in the same run, on the same server process: the REST ceiling
-    (the same pages at the same concurrency, read, decoded and dropped) and a naive backfill (one
-    ``streams/{webId}/recorded`` call per tag, one after another, ``write_deltalake`` per tag)."""
+    (the same pages at the same concurrency, read and decoded as the backfill reads them -- into columns by
+    the C codec where it is built -- and dropped) and a naive backfill (one ``streams/{webId}/recorded``
+    call per tag, one after another, ``write_deltalake`` per tag)."""
     import httpx
     import pyarrow as pa
     import trio
@@ -752,25 +753,31 @@ def history(quick: bool) -> dict[str, Any]:
     from pistream.pi.history import HistoryPage, HistoryReader, TagProgress, TagRange
     from pistream.pi.piwebapi import PiWebApi
     from pistream.pi.webid import path_webid
+    from pistream.stream.columns import TagIndex
+    from pistream.stream.historyflush import page_decoder
     from pistream.timeutil import format_iso
 
     p = size("history", quick)
     LogCapture().install("warning")
     end_us = (time.time_ns() // 1000 // 1_000_000 - 120) * 1_000_000  # two minutes ago, whole second
     start_us = end_us - p["seconds"] * 1_000_000 + 1
-    webids = [path_webid(x) for x in tag_paths(p["tags"])]
+    paths = tag_paths(p["tags"])
+    webids = [path_webid(x) for x in paths]
     with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp, \
             blast_server(p["tags"], 1) as blast, Sampler(other_pid=blast.process.pid) as sampler:
         # 1. the REST ceiling: the reader alone, pages dropped
         async def ceiling_run() -> int:
             ranges = [TagRange(w, end_us, TagProgress(start_us)) for w in webids]
+            index = TagIndex()
+            for webid, path in zip(webids, paths, strict=True):
+                index.add(webid, path, None)
             send, recv = trio.open_memory_channel[HistoryPage](4)
             count = 0
             async with PiWebApi(blast.url) as api, trio.open_nursery() as nursery:
-                nursery.start_soon(HistoryReader(api, ranges, send, concurrency=4).run)
+                nursery.start_soon(HistoryReader(api, ranges, send, concurrency=4, decode=page_decoder(index)).run)
                 async with recv:
                     async for page in recv:
-                        count += sum(len(s.items or ()) for s in page.streams)
+                        count += page.values
             return count
 
         t0 = time.time()

@@ -202,6 +202,21 @@ class ColumnBuffer:
         self._compact_if_many()
         return count, gaps
 
+    def add_columns(self, columns: LiveColumns) -> None:
+        """Rows already in table columns, of tags with no gap open (a history page): in bulk, else (events at
+        one timestamp, say) value by value with ``add_live``'s decisions for such tags."""
+        if not len(columns) or self._accept_bulk(columns):
+            return
+        batch = columns.batch
+        uoms = batch.column("uom").to_pylist()
+        system = batch.column("system_state").to_pylist()
+        received = batch.column("received_timestamp").cast(pa.int64()).to_pylist()
+        rows = RecentRows(columns.ids, columns.ts, batch)
+        for row, (webid, key) in enumerate(event_keys_of(rows, np.arange(len(columns)))):
+            if self.filter.accept_live(webid, key):
+                self._append(webid, _Row(key, uoms[row], system[row]), None, received[row])
+        self._compact_if_many()
+
     def _accept_bulk(self, columns: LiveColumns) -> bool:
         """Accept a batch as a whole if it is steady state: none of its tags awaiting its first live value
         since a connect, every value newer than its tag's floor and in order. Tags whose gap is being read
