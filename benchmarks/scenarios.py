@@ -39,6 +39,10 @@ SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
     "throughput": {"tags": (10_000, 10_000), "frames": (500, 10)},
     "naive": {"tags": (10_000, 10_000), "frames": (500, 10)},
     "latency": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 10.0)},
+    # each of its two runs (plain, then with --backfill); the history (10,000 tags x DURATION at 1 value/s:
+    # 72 M values in 2 h) is more than either run reads, so the backfill runs behind the live stream throughout
+    "latency_backfill": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 8.0),
+                         "backfill": ("2h", "2h")},
     "memory": {"tags": (100_000, 20_000), "interval": (1.0, 1.0), "duration": (180.0, 20.0)},
     "startup": {"tags": (100_000, 20_000)},
     "restart": {"tags": (100_000, 20_000), "first": (20.0, 6.0), "downtime": (5.0, 1.0), "duration": (90.0, 20.0)},
@@ -307,25 +311,61 @@ def naive(quick: bool) -> dict[str, Any]:
 
 # -- latency ----------------------------------------------------------------------------------------------
 
+LATENCY_FLUSH_SECONDS = 1.0
+
+
 def latency(quick: bool) -> dict[str, Any]:
     """50,000 values/s (10,000 tags, a frame every 0.2 s) with a 1 s flush: commit time (the Delta log
     file's mtime, when readers can see the rows) minus each row's received_timestamp."""
-    p = size("latency", quick)
+    return _latency_run(size("latency", quick))
+
+
+def latency_backfill(quick: bool) -> dict[str, Any]:
+    """The latency scenario twice in this worker, one right after the other on the same machine: as it is,
+    then with ``--backfill DURATION`` reading each tag's history behind the live stream (from the same blast
+    server, which serves the recorded values of its model). The issue's goal: the live p99 receive-to-commit
+    stays within the flush interval + 1 s while the backfill runs, and the backfill makes progress."""
+    p = size("latency_backfill", quick)
+    plain = _latency_run(p)
+    result = _latency_run(p, backfill=p["backfill"])
+    goal_ms = LATENCY_FLUSH_SECONDS * 1000 + 1000
+    result.update({
+        "backfill": p["backfill"], "flush_seconds": LATENCY_FLUSH_SECONDS, "p99_goal_ms": goal_ms,
+        "p99_within_goal": result["p99_receive_to_commit_ms"] <= goal_ms,
+        "plain_p50_receive_to_commit_ms": plain["p50_receive_to_commit_ms"],
+        "plain_p99_receive_to_commit_ms": plain["p99_receive_to_commit_ms"],
+        "plain_max_receive_to_commit_ms": plain["max_receive_to_commit_ms"],
+        "plain_cpu_s_per_M_values": plain["cpu_s_per_M_values"],
+        "p99_over_plain": result["p99_receive_to_commit_ms"] / plain["p99_receive_to_commit_ms"],
+        "peak_rss_MB": result["peak_rss_MB"],  # the worker's peak over both runs
+        "complete": bool(result.get("backfill_values")),  # the backfill made progress
+    })
+    return round_figures(result)
+
+
+def _latency_run(p: dict[str, Any], backfill: str | None = None) -> dict[str, Any]:
+    """The pipeline at ``p``'s rate with a 1 s flush for its duration (with ``--backfill`` if given); the
+    live writer's rows (app id ``bench``) only: commit time minus received_timestamp (and event time)."""
     rate = p["tags"] / p["interval"]
     frames = int(p["duration"] / p["interval"]) + 50  # never runs out before the pipeline stops
     capture = LogCapture().install()
+    extra = {"backfill": backfill} if backfill else {}
+    history: list[tuple[Any, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp:
         workdir = Path(tmp)
         with blast_server(p["tags"], frames, interval=p["interval"]) as blast, \
                 Sampler(0.25, other_pid=blast.process.pid) as sampler:
-            settings = _settings(workdir, blast.url, p["tags"], flush_seconds=1.0, duration=p["duration"])
+            settings = _settings(workdir, blast.url, p["tags"], flush_seconds=LATENCY_FLUSH_SECONDS,
+                                 duration=p["duration"], **extra)
             _, peak_rss = _run_pipeline(settings, capture, until_rows=None, timeout=RUN_TIMEOUT)
         receive_ms: list[float] = []
         event_ms: list[float] = []
         rows = 0
         first = float("inf")
         last_commit = 0.0
-        data_commits = commit_rows(workdir / "table", ["received_timestamp", "timestamp"])
+        data_commits = commit_rows(workdir / "table", ["received_timestamp", "timestamp"], app_id="bench")
+        if backfill:
+            history = commit_rows(workdir / "table", ["received_timestamp"], app_id="bench-history")
         for i, (commit, data) in enumerate(data_commits):
             received = data["received_timestamp"].cast("int64").to_pylist()
             rows += len(received)
@@ -337,10 +377,12 @@ def latency(quick: bool) -> dict[str, Any]:
             receive_ms.extend((visible_us - r) / 1000 for r in received)
             event_ms.extend((visible_us - t) / 1000 for t in data["timestamp"].cast("int64").to_pylist())
     window = last_commit - first
-    return round_figures({
+    history_values = sum(data.num_rows for _, data in history)
+    result = {
         "tags": p["tags"], "offered_values_per_s": rate, "values": rows,
         "values_per_s": rows / window,
-        "cpu_s_per_M_values": _per_million(sampler.cpu_between(first, last_commit), rows),
+        # per value committed in the window, the history's too
+        "cpu_s_per_M_values": _per_million(sampler.cpu_between(first, last_commit), rows + history_values),
         "peak_rss_MB": peak_rss,
         "commits": len(data_commits),
         "p50_receive_to_commit_ms": percentile(receive_ms, 50),
@@ -349,7 +391,17 @@ def latency(quick: bool) -> dict[str, Any]:
         "p50_event_to_commit_ms": percentile(event_ms, 50),
         "p99_event_to_commit_ms": percentile(event_ms, 99),
         "server_cpu_share": sampler.other_share(last_commit - window, last_commit),
-    })
+    }
+    if backfill:
+        started = capture.named("backfill_round_started")
+        history_end = max((c.visible_at for c, _ in history), default=0.0)
+        result.update({
+            "backfill_values": history_values, "backfill_commits": len(history),
+            "backfill_values_per_s": history_values / (history_end - started[0][0])
+            if started and history_end > started[0][0] else 0.0,
+            "start_to_backfill_s": started[0][0] - first if started else None,
+        })
+    return round_figures(result)
 
 
 # -- memory -----------------------------------------------------------------------------------------------
@@ -825,6 +877,7 @@ SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "throughput": throughput,
     "naive": naive,
     "latency": latency,
+    "latency_backfill": latency_backfill,
     "memory": memory,
     "startup": startup,
     "restart": restart,
