@@ -41,7 +41,7 @@ SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
     "latency": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 10.0)},
     # each of its two runs (plain, then with --backfill); the history (10,000 tags x DURATION at 1 value/s:
     # 72 M values in 2 h) is more than either run reads, so the backfill runs behind the live stream throughout
-    "latency_backfill": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 8.0),
+    "latency_backfill": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 4.0),
                          "backfill": ("2h", "2h")},
     "memory": {"tags": (100_000, 20_000), "interval": (1.0, 1.0), "duration": (180.0, 20.0)},
     "startup": {"tags": (100_000, 20_000)},
@@ -321,13 +321,14 @@ def latency(quick: bool) -> dict[str, Any]:
 
 
 def latency_backfill(quick: bool) -> dict[str, Any]:
-    """The latency scenario twice in this worker, one right after the other on the same machine: as it is,
-    then with ``--backfill DURATION`` reading each tag's history behind the live stream (from the same blast
-    server, which serves the recorded values of its model). The issue's goal: the live p99 receive-to-commit
-    stays within the flush interval + 1 s while the backfill runs, and the backfill makes progress."""
+    """The latency scenario twice in this worker, one right after the other on the same machine: with
+    ``--backfill DURATION`` reading each tag's history behind the live stream (from the same blast server,
+    which serves the recorded values of its model), then as it is. The issue's goal: the live p99
+    receive-to-commit stays within the flush interval + 1 s while the backfill runs, and the backfill makes
+    progress. Peak RSS is the backfill run's (it runs first)."""
     p = size("latency_backfill", quick)
+    result = _latency_run(p, backfill=p["backfill"])  # first: its peak RSS is its own (ru_maxrss only grows)
     plain = _latency_run(p)
-    result = _latency_run(p, backfill=p["backfill"])
     goal_ms = LATENCY_FLUSH_SECONDS * 1000 + 1000
     result.update({
         "backfill": p["backfill"], "flush_seconds": LATENCY_FLUSH_SECONDS, "p99_goal_ms": goal_ms,
@@ -337,7 +338,6 @@ def latency_backfill(quick: bool) -> dict[str, Any]:
         "plain_max_receive_to_commit_ms": plain["max_receive_to_commit_ms"],
         "plain_cpu_s_per_M_values": plain["cpu_s_per_M_values"],
         "p99_over_plain": result["p99_receive_to_commit_ms"] / plain["p99_receive_to_commit_ms"],
-        "peak_rss_MB": result["peak_rss_MB"],  # the worker's peak over both runs
         "complete": bool(result.get("backfill_values")),  # the backfill made progress
     })
     return round_figures(result)
@@ -792,10 +792,11 @@ def backfill(quick: bool) -> dict[str, Any]:
 
 def history(quick: bool) -> dict[str, Any]:
     """``pistream backfill``'s path (``run_backfill``: paged ``streamsets/recorded`` -> history flusher ->
-    commit writer) against two references in the same run, on the same server process: the REST ceiling
-    (the same pages at the same concurrency, read and decoded as the backfill reads them -- into columns by
-    the C codec where it is built -- and dropped) and a naive backfill (one ``streams/{webId}/recorded``
-    call per tag, one after another, ``write_deltalake`` per tag)."""
+    commit writer) against references in the same run, on the same server process: the REST ceiling (the
+    same pages at the same concurrency, read, decoded by msgspec and dropped), the same with the decoder the
+    backfill reads pages with (``rest_ceiling_columns``: the C codec into columns where it is built: the
+    reader alone at pistream's own cost), and a naive backfill (one ``streams/{webId}/recorded`` call per
+    tag, one after another, ``write_deltalake`` per tag)."""
     import httpx
     import pyarrow as pa
     import trio
@@ -817,24 +818,28 @@ def history(quick: bool) -> dict[str, Any]:
     webids = [path_webid(x) for x in paths]
     with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp, \
             blast_server(p["tags"], 1) as blast, Sampler(other_pid=blast.process.pid) as sampler:
-        # 1. the REST ceiling: the reader alone, pages dropped
-        async def ceiling_run() -> int:
+        # 1. the REST ceiling: the reader alone, pages dropped; as defined (msgspec), then with the decoder
+        # pistream's backfill reads pages with (the C codec, into columns)
+        async def ceiling_run(columns: bool) -> int:
             ranges = [TagRange(w, end_us, TagProgress(start_us)) for w in webids]
             index = TagIndex()
             for webid, path in zip(webids, paths, strict=True):
                 index.add(webid, path, None)
+            decode = page_decoder(index) if columns else None
             send, recv = trio.open_memory_channel[HistoryPage](4)
             count = 0
             async with PiWebApi(blast.url) as api, trio.open_nursery() as nursery:
-                nursery.start_soon(HistoryReader(api, ranges, send, concurrency=4, decode=page_decoder(index)).run)
+                nursery.start_soon(HistoryReader(api, ranges, send, concurrency=4, decode=decode).run)
                 async with recv:
                     async for page in recv:
                         count += page.values
             return count
 
         t0 = time.time()
-        ceiling_values = trio.run(ceiling_run)
+        ceiling_values = trio.run(ceiling_run, False)
         t1 = time.time()
+        columns_values = trio.run(ceiling_run, True)
+        t1c = time.time()
         # 2. pistream backfill, into a new table
         settings = _settings(Path(tmp), blast.url, p["tags"], start=format_iso(start_us), end=format_iso(end_us),
                              app_id=None, log_level="warning", log_format="json")
@@ -856,6 +861,7 @@ def history(quick: bool) -> dict[str, Any]:
                 naive_values += len(rows)
         t5 = time.time()
     rest_rate = ceiling_values / (t1 - t0)
+    columns_rate = columns_values / (t1c - t1)
     backfill_rate = summary.values_written / (t3 - t2)
     naive_rate = naive_values / (t5 - t4)
     return round_figures({
@@ -864,11 +870,15 @@ def history(quick: bool) -> dict[str, Any]:
         "cpu_s_per_M_values": _per_million(sampler.cpu_between(t2, t3), summary.values_written),
         "peak_rss_MB": rss,
         "rest_ceiling_values_per_s": rest_rate, "naive_values_per_s": naive_rate,
+        "rest_ceiling_columns_values_per_s": columns_rate,
+        "rest_ceiling_cpu_s_per_M_values": _per_million(sampler.cpu_between(t0, t1), ceiling_values),
+        "rest_ceiling_columns_cpu_s_per_M_values": _per_million(sampler.cpu_between(t1, t1c), columns_values),
         "backfill_over_rest_ceiling": backfill_rate / rest_rate,
+        "backfill_over_rest_ceiling_columns": backfill_rate / columns_rate,
         "backfill_over_naive": backfill_rate / naive_rate,
         "commits": summary.commits, "naive_tags": p["naive_tags"],
         "server_cpu_share": sampler.other_share(t2, t3),
-        "complete": summary.complete and summary.values_written == ceiling_values,
+        "complete": summary.complete and summary.values_written == ceiling_values == columns_values,
     })
 
 
