@@ -38,10 +38,10 @@ SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
     "ceiling": {"tags": (10_000, 10_000), "frames": (500, 10)},
     "throughput": {"tags": (10_000, 10_000), "frames": (500, 10)},
     "naive": {"tags": (10_000, 10_000), "frames": (500, 10)},
-    "latency": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 10.0)},
+    "latency": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 6.0)},
     # each of its two runs (plain, then with --backfill); the history (10,000 tags x DURATION at 1 value/s:
     # 72 M values in 2 h) is more than either run reads, so the backfill runs behind the live stream throughout
-    "latency_backfill": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 4.0),
+    "latency_backfill": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 3.0),
                          "backfill": ("2h", "2h")},
     "memory": {"tags": (100_000, 20_000), "interval": (1.0, 1.0), "duration": (180.0, 20.0)},
     "startup": {"tags": (100_000, 20_000)},
@@ -50,7 +50,7 @@ SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
     # 10,000 tags x 864 s at 1 value/s = 8.64 M values: the 10,000 tags x 1 day at one value per 10 s
     # in count and in values per tag per call (the blast server's model ticks once a second). The naive
     # backfill (a commit per tag) runs on the first ``naive_tags`` only: its rate is per value.
-    "history": {"tags": (10_000, 1_000), "seconds": (864, 600), "naive_tags": (300, 100)},
+    "history": {"tags": (10_000, 1_000), "seconds": (864, 300), "naive_tags": (300, 50)},
     "firehose": {"tags": (1_000, 200), "frames": (1_000, 1_000), "paced_interval": (0.007, 0.007)},
     "late": {"tags": (1_000, 200), "frames": (500, 500)},
 }
