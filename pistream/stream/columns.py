@@ -356,7 +356,7 @@ def extract_page(body: bytes, received_us: int, index: TagIndex) -> tuple[LiveCo
     if _framecodec is None:
         return None
     parsed = _framecodec.parse([body], [received_us], index.ids)
-    if parsed is None or parsed[19]:
+    if parsed is None or len(parsed) < 21 or parsed[19]:  # 20 items: a codec built before it listed streams
         return None
     streams = np.frombuffer(parsed[20], np.int32).reshape(-1, 2)
     if not len(streams) or not index.subscribed(streams[:, 0].astype(np.int64)).all():
@@ -371,7 +371,7 @@ def extract_page(body: bytes, received_us: int, index: TagIndex) -> tuple[LiveCo
 def _parsed_columns(parsed: tuple[Any, ...], index: TagIndex) -> LiveColumns | None:
     """The codec's packed buffers as table columns (unsubscribed streams' rows left out and listed)."""
     (n, ids_b, ts_b, received_b, value_b, value_null_b, text_b, code_b, code_null_b, system_b, good_b, quest_b,
-     subst_b, annot_b, uom_b, stream_uom_b, units, texts, raw, unknown, _) = parsed
+     subst_b, annot_b, uom_b, stream_uom_b, units, texts, raw, unknown) = parsed[:20]
     ids = np.frombuffer(ids_b, np.int32)
     ts = np.frombuffer(ts_b, np.int64)
     keep = index.subscribed(ids)  # unknown webids are -1; floors of tags no longer listed have no path
