@@ -287,3 +287,19 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert "backfill: 100.0%|" in text and "tags 3/3" in text and f"{values:,} values" in text
     assert "values/s" in text and "\r" in text  # redrawn in place
     assert "complete" in text
+
+
+@pytest.mark.parametrize("codec", [True, False], ids=["columns", "msgspec"])
+async def test_more_events_at_one_timestamp_than_a_page_holds(tmp_path, monkeypatch, codec):
+    """25 events at every timestamp, 10 values a call: a page that brings only events already read at the
+    tag's cursor is read again alone with bigger pages (20, then 40), not taken for the tag's end."""
+    monkeypatch.setattr(history, "ITEMS_PER_PAGE", 10)
+    if not codec:
+        monkeypatch.setattr(columns_module, "_framecodec", None)
+    model = SimModel([SimTag("CROWDED", "SIMSRV", "float", 0, per_time=25)], rate=1)
+    end = "2026-03-01T00:00:05Z"
+    async with served(tmp_path, model, end=end) as (simulator, settings):
+        with trio.fail_after(60):
+            summary = await run_backfill(settings, handle_signals=False, progress_bar=False)
+    found = assert_exactly_once(settings.table, model, range_windows(model, end=end))
+    assert found == 25 * 6 and summary.complete and not summary.failed

@@ -137,3 +137,14 @@ def test_a_page_the_codec_leaves_alone_is_none():
     assert decode(b'{"Errors": ["Bad Request"]}') is None
     empty = decode(body({WEBIDS[0]: []}))
     assert empty is not None and empty.webids == [WEBIDS[0]] and empty.counts.tolist() == [0] and not len(empty.ts)
+
+
+def test_a_full_page_of_events_already_read_is_read_again_alone_with_bigger_pages():
+    specs = {WEBIDS[0]: (TagProgress(T, seen=4, values=4, first_us=T, last_us=T), T + 100 * S),
+             WEBIDS[1]: (TagProgress(T), T + 100 * S)}
+    page = body({WEBIDS[0]: [(T, float(i)) for i in range(4)], WEBIDS[1]: [(T + S, 1.0)] * 4})
+    columns, streams = both_ways(specs, page, per_stream=4)
+    assert columns == streams
+    progress, kept, queued, values, done, failed = streams
+    assert not progress[WEBIDS[0]].done and not failed and done == 0  # not taken for the tag's end
+    assert (WEBIDS[0], T, 4, True, 8, 0) in queued  # alone, maxCount doubled

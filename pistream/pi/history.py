@@ -249,7 +249,6 @@ class HistoryReader:
         keep = fresh & inside
         n = len(ranges)
         kept = np.bincount(stream[keep], minlength=n)
-        any_fresh = np.bincount(stream[fresh], minlength=n) > 0
         past_end = np.bincount(stream[fresh & ~inside], minlength=n) > 0
         kept_rows = np.flatnonzero(keep)
         kept_stream = stream[kept_rows]  # ascending: streams follow one another
@@ -267,8 +266,8 @@ class HistoryReader:
                 new_cursor = (int(last[i]), int(at_last[i]) + (before.seen if last[i] == before.cursor_us else 0))
             else:
                 new_cursor = (before.cursor_us, before.seen)
-            # as ``_advance``: past the end, a short page, or nothing new (then ``after_cursor`` has no cursor)
-            done = bool(past_end[i]) or int(counts[i]) < per_stream or not any_fresh[i]
+            # as ``_advance``: past the end or a short page (every row has a time here)
+            done = bool(past_end[i]) or int(counts[i]) < per_stream
             progress[r.webid] = self._moved(r, before, new_cursor, done, k, int(first[i]) if k else None,
                                             int(last[i]) if k else None, per_stream)
         for r in group:
@@ -307,7 +306,10 @@ class HistoryReader:
         if past_end:
             fresh = [tv for tv in fresh if not _after(tv, r.end_us)]
             cursor = _cursor_of(fresh, before)
-        done = past_end or len(items) < per_stream or cursor is None
+        # A full page of nothing new (every event at the cursor read already: more of them than a page holds)
+        # is not the end: ``_moved`` reads the tag alone with bigger pages. Values without a usable
+        # timestamp and no cursor: it stops there (they are rejected and counted downstream).
+        done = past_end or len(items) < per_stream or (cursor is None and bool(fresh))
         first, last = _first_last(fresh)
         new_cursor = cursor or (before.cursor_us, before.seen)
         return fresh, self._moved(r, before, new_cursor, done, len(fresh), first, last, per_stream)
