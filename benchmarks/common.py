@@ -247,6 +247,7 @@ class Commit:
     visible_at: float  # mtime of the _delta_log JSON: when readers could see it (wall seconds)
     info_ts: float | None  # commitInfo.timestamp (ms precision), seconds
     files: list[str]
+    app_ids: frozenset[str] = frozenset()  # of its app transactions (``txn``): which writer made it
 
 
 def delta_commits(table: Path) -> list[Commit]:
@@ -255,6 +256,7 @@ def delta_commits(table: Path) -> list[Commit]:
     for log_file in sorted((table / "_delta_log").glob("*.json")):
         version = int(log_file.stem)
         info_ts = None
+        app_ids = set()
         files = []
         for line in log_file.read_text(encoding="utf-8").splitlines():
             action = json.loads(line)
@@ -263,12 +265,15 @@ def delta_commits(table: Path) -> list[Commit]:
                 info_ts = ts / 1000 if ts else None
             elif "add" in action:
                 files.append(action["add"]["path"])
-        commits.append(Commit(version, log_file.stat().st_mtime_ns / 1e9, info_ts, files))
+            elif "txn" in action:
+                app_ids.add(action["txn"].get("appId"))
+        commits.append(Commit(version, log_file.stat().st_mtime_ns / 1e9, info_ts, files, frozenset(app_ids)))
     return commits
 
 
-def commit_rows(table: Path, columns: list[str]) -> list[tuple[Commit, Any]]:
-    """Per data commit: the commit and the listed columns of its rows (a pyarrow Table)."""
+def commit_rows(table: Path, columns: list[str], app_id: str | None = None) -> list[tuple[Commit, Any]]:
+    """Per data commit (of ``app_id``'s writer only, if given): the commit and the listed columns of its rows
+    (a pyarrow Table)."""
     from urllib.parse import unquote
 
     import pyarrow as pa
@@ -276,7 +281,7 @@ def commit_rows(table: Path, columns: list[str]) -> list[tuple[Commit, Any]]:
 
     out = []
     for commit in delta_commits(table):
-        if not commit.files:
+        if not commit.files or app_id is not None and app_id not in commit.app_ids:
             continue
         parts = [pq.read_table(table / unquote(f), columns=columns) for f in commit.files]
         out.append((commit, pa.concat_tables(parts)))

@@ -46,7 +46,9 @@ HIGHER_IS_BETTER = {"values_per_s": True, "cpu_s_per_M_values": False, "peak_rss
                     "throughput_over_ceiling": True,
                     "throughput_over_naive": True, "start_to_all_committed_s": False,
                     "paced_start_to_all_committed_s": False, "idle_flush_speedup": True,
-                    "backfill_over_rest_ceiling": True, "backfill_over_naive": True}
+                    "backfill_over_rest_ceiling": True, "backfill_over_naive": True,
+                    "backfill_over_rest_ceiling_columns": True,
+                    "backfill_values_per_s": True, "p99_over_plain": False}
 # Columns of the printed table: (figure, heading, format).
 COLUMNS = (("values_per_s", "values/s", "{:,.0f}"), ("cpu_s_per_M_values", "CPU s/M values", "{:.2f}"),
            ("peak_rss_MB", "peak RSS MB", "{:,.0f}"), ("p50_receive_to_commit_ms", "p50 ms", "{:,.0f}"),
@@ -55,7 +57,10 @@ EXTRA = {"memory": ("warmup_rss_MB", "end_rss_MB", "rss_slope_MB_per_min"),
          "startup": ("start_to_tags_resolved_s", "start_to_first_commit_s"),
          "restart": ("start_to_gaps_read_s", "gap_values", "end_rss_MB"),
          "throughput": ("commits", "mean_commit_s"), "backfill": ("rest_calls", "commits"),
-         "history": ("backfill_over_rest_ceiling", "backfill_over_naive", "commits"),
+         "history": ("backfill_over_rest_ceiling", "backfill_over_rest_ceiling_columns", "backfill_over_naive",
+                     "commits"),
+         "latency_backfill": ("plain_p99_receive_to_commit_ms", "p99_goal_ms", "p99_within_goal",
+                              "backfill_values_per_s"),
          "firehose": ("start_to_all_committed_s", "paced_start_to_all_committed_s", "idle_flush_speedup")}
 
 

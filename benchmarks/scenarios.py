@@ -38,7 +38,11 @@ SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
     "ceiling": {"tags": (10_000, 10_000), "frames": (500, 10)},
     "throughput": {"tags": (10_000, 10_000), "frames": (500, 10)},
     "naive": {"tags": (10_000, 10_000), "frames": (500, 10)},
-    "latency": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 10.0)},
+    "latency": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 6.0)},
+    # each of its two runs (plain, then with --backfill); the history (10,000 tags x DURATION at 1 value/s:
+    # 72 M values in 2 h) is more than either run reads, so the backfill runs behind the live stream throughout
+    "latency_backfill": {"tags": (10_000, 10_000), "interval": (0.2, 0.2), "duration": (60.0, 3.0),
+                         "backfill": ("2h", "2h")},
     "memory": {"tags": (100_000, 20_000), "interval": (1.0, 1.0), "duration": (180.0, 20.0)},
     "startup": {"tags": (100_000, 20_000)},
     "restart": {"tags": (100_000, 20_000), "first": (20.0, 6.0), "downtime": (5.0, 1.0), "duration": (90.0, 20.0)},
@@ -46,7 +50,7 @@ SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
     # 10,000 tags x 864 s at 1 value/s = 8.64 M values: the issue's 10,000 tags x 1 day at one value per 10 s
     # in count and in values per tag per call (the blast server's model ticks once a second). The naive
     # backfill (a commit per tag) runs on the first ``naive_tags`` only: its rate is per value.
-    "history": {"tags": (10_000, 1_000), "seconds": (864, 600), "naive_tags": (300, 100)},
+    "history": {"tags": (10_000, 1_000), "seconds": (864, 300), "naive_tags": (300, 50)},
     "firehose": {"tags": (1_000, 200), "frames": (1_000, 1_000), "paced_interval": (0.007, 0.007)},
     "late": {"tags": (1_000, 200), "frames": (500, 500)},
 }
@@ -307,25 +311,61 @@ def naive(quick: bool) -> dict[str, Any]:
 
 # -- latency ----------------------------------------------------------------------------------------------
 
+LATENCY_FLUSH_SECONDS = 1.0
+
+
 def latency(quick: bool) -> dict[str, Any]:
     """50,000 values/s (10,000 tags, a frame every 0.2 s) with a 1 s flush: commit time (the Delta log
     file's mtime, when readers can see the rows) minus each row's received_timestamp."""
-    p = size("latency", quick)
+    return _latency_run(size("latency", quick))
+
+
+def latency_backfill(quick: bool) -> dict[str, Any]:
+    """The latency scenario twice in this worker, one right after the other on the same machine: with
+    ``--backfill DURATION`` reading each tag's history behind the live stream (from the same blast server,
+    which serves the recorded values of its model), then as it is. The issue's goal: the live p99
+    receive-to-commit stays within the flush interval + 1 s while the backfill runs, and the backfill makes
+    progress. Peak RSS is the backfill run's (it runs first)."""
+    p = size("latency_backfill", quick)
+    result = _latency_run(p, backfill=p["backfill"])  # first: its peak RSS is its own (ru_maxrss only grows)
+    plain = _latency_run(p)
+    goal_ms = LATENCY_FLUSH_SECONDS * 1000 + 1000
+    result.update({
+        "backfill": p["backfill"], "flush_seconds": LATENCY_FLUSH_SECONDS, "p99_goal_ms": goal_ms,
+        "p99_within_goal": result["p99_receive_to_commit_ms"] <= goal_ms,
+        "plain_p50_receive_to_commit_ms": plain["p50_receive_to_commit_ms"],
+        "plain_p99_receive_to_commit_ms": plain["p99_receive_to_commit_ms"],
+        "plain_max_receive_to_commit_ms": plain["max_receive_to_commit_ms"],
+        "plain_cpu_s_per_M_values": plain["cpu_s_per_M_values"],
+        "p99_over_plain": result["p99_receive_to_commit_ms"] / plain["p99_receive_to_commit_ms"],
+        "complete": bool(result.get("backfill_values")),  # the backfill made progress
+    })
+    return round_figures(result)
+
+
+def _latency_run(p: dict[str, Any], backfill: str | None = None) -> dict[str, Any]:
+    """The pipeline at ``p``'s rate with a 1 s flush for its duration (with ``--backfill`` if given); the
+    live writer's rows (app id ``bench``) only: commit time minus received_timestamp (and event time)."""
     rate = p["tags"] / p["interval"]
     frames = int(p["duration"] / p["interval"]) + 50  # never runs out before the pipeline stops
     capture = LogCapture().install()
+    extra = {"backfill": backfill} if backfill else {}
+    history: list[tuple[Any, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp:
         workdir = Path(tmp)
         with blast_server(p["tags"], frames, interval=p["interval"]) as blast, \
                 Sampler(0.25, other_pid=blast.process.pid) as sampler:
-            settings = _settings(workdir, blast.url, p["tags"], flush_seconds=1.0, duration=p["duration"])
+            settings = _settings(workdir, blast.url, p["tags"], flush_seconds=LATENCY_FLUSH_SECONDS,
+                                 duration=p["duration"], **extra)
             _, peak_rss = _run_pipeline(settings, capture, until_rows=None, timeout=RUN_TIMEOUT)
         receive_ms: list[float] = []
         event_ms: list[float] = []
         rows = 0
         first = float("inf")
         last_commit = 0.0
-        data_commits = commit_rows(workdir / "table", ["received_timestamp", "timestamp"])
+        data_commits = commit_rows(workdir / "table", ["received_timestamp", "timestamp"], app_id="bench")
+        if backfill:
+            history = commit_rows(workdir / "table", ["received_timestamp"], app_id="bench-history")
         for i, (commit, data) in enumerate(data_commits):
             received = data["received_timestamp"].cast("int64").to_pylist()
             rows += len(received)
@@ -337,10 +377,12 @@ def latency(quick: bool) -> dict[str, Any]:
             receive_ms.extend((visible_us - r) / 1000 for r in received)
             event_ms.extend((visible_us - t) / 1000 for t in data["timestamp"].cast("int64").to_pylist())
     window = last_commit - first
-    return round_figures({
+    history_values = sum(data.num_rows for _, data in history)
+    result = {
         "tags": p["tags"], "offered_values_per_s": rate, "values": rows,
         "values_per_s": rows / window,
-        "cpu_s_per_M_values": _per_million(sampler.cpu_between(first, last_commit), rows),
+        # per value committed in the window, the history's too
+        "cpu_s_per_M_values": _per_million(sampler.cpu_between(first, last_commit), rows + history_values),
         "peak_rss_MB": peak_rss,
         "commits": len(data_commits),
         "p50_receive_to_commit_ms": percentile(receive_ms, 50),
@@ -349,7 +391,17 @@ def latency(quick: bool) -> dict[str, Any]:
         "p50_event_to_commit_ms": percentile(event_ms, 50),
         "p99_event_to_commit_ms": percentile(event_ms, 99),
         "server_cpu_share": sampler.other_share(last_commit - window, last_commit),
-    })
+    }
+    if backfill:
+        started = capture.named("backfill_round_started")
+        history_end = max((c.visible_at for c, _ in history), default=0.0)
+        result.update({
+            "backfill_values": history_values, "backfill_commits": len(history),
+            "backfill_values_per_s": history_values / (history_end - started[0][0])
+            if started and history_end > started[0][0] else 0.0,
+            "start_to_backfill_s": started[0][0] - first if started else None,
+        })
+    return round_figures(result)
 
 
 # -- memory -----------------------------------------------------------------------------------------------
@@ -740,9 +792,11 @@ def backfill(quick: bool) -> dict[str, Any]:
 
 def history(quick: bool) -> dict[str, Any]:
     """``pistream backfill``'s path (``run_backfill``: paged ``streamsets/recorded`` -> history flusher ->
-    commit writer) against two references in the same run, on the same server process: the REST ceiling
-    (the same pages at the same concurrency, read, decoded and dropped) and a naive backfill (one
-    ``streams/{webId}/recorded`` call per tag, one after another, ``write_deltalake`` per tag)."""
+    commit writer) against references in the same run, on the same server process: the REST ceiling (the
+    same pages at the same concurrency, read, decoded by msgspec and dropped), the same with the decoder the
+    backfill reads pages with (``rest_ceiling_columns``: the C codec into columns where it is built: the
+    reader alone at pistream's own cost), and a naive backfill (one ``streams/{webId}/recorded`` call per
+    tag, one after another, ``write_deltalake`` per tag)."""
     import httpx
     import pyarrow as pa
     import trio
@@ -752,30 +806,40 @@ def history(quick: bool) -> dict[str, Any]:
     from pistream.pi.history import HistoryPage, HistoryReader, TagProgress, TagRange
     from pistream.pi.piwebapi import PiWebApi
     from pistream.pi.webid import path_webid
+    from pistream.stream.columns import TagIndex
+    from pistream.stream.historyflush import page_decoder
     from pistream.timeutil import format_iso
 
     p = size("history", quick)
     LogCapture().install("warning")
     end_us = (time.time_ns() // 1000 // 1_000_000 - 120) * 1_000_000  # two minutes ago, whole second
     start_us = end_us - p["seconds"] * 1_000_000 + 1
-    webids = [path_webid(x) for x in tag_paths(p["tags"])]
+    paths = tag_paths(p["tags"])
+    webids = [path_webid(x) for x in paths]
     with tempfile.TemporaryDirectory(prefix="pistream-bench-") as tmp, \
             blast_server(p["tags"], 1) as blast, Sampler(other_pid=blast.process.pid) as sampler:
-        # 1. the REST ceiling: the reader alone, pages dropped
-        async def ceiling_run() -> int:
+        # 1. the REST ceiling: the reader alone, pages dropped; as defined (msgspec), then with the decoder
+        # pistream's backfill reads pages with (the C codec, into columns)
+        async def ceiling_run(columns: bool) -> int:
             ranges = [TagRange(w, end_us, TagProgress(start_us)) for w in webids]
+            index = TagIndex()
+            for webid, path in zip(webids, paths, strict=True):
+                index.add(webid, path, None)
+            decode = page_decoder(index) if columns else None
             send, recv = trio.open_memory_channel[HistoryPage](4)
             count = 0
             async with PiWebApi(blast.url) as api, trio.open_nursery() as nursery:
-                nursery.start_soon(HistoryReader(api, ranges, send, concurrency=4).run)
+                nursery.start_soon(HistoryReader(api, ranges, send, concurrency=4, decode=decode).run)
                 async with recv:
                     async for page in recv:
-                        count += sum(len(s.items or ()) for s in page.streams)
+                        count += page.values
             return count
 
         t0 = time.time()
-        ceiling_values = trio.run(ceiling_run)
+        ceiling_values = trio.run(ceiling_run, False)
         t1 = time.time()
+        columns_values = trio.run(ceiling_run, True)
+        t1c = time.time()
         # 2. pistream backfill, into a new table
         settings = _settings(Path(tmp), blast.url, p["tags"], start=format_iso(start_us), end=format_iso(end_us),
                              app_id=None, log_level="warning", log_format="json")
@@ -797,6 +861,7 @@ def history(quick: bool) -> dict[str, Any]:
                 naive_values += len(rows)
         t5 = time.time()
     rest_rate = ceiling_values / (t1 - t0)
+    columns_rate = columns_values / (t1c - t1)
     backfill_rate = summary.values_written / (t3 - t2)
     naive_rate = naive_values / (t5 - t4)
     return round_figures({
@@ -805,11 +870,15 @@ def history(quick: bool) -> dict[str, Any]:
         "cpu_s_per_M_values": _per_million(sampler.cpu_between(t2, t3), summary.values_written),
         "peak_rss_MB": rss,
         "rest_ceiling_values_per_s": rest_rate, "naive_values_per_s": naive_rate,
+        "rest_ceiling_columns_values_per_s": columns_rate,
+        "rest_ceiling_cpu_s_per_M_values": _per_million(sampler.cpu_between(t0, t1), ceiling_values),
+        "rest_ceiling_columns_cpu_s_per_M_values": _per_million(sampler.cpu_between(t1, t1c), columns_values),
         "backfill_over_rest_ceiling": backfill_rate / rest_rate,
+        "backfill_over_rest_ceiling_columns": backfill_rate / columns_rate,
         "backfill_over_naive": backfill_rate / naive_rate,
         "commits": summary.commits, "naive_tags": p["naive_tags"],
         "server_cpu_share": sampler.other_share(t2, t3),
-        "complete": summary.complete and summary.values_written == ceiling_values,
+        "complete": summary.complete and summary.values_written == ceiling_values == columns_values,
     })
 
 
@@ -818,6 +887,7 @@ SCENARIOS: dict[str, Callable[[bool], dict[str, Any]]] = {
     "throughput": throughput,
     "naive": naive,
     "latency": latency,
+    "latency_backfill": latency_backfill,
     "memory": memory,
     "startup": startup,
     "restart": restart,

@@ -50,7 +50,7 @@ from .progressview import ProgressView, Snapshot
 from .stream.buffer import ColumnBuffer, Flush, Spill
 from .stream.dedup import EventFilter
 from .stream.heap import use_returning_arrow_pool
-from .stream.historyflush import HistoryFlusher
+from .stream.historyflush import HistoryFlusher, page_decoder
 from .stream.progress import Plan, ProgressStore, progress_path
 from .timeutil import format_iso, parse_pi_time
 
@@ -216,7 +216,8 @@ async def run_backfill(settings: Settings, stop: trio.Event | None = None, *, ha
                                          max_bytes=settings.flush_bytes)
                 writer = CommitWriter(sink, flush_recv, txn_version=txn_version, committed=EventFilter(),
                                       before_commit=store.before_commit)
-                reader = HistoryReader(api, ranges, page_send, concurrency=settings.concurrency)
+                reader = HistoryReader(api, ranges, page_send, concurrency=settings.concurrency,
+                                       decode=page_decoder(buffer.index))
                 resumed_values = sum(p.values for p in progress.values())
                 view = ProgressView(lambda: Snapshot(fraction_read(ranges, plan.start_us), reader.stats.tags_done,
                                                      reader.tags, resumed_values + reader.stats.values),

@@ -626,7 +626,7 @@ async def start_history(root: trio.Nursery, api: PiWebApi, sink: Sink, target: T
     assert settings.backfill is not None
     history = LiveBackfill(api, history_sink, planner, store, committed.floors, settings.backfill,
                            flush_rows=settings.flush_rows, flush_bytes=settings.flush_bytes,
-                           flush_seconds=settings.flush_seconds)
+                           flush_seconds=settings.flush_seconds, tags=committed.floors.tags)
     await trio.to_thread.run_sync(history.open)
     # Taken before reading where the history stopped, so that no other writer moves it (released at the end).
     await root.start(hold, history_sink, WriterClaim(app_id))

@@ -26,6 +26,7 @@ from deltalake import DeltaTable
 from sim_thread import simulator_thread
 
 import pistream.pi.history as history
+import pistream.stream.columns as columns_module
 from pistream.backfill import run_backfill
 from pistream.cli import main
 from pistream.config import build_settings
@@ -85,9 +86,21 @@ def assert_exactly_once(table: str, model: SimModel, windows: dict[str, tuple[in
 KEY_SQL = "tag_webid, timestamp, value, value_text, state_code, good, questionable, substituted, annotated"
 
 
-async def test_page_edges_inside_equal_timestamps_empty_tags_and_a_rerun_adds_nothing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("codec", [True, False], ids=["columns", "msgspec"])
+async def test_page_edges_inside_equal_timestamps_empty_tags_and_a_rerun_adds_nothing(tmp_path, monkeypatch, codec):
     # 58 values a call: 14 per tag for 4 tags, then 19 for 3: pages end inside STACKED's runs of 3 events
     monkeypatch.setattr(history, "ITEMS_PER_PAGE", 58)
+    if not codec:  # pages through msgspec and a Python object per value (no C codec built)
+        monkeypatch.setattr(columns_module, "_framecodec", None)
+    in_columns = []
+    advance_columns = history.HistoryReader._advance_columns
+
+    def counted(self, *args):
+        page = advance_columns(self, *args)
+        in_columns.append(page is not None)
+        return page
+
+    monkeypatch.setattr(history.HistoryReader, "_advance_columns", counted)
     model = archive_model()
     async with served(tmp_path, model, flush_rows=100) as (simulator, settings):
         with trio.fail_after(120):
@@ -112,6 +125,7 @@ async def test_page_edges_inside_equal_timestamps_empty_tags_and_a_rerun_adds_no
     assert again.complete and again.values_written == 0 and again.commits == 0
     assert sorted(DeltaTable(settings.table).file_uris()) == files  # only the writer claim's empty commits came
     assert_exactly_once(settings.table, model, range_windows(model))
+    assert (len(in_columns) > 10 and all(in_columns)) if codec and columns_module.FRAME_CODEC else not in_columns
 
 
 async def test_502_now_and_then_is_retried_and_every_value_lands_once(tmp_path, monkeypatch):
@@ -273,3 +287,19 @@ def test_progress_bar_on_a_terminal(tmp_path):
     assert "backfill: 100.0%|" in text and "tags 3/3" in text and f"{values:,} values" in text
     assert "values/s" in text and "\r" in text  # redrawn in place
     assert "complete" in text
+
+
+@pytest.mark.parametrize("codec", [True, False], ids=["columns", "msgspec"])
+async def test_more_events_at_one_timestamp_than_a_page_holds(tmp_path, monkeypatch, codec):
+    """25 events at every timestamp, 10 values a call: a page that brings only events already read at the
+    tag's cursor is read again alone with bigger pages (20, then 40), not taken for the tag's end."""
+    monkeypatch.setattr(history, "ITEMS_PER_PAGE", 10)
+    if not codec:
+        monkeypatch.setattr(columns_module, "_framecodec", None)
+    model = SimModel([SimTag("CROWDED", "SIMSRV", "float", 0, per_time=25)], rate=1)
+    end = "2026-03-01T00:00:05Z"
+    async with served(tmp_path, model, end=end) as (simulator, settings):
+        with trio.fail_after(60):
+            summary = await run_backfill(settings, handle_signals=False, progress_bar=False)
+    found = assert_exactly_once(settings.table, model, range_windows(model, end=end))
+    assert found == 25 * 6 and summary.complete and not summary.failed

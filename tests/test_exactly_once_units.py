@@ -480,7 +480,8 @@ def test_a_batch_with_a_tag_awaiting_its_first_value_takes_the_other_tags_in_bul
                      for w, values in (("A", ((100, 1.0), (250, 2.5), (300, 3.0))), ("B", ((100, 1.0), (300, 3.0))))], 0)
     assert buffer.filter.stats.repeats_dropped == 4  # A's 100 and 300, B's 100 and 300
     rows = buffer.take().batch
-    got = sorted(zip(rows.column("tag_webid").to_pylist(), pc.cast(rows.column("timestamp"), pa.int64()).to_pylist()))
+    times = pc.cast(rows.column("timestamp"), pa.int64()).to_pylist()
+    got = sorted(zip(rows.column("tag_webid").to_pylist(), times, strict=True))
     assert got == [("A", 100), ("A", 250), ("A", 300), ("B", 100), ("B", 300), ("B", 400), ("B", 500), ("C", 100),
                    ("C", 200), ("C", 300)]
 

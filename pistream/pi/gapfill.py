@@ -19,7 +19,7 @@ from ..errors import ConnectError, ServerError
 from ..timeutil import format_iso, to_us
 from .flow import GapDone, GapRequest, GapValues, Incoming
 from .messages import StreamSetMessage, StreamValues, TimedValue
-from .piwebapi import PiWebApi, RetryableError
+from .piwebapi import Decoded, PiWebApi, RetryableError
 
 log = structlog.get_logger(__name__)
 
@@ -161,16 +161,17 @@ class GapFiller:
 
 
 async def read_recorded(api: PiWebApi, webids: list[str], start_us: int, end_time: str, max_count: int, *,
-                        event: str = "gap_read_retried", on_call: Callable[[], None] | None = None
-                        ) -> StreamSetMessage:
+                        event: str = "gap_read_retried", on_call: Callable[[], None] | None = None,
+                        decode: Callable[[bytes], Decoded | None] | None = None) -> StreamSetMessage | Decoded:
     """One ``streamsets/recorded`` call, retried with backoff (or the server's Retry-After) on 429/5xx,
-    timeouts and lost connections, MAX_ATTEMPTS times in all; the gap filler's and the backfill's."""
+    timeouts and lost connections, MAX_ATTEMPTS times in all; the gap filler's and the backfill's.
+    ``decode``: see ``PiWebApi.recorded``."""
     backoff = Backoff(initial=0.5, maximum=30.0)
     for attempt in range(1, MAX_ATTEMPTS + 1):
         if on_call is not None:
             on_call()
         try:
-            return await api.recorded(webids, start_us, end_time, max_count)
+            return await api.recorded(webids, start_us, end_time, max_count, decode)
         except (RetryableError, ConnectError) as exc:
             if attempt == MAX_ATTEMPTS:
                 raise

@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 import socket
 import ssl
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 from urllib.parse import quote, urlsplit
 
 import httpx
@@ -26,6 +27,8 @@ from .tls import certificate_issuer
 from .webid import dataserver_webid, path_webid
 
 log = structlog.get_logger(__name__)
+
+Decoded = TypeVar("Decoded")
 
 DEFAULT_TIMEOUT = 30.0
 LOOKUP_CHUNK = 500  # paths per points/multiple request, within the URL length budget
@@ -227,9 +230,11 @@ class PiWebApi:
             raise ServerError(f"PI Web API at {self.base_url} answered {response.status_code}: "
                               f"{_error_text(response)}")
 
-    async def recorded(self, webids: list[str], start_us: int, end_time: str, max_count: int
-                       ) -> StreamSetMessage:
-        """One ``streamsets/recorded`` call (no paging: the caller re-asks for streams cut at max_count)."""
+    async def recorded(self, webids: list[str], start_us: int, end_time: str, max_count: int,
+                       decode: Callable[[bytes], Decoded | None] | None = None) -> StreamSetMessage | Decoded:
+        """One ``streamsets/recorded`` call (no paging: the caller re-asks for streams cut at max_count).
+        ``decode`` may read the answer first (the history reader's columns); where it returns None, msgspec
+        decodes it, and reports it when it is not PI Web API JSON."""
         params = [("webId", w) for w in webids] + [
             ("startTime", format_iso(start_us)), ("endTime", end_time), ("boundaryType", "Inside"),
             ("maxCount", str(max_count)),
@@ -240,6 +245,10 @@ class PiWebApi:
                                  _retry_after(response))
         if response.status_code != 200:
             raise ServerError(f"recorded values refused ({response.status_code}: {_error_text(response)})")
+        if decode is not None:
+            decoded = decode(response.content)
+            if decoded is not None:
+                return decoded
         try:
             message = channel_decoder.decode(response.content)
         except msgspec.DecodeError as exc:

@@ -9,7 +9,9 @@
  * in `ids` is read all the same (the frame must be one msgspec reads) and its rows get id -1, listed as
  * (webid, rows): the caller drops them (no channel of this process subscribed to it).
  * Values that are not plain numbers (text, states, bools, arrays, big integers) come back as raw JSON
- * slices for Python to classify.
+ * slices for Python to classify. The last item lists every stream in order as int32 (id, rows), empty ones
+ * too: a ``streamsets/recorded`` page has the same shape, and its reader must tell an empty stream from one
+ * the server left out.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -426,6 +428,7 @@ typedef struct {
     const char *ptr;
     Py_ssize_t len;
     Py_ssize_t first_row, end_row;
+    Py_ssize_t stream; /* its index in `streams` */
 } Miss;
 
 typedef struct {
@@ -433,6 +436,7 @@ typedef struct {
         code, code_null, system;
     Buf raw;    /* RawValue: values Python must classify */
     Buf misses; /* Miss: webids not in the id table yet, resolved with the GIL */
+    Buf streams; /* int32 (id, rows) per stream in order, empty ones too: what a paged reader needs */
     Interner units, texts;
     Py_ssize_t rows;
 } Out;
@@ -915,11 +919,15 @@ static int parse_stream(Cur *c, Out *out, int64_t received) {
         }
     }
     if (id < 0 || !have_items) return SLOW;
+    Py_ssize_t stream = (Py_ssize_t)(out->streams.len / (2 * sizeof(int32_t)));
     if (miss_ptr) {
         if (!buf_grow(&out->misses, sizeof(Miss))) return NOMEM;
-        *(Miss *)(out->misses.data + out->misses.len) = (Miss){miss_ptr, miss_len, first, out->rows};
+        *(Miss *)(out->misses.data + out->misses.len) = (Miss){miss_ptr, miss_len, first, out->rows, stream};
         out->misses.len += sizeof(Miss);
     }
+    if (out->rows - first > INT32_MAX) return SLOW;
+    PUSH(out->streams, int32_t, id);
+    PUSH(out->streams, int32_t, out->rows - first);
     for (Py_ssize_t row = first; row < out->rows; row++) {
         PUSH(out->ids, int32_t, id);
         PUSH(out->stream_uom, int32_t, stream_uom);
@@ -977,7 +985,7 @@ static PyObject *take_bytes(Buf *b) {
 static void free_out(Out *out) {
     Buf *bufs[] = {&out->ids, &out->ts, &out->received, &out->value, &out->value_null, &out->good,
                    &out->questionable, &out->substituted, &out->annotated, &out->uom, &out->stream_uom,
-                   &out->text, &out->code, &out->code_null, &out->system, &out->raw, &out->misses,
+                   &out->text, &out->code, &out->code_null, &out->system, &out->raw, &out->misses, &out->streams,
                    &out->units.spans, &out->texts.spans};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) free(bufs[i]->data);
     free(out);
@@ -1009,6 +1017,7 @@ static PyObject *finish(Out *out, PyObject *ids_of) {
         }
         for (Py_ssize_t row = misses[i].first_row; row < misses[i].end_row; row++)
             ((int32_t *)out->ids.data)[row] = (int32_t)id;
+        ((int32_t *)out->streams.data)[2 * misses[i].stream] = (int32_t)id;
     }
     Py_ssize_t raw_count = (Py_ssize_t)(out->raw.len / sizeof(RawValue));
     PyObject *raw = PyList_New(raw_count);
@@ -1034,11 +1043,11 @@ static PyObject *finish(Out *out, PyObject *ids_of) {
         return NULL;
     }
     return Py_BuildValue(
-        "(nNNNNNNNNNNNNNNNNNNN)", out->rows, take_bytes(&out->ids), take_bytes(&out->ts), take_bytes(&out->received),
+        "(nNNNNNNNNNNNNNNNNNNNN)", out->rows, take_bytes(&out->ids), take_bytes(&out->ts), take_bytes(&out->received),
         take_bytes(&out->value), take_bytes(&out->value_null), take_bytes(&out->text), take_bytes(&out->code),
         take_bytes(&out->code_null), take_bytes(&out->system), take_bytes(&out->good),
         take_bytes(&out->questionable), take_bytes(&out->substituted), take_bytes(&out->annotated),
-        take_bytes(&out->uom), take_bytes(&out->stream_uom), units, texts, raw, unknown);
+        take_bytes(&out->uom), take_bytes(&out->stream_uom), units, texts, raw, unknown, take_bytes(&out->streams));
 fail_unknown:
     Py_DECREF(unknown);
     return NULL;

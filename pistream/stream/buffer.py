@@ -224,6 +224,21 @@ class ColumnBuffer:
         self._compact_if_many()
         return count, gaps
 
+    def add_columns(self, columns: LiveColumns) -> None:
+        """Rows already in table columns, of tags with no gap open (a history page): in bulk, else (events at
+        one timestamp, say) value by value with ``add_live``'s decisions for such tags."""
+        if not len(columns) or self._accept_bulk(columns):
+            return
+        batch = columns.batch
+        uoms = batch.column("uom").to_pylist()
+        system = batch.column("system_state").to_pylist()
+        received = batch.column("received_timestamp").cast(pa.int64()).to_pylist()
+        rows = RecentRows(columns.ids, columns.ts, batch)
+        for row, (webid, key) in enumerate(event_keys_of(rows, np.arange(len(columns)))):
+            if self.filter.accept_live(webid, key):
+                self._append(webid, _Row(key, uoms[row], system[row]), None, received[row])
+        self._compact_if_many()
+
     def _accept_bulk_with_first_values(self, columns: LiveColumns
                                        ) -> tuple[np.ndarray, int, list[GapRequest]] | None:
         """A batch that holds tags awaiting their first live value since a connect, in bulk but for the

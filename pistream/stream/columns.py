@@ -345,8 +345,33 @@ def extract_frames(frames: list[str | bytes], received_us: list[int], index: Tag
     parsed = _framecodec.parse(frames, received_us, index.ids)
     if parsed is None or parsed[0] == 0:
         return None
+    return _parsed_columns(parsed, index)
+
+
+def extract_page(body: bytes, received_us: int, index: TagIndex) -> tuple[LiveColumns, np.ndarray] | None:
+    """A ``streamsets/recorded`` answer (the channel message's shape) straight into columns with the C codec,
+    and its streams in order as rows of (tag id, values), empty ones too. None if the codec is not built,
+    does not take it, it has no stream, or a stream is not one of the index's described tags: the decoding
+    path then reads it (and reports what is wrong)."""
+    if _framecodec is None:
+        return None
+    parsed = _framecodec.parse([body], [received_us], index.ids)
+    if parsed is None or len(parsed) < 21 or parsed[19]:  # 20 items: a codec built before it listed streams
+        return None
+    streams = np.frombuffer(parsed[20], np.int32).reshape(-1, 2)
+    if not len(streams) or not index.subscribed(streams[:, 0].astype(np.int64)).all():
+        return None
+    if parsed[0] == 0:
+        return LiveColumns(np.zeros(0, np.int32), np.zeros(0, np.int64),
+                           pa.RecordBatch.from_pylist([], schema=BUFFER_SCHEMA)), streams
+    columns = _parsed_columns(parsed, index)
+    return None if columns is None else (columns, streams)
+
+
+def _parsed_columns(parsed: tuple[Any, ...], index: TagIndex) -> LiveColumns | None:
+    """The codec's packed buffers as table columns (unsubscribed streams' rows left out and listed)."""
     (n, ids_b, ts_b, received_b, value_b, value_null_b, text_b, code_b, code_null_b, system_b, good_b, quest_b,
-     subst_b, annot_b, uom_b, stream_uom_b, units, texts, raw, unknown) = parsed
+     subst_b, annot_b, uom_b, stream_uom_b, units, texts, raw, unknown) = parsed[:20]
     ids = np.frombuffer(ids_b, np.int32)
     ts = np.frombuffer(ts_b, np.int64)
     keep = index.subscribed(ids)  # unknown webids are -1; floors of tags no longer listed have no path
