@@ -501,3 +501,39 @@ def test_a_first_value_at_its_floor_goes_value_by_value_and_is_a_repeat(as_frame
     assert count == 2 and sorted(gaps, key=lambda g: g.webid) == [GapRequest("A", 50, 100), GapRequest("B", 50, 200)]
     assert buffer.tag_webid == [] and buffer.filter.stats.repeats_dropped == 1
     assert taken_times(buffer, "A") == [100] and buffer.filter.open_gaps() == 2
+
+
+async def test_a_gap_with_more_events_at_one_time_than_a_page_holds_reads_every_one():
+    """25 events at every timestamp, 7 values a stream a call: a page of events read already at a stream's
+    cursor is not its end; it is read alone with bigger pages, and every event comes once."""
+    from pistream.sim.model import SimTag
+
+    model = SimModel([SimTag("CROWD1", "SIMSRV", "float", 0, per_time=25),
+                      SimTag("CROWD2", "SIMSRV", "float", 1, per_time=25)], rate=10)
+    simulator = Simulator(model, poll_interval=0.1)
+    tags = {t.webid: t for t in model.tags}
+    got: dict[str, list[tuple[str, str]]] = {w: [] for w in tags}
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(simulator.run)
+            await trio.sleep(1.2)
+            now = simulator.now_us()
+            start, end = now - 1_000_000, now - 100_000
+            send, receive = trio.open_memory_channel(1000)
+
+            async def take_in() -> None:
+                async for item in receive:
+                    for stream in getattr(item, "streams", []):
+                        got[stream.web_id] += [(t.timestamp, repr(t.value)) for t in stream.items]
+                    if getattr(item, "taken", None) is not None:
+                        item.taken.set()
+
+            nursery.start_soon(take_in)
+            async with PiWebApi(simulator.url) as api:
+                filler = GapFiller(api, GapQueue(), send, items_per_page=14)
+                await filler.fill([GapRequest(w, start, end) for w in tags])
+            nursery.cancel_scope.cancel()
+    for webid, tag in tags.items():
+        expected = [(format_iso(e.timestamp_us), repr(e.value)) for e in model.events(tag, start, end)]
+        assert len(expected) >= 5 * 25 and sorted(got[webid]) == sorted(expected)
+    assert filler.stats.lost_gaps == 0

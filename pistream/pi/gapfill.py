@@ -114,26 +114,45 @@ class GapFiller:
         # Per stream: where its next page starts, and how many events at exactly that time it already has
         # (a stream cut at max_count is asked again from its last timestamp, whose events come again).
         cursors = {r.webid: (first_us, 0) for r in group}
+        # Streams with more events at one time than a page holds: a full page of events read already is
+        # not their end; they are read alone, maxCount doubled up to the server's cap (webid -> maxCount).
+        crowded: dict[str, int] = {}
         read = pages = 0
         try:
             while cursors and pages < MAX_PAGES:
                 pages += 1
-                page_start = min(start for start, _ in cursors.values())
-                per_stream = max(1, min(self.max_count, self.items_per_page // len(cursors)))
-                message = await self._call(list(cursors), page_start, format_iso(end_us), per_stream)
+                if crowded:
+                    asked = [next(iter(crowded))]
+                    per_stream = crowded[asked[0]]
+                else:
+                    asked = list(cursors)
+                    per_stream = max(1, min(self.max_count, self.items_per_page // len(cursors)))
+                page_start = min(cursors[webid][0] for webid in asked)
+                message = await self._call(asked, page_start, format_iso(end_us), per_stream)
                 streams: list[StreamValues] = []
-                next_cursors: dict[str, tuple[int, int]] = {}
+                next_cursors = {webid: at for webid, at in cursors.items() if webid not in asked}
                 for stream in message.items or ():
                     webid = stream.web_id or ""
-                    if webid not in cursors:
+                    if webid not in asked or webid in next_cursors:
                         continue
                     items = stream.timed_values()
                     fresh, cursor = after_cursor(items, *cursors[webid])
                     read += len(fresh)
                     streams.append(StreamValues(web_id=webid, name=stream.name, path=stream.path,
                                                 units_abbreviation=stream.units_abbreviation, items=fresh))
-                    if len(items) >= per_stream and cursor is not None:
+                    if len(items) < per_stream:
+                        crowded.pop(webid, None)  # its end
+                    elif cursor is not None:
                         next_cursors[webid] = cursor
+                    elif not fresh:  # a full page of events read already: more at one time than a page holds
+                        if per_stream >= MAX_ITEMS_PER_CALL:
+                            crowded.pop(webid, None)
+                            self._lost_crowded(webid, cursors[webid][0], end_us)
+                        else:
+                            crowded[webid] = min(2 * per_stream, MAX_ITEMS_PER_CALL)
+                            next_cursors[webid] = cursors[webid]
+                    else:  # values without a usable time (rejected and counted downstream): it stops there
+                        crowded.pop(webid, None)
                 await self._send_page(streams)
                 cursors = next_cursors
         except (ServerError, ConnectError) as exc:
@@ -144,6 +163,12 @@ class GapFiller:
         await self.send_channel.send(GapDone(tuple(group)))
         log.info("gap_filled", tags=len(group), values=read, pages=pages, start=format_iso(first_us),
                  end=format_iso(end_us), seconds=round(time.monotonic() - started, 3))
+
+    def _lost_crowded(self, webid: str, at_us: int, end_us: int) -> None:
+        """More events at one time than one call may return: the rest of that gap cannot be read."""
+        self.stats.lost_gaps += 1
+        log.error("data_lost", reason=f"more than {MAX_ITEMS_PER_CALL:,} events at one timestamp", tags=1,
+                  first=[webid], start=format_iso(at_us), end=format_iso(end_us))
 
     async def _send_page(self, streams: list[StreamValues]) -> None:
         """Send a page once fewer than PAGES_AHEAD sent ones wait for the flusher."""
