@@ -8,6 +8,7 @@ import json
 import math
 
 import msgspec
+import pyarrow as pa
 import structlog
 
 from pistream.pi.flow import Live
@@ -95,3 +96,34 @@ def test_unusable_files_are_ignored_with_a_reason(tmp_path):
         assert StateStore(path, "table", "app").load(100) is None
         assert StateStore(tmp_path / "missing.state.arrow", "table", "app").load(100) is None
     assert [entry["event"] for entry in logs] == ["state_ignored", "state_unreadable", "state_unreadable"]
+
+
+def test_a_file_of_the_earlier_text_tags_format_is_read(tmp_path):
+    """Format 3 kept each row's tag as text; a file of it (from before an upgrade) still gives the floors and
+    the recent events, and the next save writes the current format."""
+    from pistream.stream.state import PLAIN_TAGS_FORMAT, PLAIN_TAGS_SCHEMA, _write_atomically
+
+    path = state_path(tmp_path, "table", "app")
+    schema = PLAIN_TAGS_SCHEMA.with_metadata({"format": str(PLAIN_TAGS_FORMAT), "table": "table", "app_id": "app",
+                                              "txn_version": "5", "lookback_us": "100"})
+    rows = [("A", 500, None, 1.5), ("B", 80, None, 2.0), ("A", None, 450, 1.0), ("A", None, 500, 1.5),
+            ("A", None, 300, 9.0), ("C", None, 10, 3.0)]  # 300: out of A's look-back; C: no floor
+    columns = {"tag_webid": [r[0] for r in rows], "floor": [r[1] for r in rows],
+               "timestamp": [r[2] for r in rows], "value": [r[3] if r[1] is None else None for r in rows]}
+    n = len(rows)
+    data = pa.table([pa.array(columns["floor"], pa.int64()), pa.array(columns["tag_webid"]),
+                     pa.array(columns["timestamp"], pa.int64()).cast(schema.field("timestamp").type),
+                     pa.array(columns["value"], pa.float64()), pa.nulls(n, pa.string()), pa.nulls(n, pa.int32()),
+                     *(pa.array([None if r[1] is not None else f for r in rows], pa.bool_())
+                       for f in (True, False, False, False))], schema=schema)
+    _write_atomically(path, schema, [data])
+    store = StateStore(path, "table", "app")
+    loaded, version = store.load(100)
+    assert version == 5 and loaded.floors == {"A": 500, "B": 80}
+    loaded.sync_recent()
+    assert loaded.recent == {"A": [event_key(450, 1.0, None, None, True, False, False, False),
+                                   event_key(500, 1.5, None, None, True, False, False, False)]}
+    store.save(loaded, 6)
+    again, version = store.load(100)
+    again.sync_recent()
+    assert version == 6 and again.floors == loaded.floors and again.recent == loaded.recent

@@ -34,13 +34,19 @@ from .schema import EVENT_KEY
 
 log = structlog.get_logger(__name__)
 
-FORMAT = 3  # an Arrow IPC file; format 2 (JSON, ``.json``) is still read once after an upgrade
+FORMAT = 4  # an Arrow IPC file; formats 3 (text tags) and 2 (JSON, ``.json``) are still read after an upgrade
+PLAIN_TAGS_FORMAT = 3
 LEGACY_FORMAT = 2
 
 # One file, two kinds of rows: a tag's floor (``floor`` set, the event columns null) and a recent event
 # (``floor`` null). Columns write without a Python object per event, which at 100,000 tags was ~250,000
-# key tuples and a 20 MB JSON text every save.
-FILE_SCHEMA = pa.schema([pa.field("floor", pa.int64()), *RECENT_SCHEMA])
+# key tuples and a 20 MB JSON text every save. The tags are a dictionary over the floors' tags, in their
+# order (the floors come first): each webId's text is in the file once, not once a row (format 3's 40 MB at
+# 100,000 tags with 250,000 events, rewritten after every commit, became ~15 MB).
+TAG_DICTIONARY = pa.dictionary(pa.int32(), pa.string())
+FILE_SCHEMA = pa.schema([pa.field("floor", pa.int64()), pa.field("tag_webid", TAG_DICTIONARY),
+                         *list(RECENT_SCHEMA)[1:]])
+PLAIN_TAGS_SCHEMA = pa.schema([pa.field("floor", pa.int64()), *RECENT_SCHEMA])
 
 GAPS_FORMAT = 1
 GAPS_SCHEMA = pa.schema([pa.field("tag_webid", pa.string()), pa.field("start_us", pa.int64()),
@@ -86,11 +92,21 @@ class StateStore:
     def save(self, committed: EventFilter, txn_version: int) -> None:
         events = committed.recent_rows()
         webids, values = committed.floors.columns()
-        floors = pa.table({"tag_webid": pa.array(webids, pa.string()), "floor": pa.array(values, pa.int64())})
+        dictionary = pa.array(webids, pa.string())
+        tag_of_event = pc.index_in(events.column("tag_webid"), value_set=dictionary)
+        known = pc.is_valid(tag_of_event)  # events of a tag without a floor: a load would leave them out
+        events, tag_of_event = events.filter(known), tag_of_event.filter(known)
+        floors = len(webids)
+        indices = pa.concat_arrays([pa.array(np.arange(floors, dtype=np.int32)),
+                                    *tag_of_event.cast(pa.int32()).chunks])
+        columns = [pa.concat_arrays([pa.array(values, pa.int64()), pa.nulls(events.num_rows, pa.int64())]),
+                   pa.DictionaryArray.from_arrays(indices, dictionary)]
+        columns += [pa.concat_arrays([pa.nulls(floors, f.type), *events.column(f.name).cast(f.type).chunks])
+                    for f in list(RECENT_SCHEMA)[1:]]
         metadata = {"format": str(FORMAT), "table": self.table_uri, "app_id": self.app_id,
                     "txn_version": str(txn_version), "lookback_us": str(committed.lookback_us)}
         schema = FILE_SCHEMA.with_metadata(metadata)
-        _write_atomically(self.path, schema, [_with_nulls(floors, schema), _with_nulls(events, schema)])
+        _write_atomically(self.path, schema, [pa.table(columns, schema=schema)])
 
     def save_gaps(self, gaps: Collection[GapRequest]) -> None:
         """Replace the open-gaps file (see the module docstring for when)."""
@@ -146,20 +162,34 @@ class StateStore:
             log.warning("state_unreadable", path=str(self.path), error=str(exc))
             return None
         meta = {k.decode(): v.decode() for k, v in (data.schema.metadata or {}).items()}
-        if meta.get("format") != str(FORMAT) or not data.schema.remove_metadata().equals(FILE_SCHEMA) \
-                or "txn_version" not in meta:
+        schema = {str(FORMAT): FILE_SCHEMA, str(PLAIN_TAGS_FORMAT): PLAIN_TAGS_SCHEMA}.get(meta.get("format", ""))
+        if schema is None or not data.schema.remove_metadata().equals(schema) or "txn_version" not in meta:
             log.warning("state_unreadable", path=str(self.path), error="not a pistream state file of this version")
             return None
         if not self._usable(meta.get("table"), meta.get("app_id"), meta.get("lookback_us"), lookback_us):
             return None
         result = EventFilter(lookback_us)
         is_floor = pc.is_valid(data.column("floor")).to_numpy(zero_copy_only=False)
-        floor_rows = pa.array(np.flatnonzero(is_floor))
-        webids = data.column("tag_webid").take(floor_rows).combine_chunks()
-        result.floors.set_many(webids.to_pylist(), data.column("floor").take(floor_rows).to_numpy())
+        floor_rows = np.flatnonzero(is_floor)
         events = np.flatnonzero(~is_floor)
-        if len(events):
-            _load_events(result, data.select(list(EVENT_KEY)), events, webids)
+        tags = data.column("tag_webid")
+        if schema is FILE_SCHEMA:  # tag ids: the dictionary's entries, by the floors' rows that name them
+            if not data.num_rows:
+                return result, int(meta["txn_version"])
+            dictionary = tags.chunk(0).dictionary
+            indices = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in tags.chunks])
+            webids = dictionary.take(pa.array(indices[floor_rows]))
+            result.floors.set_many(webids.to_pylist(), data.column("floor").take(pa.array(floor_rows)).to_numpy())
+            tag_of = np.full(len(dictionary), -1, np.int64)
+            tag_of[indices[floor_rows]] = np.arange(len(floor_rows))  # a fresh registry: ids in the floors' order
+            ids = tag_of[indices[events]]
+        else:  # format 3: text tags, found among the floors' tags
+            webids = tags.take(pa.array(floor_rows)).combine_chunks()
+            result.floors.set_many(webids.to_pylist(), data.column("floor").take(pa.array(floor_rows)).to_numpy())
+            found = pc.index_in(tags.take(pa.array(events)), value_set=webids)
+            ids = pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        if len(events) and len(result.floors.tags) == len(floor_rows):
+            _load_events(result, data, events, ids, webids)
         return result, int(meta["txn_version"])
 
     def _usable(self, table: object, app_id: object, saved_lookback: object, lookback_us: int) -> bool:
@@ -191,24 +221,23 @@ class StateStore:
         return result, state.txn_version
 
 
-def _load_events(result: EventFilter, data: pa.Table, events: np.ndarray, webids: pa.Array) -> None:
-    """The saved recent events (rows ``events`` of ``data``) as rows accepted in bulk: columns, not a key
-    tuple each (after a restart at 100,000 tags, ~250,000 tuples, ~45 MB, held by each tag's gap window until
-    its gap was read), sorted by tag and time, and with their tags as a dictionary over ``webids`` (the tags
-    with a floor, in the order of their ids). Those out of their tag's look-back (or without a floor) are
-    left out. One copy of the rows kept: filtering and sorting the whole file's rows (text tags of ~100
-    bytes each) took ~130 MB for a moment at 100,000 tags."""
-    rows = pa.array(events)
-    ids = pc.index_in(data.column("tag_webid").take(rows), value_set=webids).to_numpy(zero_copy_only=False)
-    known = ~np.isnan(ids) if ids.dtype.kind == "f" else np.ones(len(ids), np.bool_)
-    ids = np.nan_to_num(ids, nan=0).astype(np.int32) if ids.dtype.kind == "f" else ids.astype(np.int32)
-    ts = pc.cast(data.column("timestamp").take(rows), pa.int64()).to_numpy(zero_copy_only=False)
-    floors = result.floors.array()[ids]
-    keep = np.flatnonzero(known & (floors != NO_FLOOR) & (ts >= floors - result.lookback_us))
+def _load_events(result: EventFilter, data: pa.Table, events: np.ndarray, ids: np.ndarray, webids: pa.Array) -> None:
+    """The saved recent events (rows ``events`` of ``data``, of tag ids ``ids``, -1 for a tag without a
+    floor) as rows accepted in bulk: columns, not a key tuple each (after a restart at 100,000 tags, ~250,000
+    tuples, ~45 MB, held by each tag's gap window until its gap was read), sorted by tag and time, their tags
+    a dictionary over ``webids`` (the tags with a floor, in the order of their ids). Those out of their tag's
+    look-back (or without a floor) are left out. One copy of the rows kept: filtering and sorting the whole
+    file's rows took ~130 MB for a moment at 100,000 tags."""
+    ts = pc.cast(data.column("timestamp").take(pa.array(events)), pa.int64()).to_numpy(zero_copy_only=False)
+    known = ids >= 0
+    floors = np.full(len(ids), NO_FLOOR, np.int64)
+    floors[known] = result.floors.array()[ids[known]]
+    keep = np.flatnonzero(known & (floors != NO_FLOOR))
+    keep = keep[ts[keep] >= floors[keep] - result.lookback_us]
     keep = keep[np.lexsort((ts[keep], ids[keep]))]
     kept = data.select(list(EVENT_KEY)[1:]).take(pa.array(events[keep]))
     tags = pa.DictionaryArray.from_arrays(pa.array(ids[keep], pa.int32()), webids)
-    result.add_recent(RecentRows(ids[keep], ts[keep], kept.add_column(0, "tag_webid", tags)))
+    result.add_recent(RecentRows(ids[keep].astype(np.int32), ts[keep], kept.add_column(0, "tag_webid", tags)))
 
 
 def _write_atomically(path: Path, schema: pa.Schema, parts: list[pa.Table]) -> None:
@@ -222,10 +251,3 @@ def _write_atomically(path: Path, schema: pa.Schema, parts: list[pa.Table]) -> N
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _with_nulls(part: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``part``'s columns in the file's schema, the ones it lacks as nulls."""
-    columns = [part.column(f.name) if f.name in part.column_names else pa.nulls(part.num_rows, f.type)
-               for f in schema]
-    return pa.table(columns, schema=schema)
