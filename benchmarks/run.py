@@ -47,7 +47,7 @@ HIGHER_IS_BETTER = {"values_per_s": True, "cpu_s_per_M_values": False, "peak_rss
                     "throughput_over_naive": True, "start_to_all_committed_s": False,
                     "paced_start_to_all_committed_s": False, "idle_flush_speedup": True,
                     "backfill_over_rest_ceiling": True, "backfill_over_naive": True,
-                    "backfill_over_rest_ceiling_columns": True,
+                    "backfill_over_rest_ceiling_columns": True, "late_over_in_order": False,
                     "backfill_values_per_s": True, "p99_over_plain": False}
 # Columns of the printed table: (figure, heading, format).
 COLUMNS = (("values_per_s", "values/s", "{:,.0f}"), ("cpu_s_per_M_values", "CPU s/M values", "{:.2f}"),
@@ -61,7 +61,8 @@ EXTRA = {"memory": ("warmup_rss_MB", "end_rss_MB", "rss_slope_MB_per_min"),
                      "commits"),
          "latency_backfill": ("plain_p99_receive_to_commit_ms", "p99_goal_ms", "p99_within_goal",
                               "backfill_values_per_s"),
-         "firehose": ("start_to_all_committed_s", "paced_start_to_all_committed_s", "idle_flush_speedup")}
+         "firehose": ("start_to_all_committed_s", "paced_start_to_all_committed_s", "idle_flush_speedup"),
+         "late": ("late_over_in_order", "in_order_start_to_all_committed_s")}
 
 
 def machine_facts() -> dict[str, Any]:

@@ -90,23 +90,26 @@ class StateStore:
         return self.path.with_name(self.path.name.removesuffix(".state.arrow") + ".gaps.arrow")
 
     def save(self, committed: EventFilter, txn_version: int) -> None:
-        events = committed.recent_rows()
         webids, values = committed.floors.columns()
         dictionary = pa.array(webids, pa.string())
-        tag_of_event = pc.index_in(events.column("tag_webid"), value_set=dictionary)
-        known = pc.is_valid(tag_of_event)  # events of a tag without a floor: a load would leave them out
-        events, tag_of_event = events.filter(known), tag_of_event.filter(known)
-        floors = len(webids)
-        indices = pa.concat_arrays([pa.array(np.arange(floors, dtype=np.int32)),
-                                    *tag_of_event.cast(pa.int32()).chunks])
-        columns = [pa.concat_arrays([pa.array(values, pa.int64()), pa.nulls(events.num_rows, pa.int64())]),
-                   pa.DictionaryArray.from_arrays(indices, dictionary)]
-        columns += [pa.concat_arrays([pa.nulls(floors, f.type), *events.column(f.name).cast(f.type).chunks])
-                    for f in list(RECENT_SCHEMA)[1:]]
         metadata = {"format": str(FORMAT), "table": self.table_uri, "app_id": self.app_id,
                     "txn_version": str(txn_version), "lookback_us": str(committed.lookback_us)}
         schema = FILE_SCHEMA.with_metadata(metadata)
-        _write_atomically(self.path, schema, [pa.table(columns, schema=schema)])
+        event_fields = list(RECENT_SCHEMA)[1:]
+        floors = pa.RecordBatch.from_arrays(
+            [pa.array(values, pa.int64()),
+             pa.DictionaryArray.from_arrays(pa.array(np.arange(len(webids), dtype=np.int32)), dictionary),
+             *(pa.nulls(len(webids), f.type) for f in event_fields)], schema=schema)
+        parts = [floors]
+        for events in committed.recent_rows().to_batches():  # one batch per part, the same dictionary: no copy
+            tags = pc.index_in(events.column("tag_webid"), value_set=dictionary)
+            known = pc.is_valid(tags)  # events of a tag without a floor: a load would leave them out
+            if not pc.all(known).as_py():
+                events, tags = events.filter(known), tags.filter(known)
+            parts.append(pa.RecordBatch.from_arrays(
+                [pa.nulls(len(events), pa.int64()), pa.DictionaryArray.from_arrays(tags.cast(pa.int32()), dictionary),
+                 *(events.column(f.name) for f in event_fields)], schema=schema))
+        _write_atomically(self.path, schema, parts)
 
     def save_gaps(self, gaps: Collection[GapRequest]) -> None:
         """Replace the open-gaps file (see the module docstring for when)."""
@@ -240,14 +243,14 @@ def _load_events(result: EventFilter, data: pa.Table, events: np.ndarray, ids: n
     result.add_recent(RecentRows(ids[keep].astype(np.int32), ts[keep], kept.add_column(0, "tag_webid", tags)))
 
 
-def _write_atomically(path: Path, schema: pa.Schema, parts: list[pa.Table]) -> None:
+def _write_atomically(path: Path, schema: pa.Schema, parts: list[pa.Table] | list[pa.RecordBatch]) -> None:
     """An Arrow IPC file that is either the old one or the whole new one, also after a power cut."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         with pa.ipc.new_file(f, schema) as writer:
             for part in parts:
-                writer.write_table(part)
+                writer.write(part)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
