@@ -327,7 +327,7 @@ def test_a_connect_looks_only_at_its_own_tags_pending_events():
     assert buffer.filter.recent == {} and buffer.filter._pending_rows == 6  # nothing sorted in
     window = buffer.filter._awaiting["B"]
     assert window.known == () and window.known_rows is not None  # still columns, keys once its gap is read
-    known = window.known_rows.keys(np.arange(window.known_lo, window.known_hi))
+    known = window.known_rows.keys(window.known_rows.rows_of(np.array([buffer.filter.floors.tags.ids["B"]]))[0])
     assert window.start_us == 140 - 50 and set(known) == {key(100, 1.0), key(130, 4.0), key(140, 5.0)}
     assert "A" not in buffer.filter._awaiting
     # B's gap then drops what the buffer has already and takes what it missed

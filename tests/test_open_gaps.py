@@ -23,6 +23,8 @@ from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
 from pistream.stream.buffer import ColumnBuffer, Flush, StreamInfo
 from pistream.stream.dedup import EventFilter, event_key
+from pistream.stream.floors import TagIds
+from pistream.stream.opengaps import OpenGaps
 from pistream.stream.state import StateStore, state_path
 from pistream.timeutil import format_iso
 
@@ -122,11 +124,11 @@ def test_a_reopened_window_takes_only_the_events_the_table_lacks():
     f = EventFilter()
     f.floors["W"] = 900  # the live values after the reconnect were committed
     f.reopen(GapRequest("W", 100, 500), [key(100), key(300), key(500)])
-    assert f.in_gap("W") and f.open_windows() == {GapRequest("W", 100, 500)}
+    assert f.in_gap("W") and f.open_windows().requests() == {GapRequest("W", 100, 500)}
     assert [f.accept_gap("W", key(ts)) for ts in (100, 200, 300, 400, 500, 600)] == [
         False, True, False, True, False, False]
     f.gap_done(GapRequest("W", 100, 500))
-    assert f.open_gaps() == 0 and not f.open_windows()
+    assert f.open_gaps() == 0 and not len(f.open_windows())
 
 
 def test_a_take_carries_the_windows_being_read_and_not_the_tags_awaiting_their_end():
@@ -136,8 +138,35 @@ def test_a_take_carries_the_windows_being_read_and_not_the_tags_awaiting_their_e
     buffer.connected(["A", "B"])
     buffer.add_live(values("A", T0 + 300), 0)  # A's window closes at its first live value; B still waits
     flush = buffer.take()
-    assert flush is not None and flush.open_gaps == {GapRequest("A", T0, T0 + 300)}
+    assert flush is not None and flush.open_gaps.requests() == {GapRequest("A", T0, T0 + 300)}
     assert flush.floors == {"A": T0 + 300}  # the floor that makes the gap worth keeping
+
+
+def test_open_gaps_as_columns_compare_and_join_as_sets_do():
+    tags = TagIds()
+    a, b, c = GapRequest("A", 100, 500), GapRequest("B", 7, 9), GapRequest("A", 600, 700)
+    first = OpenGaps.of([c, a, b, a], tags)  # any order, a repeat
+    assert len(first) == 3 and first.requests() == {a, b, c}
+    assert first == OpenGaps.of([b, c, a], tags) and first != OpenGaps.of([a, b], tags)
+    second = OpenGaps.of([b, GapRequest("C", 1, 2)], tags)
+    assert (first | second).requests() == {a, b, c, GapRequest("C", 1, 2)}
+    assert (first | OpenGaps.empty(tags)) is first and (OpenGaps.empty(tags) | first) is first
+    other = OpenGaps.of([GapRequest("Z", 1, 2), a])  # another registry: joined and compared by webId
+    assert (first | other).requests() == {a, b, c, GapRequest("Z", 1, 2)}
+    assert OpenGaps.of([a, b, c]) == first
+
+
+def test_the_filter_makes_its_open_gaps_again_only_after_a_window_opened_or_closed():
+    f = EventFilter()
+    f.floors["W"] = 900
+    f.reopen(GapRequest("W", 100, 500), [])
+    snapshot = f.open_windows()
+    assert f.open_windows() is snapshot and snapshot.requests() == {GapRequest("W", 100, 500)}
+    f.reopen(GapRequest("W", 600, 800), [])  # a second window of the same tag
+    assert f.open_windows().requests() == {GapRequest("W", 100, 500), GapRequest("W", 600, 800)}
+    f.gap_done(GapRequest("W", 100, 500))
+    assert f.open_windows().requests() == {GapRequest("W", 600, 800)}
+    assert snapshot.requests() == {GapRequest("W", 100, 500)}  # a batch's snapshot never changes
 
 
 def test_open_gaps_file_round_trips_and_belongs_to_one_table_and_writer(tmp_path):
@@ -198,7 +227,7 @@ async def test_the_writer_saves_the_open_gaps_before_the_commit_that_needs_them(
         buffer.add_live(values("A", T0 + 100), 0)
         taken = buffer.take()
         assert taken is not None
-        taken.open_gaps = frozenset(gaps)
+        taken.open_gaps = OpenGaps.of(gaps)
         return taken
 
     with trio.fail_after(10):

@@ -26,6 +26,7 @@ from ..pi.flow import GapRequest
 from ..stream.buffer import Flush, Spill
 from ..stream.dedup import EventFilter
 from ..stream.heap import release_free_memory
+from ..stream.opengaps import OpenGaps
 from ..stream.state import StateStore
 from .sink import CommitResult
 
@@ -78,7 +79,9 @@ class CommitWriter:
         self.save_interval = save_interval
         self._next_save = 0.0
         self._unsaved: int | None = None  # the txn version the saved file lags behind
-        self.open_gaps = frozenset(open_gaps)  # the gaps open at the last commit (at start: those restored)
+        # The gaps open at the last commit (at start: those restored, under tag ids of their own: some may be
+        # of tags no longer listed, which must not get an id in the live registry)
+        self.open_gaps = OpenGaps.of(open_gaps)
         self._gaps_saved = self.open_gaps  # what the open-gaps file holds
         self._written_ahead: list[Any] = []  # data files of the batch being gathered (its Spills)
         self.on_commit: Callable[[float], None] | None = None  # e.g. the metrics' commit duration histogram
@@ -184,7 +187,7 @@ class CommitWriter:
             self.save_state()
         return result
 
-    def _save_gaps(self, gaps: frozenset[GapRequest]) -> None:
+    def _save_gaps(self, gaps: OpenGaps) -> None:
         """Rewrite the open-gaps file if it does not hold ``gaps`` (it changes only when gaps open or close)."""
         if self.state is None or gaps == self._gaps_saved:
             return

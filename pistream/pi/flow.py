@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -17,6 +19,57 @@ class GapRequest:
     webid: str
     start_us: int
     end_us: int
+
+
+class GapRequests:
+    """Gaps to read back as columns, one row each: a restart opens one per tag at once, and 100,000
+    ``GapRequest`` objects were ~14 MB until each was read; the gap filler makes the objects a group of
+    calls at a time (``GapRequests.take``)."""
+
+    __slots__ = ("webids", "start_us", "end_us")
+
+    def __init__(self, requests: Iterable[GapRequest] = ()) -> None:
+        self.webids: list[str] = []
+        self.start_us = array("q")
+        self.end_us = array("q")
+        for request in requests:
+            self.append(request)
+
+    @classmethod
+    def of_columns(cls, webids: list[str], start_us: Iterable[int], end_us: Iterable[int]) -> GapRequests:
+        gaps = cls()
+        gaps.webids, gaps.start_us, gaps.end_us = webids, array("q", start_us), array("q", end_us)
+        return gaps
+
+    def append(self, request: GapRequest) -> None:
+        self.webids.append(request.webid)
+        self.start_us.append(request.start_us)
+        self.end_us.append(request.end_us)
+
+    def extend(self, other: GapRequests) -> None:
+        self.webids.extend(other.webids)
+        self.start_us.extend(other.start_us)
+        self.end_us.extend(other.end_us)
+
+    def __len__(self) -> int:
+        return len(self.webids)
+
+    def __getitem__(self, row: int) -> GapRequest:
+        return GapRequest(self.webids[row], self.start_us[row], self.end_us[row])
+
+    def __iter__(self) -> Iterator[GapRequest]:
+        return map(GapRequest, self.webids, self.start_us, self.end_us)
+
+    def take(self, rows: Iterable[int]) -> list[GapRequest]:
+        return [self[row] for row in rows]
+
+    def __eq__(self, other: object) -> bool:
+        """Equal to a list, or to other columns, of the same requests in the same order."""
+        if not isinstance(other, GapRequests | list):
+            return NotImplemented
+        return list(self) == list(other)
+
+    __hash__ = None  # type: ignore[assignment]  # changes as rows are added
 
 
 @dataclass(frozen=True, slots=True)

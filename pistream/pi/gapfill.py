@@ -6,6 +6,7 @@ with its tags and time range, and counted — never silent.
 from __future__ import annotations
 
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import trio
 from ..backoff import Backoff
 from ..errors import ConnectError, ServerError
 from ..timeutil import format_iso, to_us
-from .flow import GapDone, GapRequest, GapValues, Incoming
+from .flow import GapDone, GapRequest, GapRequests, GapValues, Incoming
 from .messages import StreamSetMessage, StreamValues, TimedValue
 from .piwebapi import Decoded, PiWebApi, RetryableError
 
@@ -43,41 +44,59 @@ class GapStats:
 
 
 class GapQueue:
-    """Pending gap requests; at most one per open window, so it is bounded by the number of tags."""
+    """Pending gap requests, as columns; at most one per open window, so it is bounded by the number of tags."""
 
     def __init__(self) -> None:
-        self._pending: list[GapRequest] = []
+        self._pending = GapRequests()
         self._wakeup = trio.Event()
 
     def put(self, request: GapRequest) -> None:
         self._pending.append(request)
         self._wakeup.set()
 
-    async def take_all(self) -> list[GapRequest]:
-        while not self._pending:
+    def put_all(self, requests: GapRequests) -> None:
+        if len(requests):
+            self._pending.extend(requests)
+            self._wakeup.set()
+
+    async def take_all(self) -> GapRequests:
+        while not len(self._pending):
             await self._wakeup.wait()
             self._wakeup = trio.Event()
-        taken, self._pending = self._pending, []
+        taken, self._pending = self._pending, GapRequests()
         return taken
 
 
-def group_requests(requests: list[GapRequest], max_streams: int, max_url_length: int,
-                   base_url_length: int) -> list[list[GapRequest]]:
-    """Batch gaps with nearby start times into calls whose URLs stay under the length limit."""
-    groups: list[list[GapRequest]] = []
-    current: list[GapRequest] = []
+def group_rows(requests: GapRequests, max_streams: int, max_url_length: int,
+               base_url_length: int) -> list[array[int]]:
+    """Batch gaps with nearby start times into calls whose URLs stay under the length limit: the rows of
+    ``requests`` each call reads, by start time."""
+    groups: list[array[int]] = []
+    current: array[int] = array("l")
     size = base_url_length + 200
-    for request in sorted(requests, key=lambda r: r.start_us):
-        cost = len("&webId=") + len(quote(request.webid))
+    starts, webids = requests.start_us, requests.webids
+    first_start = 0
+    for row in sorted(range(len(requests)), key=starts.__getitem__):
+        start = starts[row]
+        cost = len("&webId=") + len(quote(webids[row]))
         if current and (len(current) >= max_streams or size + cost > max_url_length
-                        or request.start_us - current[0].start_us > GROUP_SPAN_US):
+                        or start - first_start > GROUP_SPAN_US):
             groups.append(current)
-            current, size = [], base_url_length + 200
-        current.append(request)
+            current, size = array("l"), base_url_length + 200
+        if not current:
+            first_start = start
+        current.append(row)
         size += cost
     if current:
         groups.append(current)
     return groups
+
+
+def group_requests(requests: list[GapRequest], max_streams: int, max_url_length: int,
+                   base_url_length: int) -> list[list[GapRequest]]:
+    """``group_rows`` for a list of requests: the requests of each call."""
+    columns = GapRequests(requests)
+    return [columns.take(rows) for rows in group_rows(columns, max_streams, max_url_length, base_url_length)]
 
 
 class GapFiller:
@@ -99,11 +118,13 @@ class GapFiller:
         task_status.started()
         async with self.send_channel:
             while True:
-                groups = group_requests(await self.queue.take_all(), self.max_streams, self.api.max_url_length,
-                                        len(self.api.base_url) + len("/streamsets/recorded?"))
+                pending = await self.queue.take_all()
+                groups = group_rows(pending, self.max_streams, self.api.max_url_length,
+                                    len(self.api.base_url) + len("/streamsets/recorded?"))
                 groups.reverse()
-                while groups:  # popped: no request outlives its read (a restart queues one per tag)
-                    await self.fill(groups.pop())
+                while groups:  # request objects only for the group being read (a restart queues one per tag)
+                    await self.fill(pending.take(groups.pop()))
+                del pending
 
     async def fill(self, group: list[GapRequest]) -> None:
         """Read one group of gaps to the end, page by page, then close their windows."""

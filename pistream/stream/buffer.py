@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import structlog
 
-from ..pi.flow import GapRequest, Live
+from ..pi.flow import GapRequest, GapRequests, Live
 from ..pi.messages import (
     FRAME_ERRORS,
     StreamSetMessage,
@@ -46,6 +46,7 @@ from .dedup import (
     recent_chunks,
 )
 from .floors import Floors
+from .opengaps import OpenGaps
 from .schema import BUFFER_SCHEMA, EVENT_KEY
 
 log = structlog.get_logger(__name__)
@@ -80,7 +81,7 @@ class Flush:
     recent: list[RecentRows]
     # Every gap being read back at take(), complete: once this batch is committed, the gaps that a restart
     # must read again (these floors may be past them). A few per reconnected tag, none in the steady state.
-    open_gaps: frozenset[GapRequest]
+    open_gaps: OpenGaps
     spilled_rows: int = 0  # rows of this batch written ahead in Spills, committed with it
 
 
@@ -171,7 +172,7 @@ class ColumnBuffer:
             return None
         return extract_frames(frames, [item.received_us for item in items], self.index)  # type: ignore[arg-type]
 
-    def add_live_batch(self, items: list[Live]) -> tuple[int, list[GapRequest]]:
+    def add_live_batch(self, items: list[Live]) -> tuple[int, GapRequests]:
         """Several channel messages at once: in bulk when they are all steady state, else value by value.
         Returns the number of values received and any gaps to read back."""
         columns = self.read_frames(items)
@@ -180,7 +181,7 @@ class ColumnBuffer:
             dropped = sum(values for _, values in columns.unsubscribed)
             for webid, values in columns.unsubscribed:
                 self.unsubscribed.drop(webid, values)
-            return len(columns) + dropped, []
+            return len(columns) + dropped, GapRequests()
         taken = self._accept_bulk_with_first_values(columns) if columns is not None else None
         streams: list[StreamValues] = []
         received: list[int] = []
@@ -203,9 +204,9 @@ class ColumnBuffer:
         if not understood:
             columns = extract(streams, received, self.index, stream_ids)
             if columns is not None and self._accept_bulk(columns):
-                return count + len(columns), []
+                return count + len(columns), GapRequests()
             taken = self._accept_bulk_with_first_values(columns) if columns is not None else None
-        gaps: list[GapRequest] = []
+        gaps = GapRequests()
         if taken is not None:  # most went in bulk: the rest go value by value
             marks, values, gaps = taken
             count += values
@@ -240,7 +241,7 @@ class ColumnBuffer:
         self._compact_if_many()
 
     def _accept_bulk_with_first_values(self, columns: LiveColumns
-                                       ) -> tuple[np.ndarray, int, list[GapRequest]] | None:
+                                       ) -> tuple[np.ndarray, int, GapRequests] | None:
         """A batch that holds tags awaiting their first live value since a connect, in bulk but for the
         awaiting tags with a value at or before their floor (those go value by value, as the whole batch
         did before: after a restart at 100,000 tags nearly every batch of the first seconds held such a tag,

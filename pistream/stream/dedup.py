@@ -29,9 +29,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..pi.flow import GapRequest
+from ..pi.flow import GapRequest, GapRequests
 from ..timeutil import TIMESTAMP_US
 from .floors import Floors
+from .opengaps import OpenGaps
 from .schema import EVENT_KEY, TABLE_SCHEMA
 
 # Recent events as columns (the state file's): the table's types, tag_webid as text.
@@ -69,12 +70,11 @@ class _Window:
     known: tuple[EventKey, ...] | frozenset[EventKey]  # recent events at connect time: already in the table or buffer
     end_us: int | None = None
     end_keys: tuple[EventKey, ...] | frozenset[EventKey] = ()  # the first live values, at ``end_us``
-    # More known events, still as rows ``known_lo:known_hi`` of a connect's columns (``KnownRows``): they
-    # become keys in ``known`` only when a page of the gap arrives (``prepare_gaps``). After a restart at
-    # 100,000 tags, ~250,000 known events as key tuples were ~45 MB held until each gap was read.
+    # More known events, still as the tag's rows of a connect's columns (``KnownRows``): they become keys
+    # in ``known`` only when a page of the gap arrives (``prepare_gaps``). After a restart at 100,000 tags,
+    # ~250,000 known events as key tuples were ~45 MB held until each gap was read. (The tag's rows are
+    # found by its id when needed: two row numbers per window were another 8 MB.)
     known_rows: KnownRows | None = None
-    known_lo: int = 0
-    known_hi: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +84,13 @@ class KnownRows:
     ids: np.ndarray
     ts: np.ndarray
     data: pa.Table  # EVENT_KEY[2:] columns
+
+    def rows_of(self, tag_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows of these tags, tag after tag, and how many each has."""
+        low = np.searchsorted(self.ids, tag_ids, "left")
+        counts = np.searchsorted(self.ids, tag_ids, "right") - low
+        starts = np.repeat(low - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
+        return np.arange(int(counts.sum())) + starts, counts
 
     def keys(self, rows: np.ndarray) -> list[EventKey]:
         """The event keys of these rows, NaN made equal to itself."""
@@ -190,9 +197,9 @@ class EventFilter:
     # few (``SMALL_SEEN``), then a set: a restart at 100,000 tags has one per tag, mostly of 1-10 events
     # (a set of 1 is 216 bytes, of 8 728, of 16 1,240; a tuple 48, 104 and 168).
     _seen: dict[str, tuple[EventKey, ...] | set[EventKey]] = field(default_factory=dict)
-    # The windows of ``_windows`` as the requests that read them: the snapshot each batch takes along to
-    # the commit writer is a copy of this set (no Python work per window).
-    _open: set[GapRequest] = field(default_factory=set)
+    # The windows of ``_windows`` as the gaps each batch takes along to the commit writer, made again only
+    # after a window opened or closed.
+    _open: OpenGaps | None = None
     stats: FilterStats = field(default_factory=FilterStats)
     # Accepted in bulk, not yet in ``recent``; ``sync_recent`` sorts them in before any key lookup.
     _pending: list[RecentRows] = field(default_factory=list)
@@ -344,13 +351,11 @@ class EventFilter:
             return
         ids = np.fromiter(map(floors.tags.ids.__getitem__, waiting), np.int64, len(waiting))
         rows = self._pending_known(ids) if self._pending else None
-        if rows is not None:
-            lows = np.searchsorted(rows.ids, ids, "left").tolist()
-            highs = np.searchsorted(rows.ids, ids, "right").tolist()
-        for i, webid in enumerate(waiting):
+        counts = rows.rows_of(ids)[1].tolist() if rows is not None else [0] * len(waiting)
+        for webid, count in zip(waiting, counts, strict=True):
             window = _Window(floors[webid] - self.lookback_us, _keys(self.recent.get(webid, ())))
-            if rows is not None and highs[i] > lows[i]:
-                window.known_rows, window.known_lo, window.known_hi = rows, lows[i], highs[i]
+            if count:
+                window.known_rows = rows
             self._awaiting[webid] = window
         self._awaiting_ids = _marked(self._awaiting_ids, ids)
 
@@ -377,18 +382,21 @@ class EventFilter:
     def prepare_gaps(self, webids: Iterable[str]) -> None:
         """Turn the known events of these tags' windows into keys, for a page of their gaps: one pass
         over each connect's columns instead of one per tag."""
-        by_rows: dict[int, list[_Window]] = {}
+        by_rows: dict[int, tuple[list[_Window], list[int]]] = {}
+        tag_ids = self.floors.tags.ids
         for webid in webids:
             for window in self._windows_of(webid):
                 if window.known_rows is not None:
-                    by_rows.setdefault(id(window.known_rows), []).append(window)
-        for windows in by_rows.values():
+                    windows, ids = by_rows.setdefault(id(window.known_rows), ([], []))
+                    windows.append(window)
+                    ids.append(tag_ids[webid])
+        for windows, ids in by_rows.values():
             rows = windows[0].known_rows
             assert rows is not None
-            spans = [np.arange(w.known_lo, w.known_hi) for w in windows]
-            keys = iter(rows.keys(np.concatenate(spans)))
-            for window, span in zip(windows, spans, strict=True):
-                window.known = _keys([*window.known, *(next(keys) for _ in range(len(span)))])
+            taken, counts = rows.rows_of(np.array(ids, np.int64))
+            keys = iter(rows.keys(taken))
+            for window, count in zip(windows, counts.tolist(), strict=True):
+                window.known = _keys([*window.known, *(next(keys) for _ in range(count))])
                 window.known_rows = None
 
     def first_live(self, webid: str, keys: list[EventKey]) -> GapRequest | None:
@@ -404,17 +412,15 @@ class EventFilter:
             self._forget_seen(webid)
             return None
         self._add_window(webid, window)
-        request = GapRequest(webid, window.start_us, end_us)
-        self._open.add(request)
-        return request
+        return GapRequest(webid, window.start_us, end_us)
 
-    def first_values(self, firsts: KnownRows) -> list[GapRequest]:
+    def first_values(self, firsts: KnownRows) -> GapRequests:
         """The first live values of awaiting tags, taken in bulk (one row per tag, sorted by tag id, each
         newer than its floor): each closes its tag's window at its time, as ``first_live`` does, and joins
         the window's known events as columns (it is in the buffer), instead of being remembered as a key."""
         webids = self.floors.tags.webids
         self._awaiting_ids[firsts.ids] = False
-        requests = []
+        requests = GapRequests()
         closing: list[tuple[int, _Window]] = []
         for row, (tag_id, end_us) in enumerate(zip(firsts.ids.tolist(), firsts.ts.tolist(), strict=True)):
             webid = webids[tag_id]
@@ -425,9 +431,9 @@ class EventFilter:
                 continue
             closing.append((row, window))
             self._add_window(webid, window)
-            request = GapRequest(webid, window.start_us, end_us)
-            self._open.add(request)
-            requests.append(request)
+            requests.webids.append(webid)
+            requests.start_us.append(window.start_us)
+            requests.end_us.append(end_us)
         if closing:
             self._add_known(closing, firsts)
         return requests
@@ -437,12 +443,12 @@ class EventFilter:
         """Give each closing window (with its row in ``firsts``) new known columns: its own known rows so
         far and that row, in one ``KnownRows`` for all of them."""
         parts: list[tuple[np.ndarray, np.ndarray, pa.Table]] = []
-        by_rows: dict[int, tuple[KnownRows, list[_Window]]] = {}
-        for _, window in closing:
+        by_rows: dict[int, tuple[KnownRows, list[int]]] = {}
+        for row, window in closing:
             if window.known_rows is not None:
-                by_rows.setdefault(id(window.known_rows), (window.known_rows, []))[1].append(window)
-        for rows, windows in by_rows.values():
-            taken = np.concatenate([np.arange(w.known_lo, w.known_hi) for w in windows])
+                by_rows.setdefault(id(window.known_rows), (window.known_rows, []))[1].append(row)
+        for rows, firsts_rows in by_rows.values():
+            taken = rows.rows_of(firsts.ids[np.array(firsts_rows)])[0]
             parts.append((rows.ids[taken], rows.ts[taken], rows.data.take(pa.array(taken))))
         chosen = np.array([row for row, _ in closing])
         parts.append((firsts.ids[chosen], firsts.ts[chosen], firsts.data.take(pa.array(chosen))))
@@ -450,11 +456,8 @@ class EventFilter:
         order = np.argsort(ids, kind="stable")
         known = KnownRows(ids[order], np.concatenate([p[1] for p in parts])[order],
                           pa.concat_tables([p[2] for p in parts]).take(pa.array(order)))
-        tag_ids = firsts.ids[chosen]
-        lows = np.searchsorted(known.ids, tag_ids, "left").tolist()
-        highs = np.searchsorted(known.ids, tag_ids, "right").tolist()
-        for (_, window), low, high in zip(closing, lows, highs, strict=True):
-            window.known_rows, window.known_lo, window.known_hi = known, low, high
+        for _, window in closing:
+            window.known_rows = known
 
     def _windows_of(self, webid: str) -> list[_Window] | tuple[_Window, ...]:
         found = self._windows.get(webid)
@@ -463,6 +466,7 @@ class EventFilter:
         return (found,) if isinstance(found, _Window) else found
 
     def _add_window(self, webid: str, window: _Window) -> None:
+        self._open = None
         found = self._windows.get(webid)
         if found is None:
             self._windows[webid] = window
@@ -526,9 +530,9 @@ class EventFilter:
             self._windows.pop(request.webid, None)
         else:
             self._windows[request.webid] = left[0] if len(left) == 1 else left
-        self._open.discard(request)
+        self._open = None
         self._forget_seen(request.webid)
-        if not self._open:
+        if not self._windows:
             self._let_go()
 
     def _let_go(self) -> None:
@@ -540,7 +544,6 @@ class EventFilter:
             self._awaiting = {}
         if not self._seen:
             self._seen = {}
-        self._open = set()
 
     def _forget_seen(self, webid: str) -> None:
         if webid not in self._windows and webid not in self._awaiting:
@@ -549,18 +552,27 @@ class EventFilter:
     def open_gaps(self) -> int:
         return len(self._windows) + len(self._awaiting)
 
-    def open_windows(self) -> frozenset[GapRequest]:
+    def open_windows(self) -> OpenGaps:
         """The gaps being read back now. Their tags' floors may be past them already (the live values
         after a reconnect), so these must outlive a stop or a crash; tags still awaiting their first live
         value need not: their floors have not moved."""
-        return frozenset(self._open)
+        if self._open is None:
+            tags = self.floors.tags
+            rows = [window for windows in self._windows.values()
+                    for window in ((windows,) if isinstance(windows, _Window) else windows)]
+            ids = np.fromiter((tags.add(webid) for webid, windows in self._windows.items()
+                               for _ in ((windows,) if isinstance(windows, _Window) else windows)),
+                              np.int32, len(rows))
+            start = np.fromiter((w.start_us for w in rows), np.int64, len(rows))
+            end = np.fromiter((w.end_us for w in rows), np.int64, len(rows))
+            self._open = OpenGaps.sorted(tags, ids, start, end)
+        return self._open
 
     def reopen(self, request: GapRequest, known: Iterable[EventKey]) -> None:
         """A gap left open by an earlier run, to read again: ``known`` are the events the table holds in
         it already (its end, pages read before the stop), so the read adds only what is missing."""
         window = _Window(request.start_us, _keys(known), request.end_us)
         self._add_window(request.webid, window)
-        self._open.add(request)
 
     # -- live values ----------------------------------------------------------------------------------
     def accept_live(self, webid: str, key: EventKey) -> bool:

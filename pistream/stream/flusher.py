@@ -15,7 +15,7 @@ from operator import attrgetter
 import structlog
 import trio
 
-from ..pi.flow import Connected, GapDone, GapValues, Incoming, Live, LiveBatch
+from ..pi.flow import Connected, GapDone, GapRequests, GapValues, Incoming, Live, LiveBatch
 from ..pi.gapfill import GapQueue
 from .buffer import ColumnBuffer, Flush, Spill
 
@@ -170,7 +170,7 @@ class Flusher:
             if len(live) == 1:
                 self._malformed(live[0])
                 return
-            count, gaps = 0, []
+            count, gaps = 0, GapRequests()
             for item in live:  # one by one, so that only the frame at fault is left out
                 try:
                     one, item_gaps = self.buffer.add_live_batch([item])
@@ -181,8 +181,7 @@ class Flusher:
                 gaps.extend(item_gaps)
         self.stats.values_received += count
         if self.gap_queue is not None:
-            for gap in gaps:
-                self.gap_queue.put(gap)
+            self.gap_queue.put_all(gaps)
 
     def _malformed(self, item: Live) -> None:
         """Counted and logged with its channel and size (never its text); the stream goes on."""

@@ -21,6 +21,7 @@ from .buffer import ColumnBuffer, Flush, Spill
 from .columns import LiveColumns, TagIndex, extract_page
 from .dedup import EventFilter
 from .flusher import SPILL_ROWS, FlushStats
+from .opengaps import OpenGaps
 from .progress import HistoryFlush
 from .schema import BUFFER_SCHEMA
 
@@ -121,4 +122,5 @@ class HistoryFlusher:
 
 
 def _empty_flush(event_filter: EventFilter) -> Flush:
-    return Flush(BUFFER_SCHEMA.empty_table(), 0, 0, event_filter.floors.only(np.zeros(0, np.int64)), [], frozenset())
+    return Flush(BUFFER_SCHEMA.empty_table(), 0, 0, event_filter.floors.only(np.zeros(0, np.int64)), [],
+                 OpenGaps.empty(event_filter.floors.tags))

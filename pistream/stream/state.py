@@ -30,6 +30,7 @@ import structlog
 from ..pi.flow import GapRequest
 from .dedup import RECENT_SCHEMA, EventFilter, RecentRows, event_key
 from .floors import NO_FLOOR
+from .opengaps import OpenGaps
 from .schema import EVENT_KEY
 
 log = structlog.get_logger(__name__)
@@ -111,11 +112,12 @@ class StateStore:
                  *(events.column(f.name) for f in event_fields)], schema=schema))
         _write_atomically(self.path, schema, parts)
 
-    def save_gaps(self, gaps: Collection[GapRequest]) -> None:
+    def save_gaps(self, gaps: OpenGaps | Collection[GapRequest]) -> None:
         """Replace the open-gaps file (see the module docstring for when)."""
-        data = pa.table([pa.array([g.webid for g in gaps], pa.string()),
-                         pa.array([g.start_us for g in gaps], pa.int64()),
-                         pa.array([g.end_us for g in gaps], pa.int64())], schema=GAPS_SCHEMA)
+        if not isinstance(gaps, OpenGaps):
+            gaps = OpenGaps.of(gaps)
+        data = pa.table([pa.array(gaps.webids(), pa.string()), pa.array(gaps.start_us, pa.int64()),
+                         pa.array(gaps.end_us, pa.int64())], schema=GAPS_SCHEMA)
         metadata = {"format": str(GAPS_FORMAT), "table": self.table_uri, "app_id": self.app_id}
         _write_atomically(self.gaps_path, GAPS_SCHEMA.with_metadata(metadata), [data])
 
