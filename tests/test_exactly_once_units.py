@@ -325,6 +325,8 @@ def test_a_connect_looks_only_at_its_own_tags_pending_events():
     assert buffer.filter.open_gaps() == 0
     buffer.connected(["B"])
     assert buffer.filter.recent == {} and buffer.filter._pending_rows == 6  # nothing sorted in
+    assert buffer.filter.awaiting("B") and not buffer.filter._awaiting  # a compact window: arrays by tag id
+    buffer.filter._take_compact("B")
     window = buffer.filter._awaiting["B"]
     assert window.known == () and window.known_rows is not None  # still columns, keys once its gap is read
     known = window.known_rows.keys(window.known_rows.rows_of(np.array([buffer.filter.floors.tags.ids["B"]]))[0])
@@ -484,6 +486,40 @@ def test_a_batch_with_a_tag_awaiting_its_first_value_takes_the_other_tags_in_bul
     got = sorted(zip(rows.column("tag_webid").to_pylist(), times, strict=True))
     assert got == [("A", 100), ("A", 250), ("A", 300), ("B", 100), ("B", 300), ("B", 400), ("B", 500), ("C", 100),
                    ("C", 200), ("C", 300)]
+
+
+def test_compact_windows_behave_as_window_objects_through_reconnects_pages_and_ends():
+    """A connect's windows for tags with no recent events as keys are arrays by tag id (a restart at
+    100,000 tags); a reconnect while a gap is read, a page of the gap, a value by value step or the gap's
+    end make a tag's window an object first, and the decisions are the same as with objects throughout."""
+    buffer = bulk_buffer(lookback_us=50)
+    f = buffer.filter
+    buffer.add_live_batch([live(("A", 100, 1.0), ("B", 100, 1.0), ("C", 100, 1.0))])
+    buffer.connected(["A", "B", "C"])
+    assert f.awaiting_tags() == 3 and not f._awaiting and len(f._compact) == 3  # compact, awaiting
+    buffer.connected(["C"])  # C reconnects before its first value: its awaiting window is replaced
+    assert f.awaiting_tags() == 3 and f.open_gaps() == 3
+    _, gaps = buffer.add_live_batch([live(("A", 300, 3.0), ("B", 300, 3.0), ("C", 300, 3.0))])
+    assert list(gaps) == [GapRequest("A", 50, 300), GapRequest("B", 50, 300), GapRequest("C", 50, 300)]
+    assert f._compact.closed == 3 and not f._windows and f.in_gap("A") and not f.awaiting("A")
+    assert f.open_windows().requests() == set(gaps)
+    buffer.connected(["A"])  # A reconnects while its first gap is read: that window becomes an object
+    assert f._compact.closed == 2 and "A" in f._windows and f.awaiting("A")
+    _, more = buffer.add_live_batch([live(("A", 400, 4.0), ("B", 400, 4.0))])
+    assert list(more) == [GapRequest("A", 250, 400)]
+    assert f.open_windows().requests() == {*gaps, GapRequest("A", 250, 400)}
+    page = [StreamValues(web_id=w, items=[TimedValue(timestamp=format_iso(t), value=v, good=True) for t, v in vals])
+            for w, vals in (("A", ((100, 1.0), (200, 2.0), (300, 3.0), (350, 3.5), (400, 4.0))),
+                            ("B", ((100, 1.0), (150, 1.5), (300, 3.0))))]
+    buffer.add_gaps(page, 0)  # A's 200 and 350 are new (each once, in both windows), B's 150
+    for request in (*gaps, GapRequest("A", 250, 400)):
+        f.gap_done(request)  # C's window ends without a page: never an object
+    assert f.open_gaps() == 0 and len(f._compact) == 0 and not len(f.open_windows())
+    rows = buffer.take().batch
+    times = pc.cast(rows.column("timestamp"), pa.int64()).to_pylist()
+    assert sorted(zip(rows.column("tag_webid").to_pylist(), times, strict=True)) == [
+        ("A", 100), ("A", 200), ("A", 300), ("A", 350), ("A", 400), ("B", 100), ("B", 150), ("B", 300), ("B", 400),
+        ("C", 100), ("C", 300)]
 
 
 @pytest.mark.parametrize("as_frames", [False, True], ids=["decoded", "raw-frames"])

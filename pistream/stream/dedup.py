@@ -173,6 +173,72 @@ def event_keys_of(rows: RecentRows, keep: np.ndarray) -> Iterator[tuple[str, Eve
         yield webid, tuple(key)
 
 
+class _CompactWindows:
+    """At most one window per tag as arrays by tag id: the windows a connect opens and the bulk path's first
+    values close, for tags with no recent events as keys. After a restart at 100,000 tags that is every
+    tag, and a ``_Window`` object per tag (with its times and dict entries) was ~25 MB until each gap was
+    read; here 17 bytes a tag. A tag's window becomes a ``_Window`` in the filter's dicts (``take``) as
+    soon as anything but the bulk path looks at it: a page of its gap, a value by value step."""
+
+    AWAITING, CLOSED = 1, 2
+
+    def __init__(self) -> None:
+        self.state = np.zeros(0, np.int8)  # 0 none, AWAITING its first live value, CLOSED: being read back
+        self.start_us = np.zeros(0, np.int64)
+        self.end_us = np.zeros(0, np.int64)
+        self.known = np.zeros(0, np.int32)  # into known_sets, -1 for none
+        self.known_sets: list[KnownRows | None] = []
+        self.known_refs: list[int] = []  # windows per known set: a set no window refers to is let go
+        self.awaiting = 0
+        self.closed = 0
+
+    def __len__(self) -> int:
+        return self.awaiting + self.closed
+
+    def grow(self, need: int) -> None:
+        have = len(self.state)
+        if have >= need:
+            return
+        size = max(need, 2 * have, 1024)
+        for name, fill in (("state", 0), ("start_us", 0), ("end_us", 0), ("known", -1)):
+            old = getattr(self, name)
+            new = np.full(size, fill, old.dtype)
+            new[:have] = old
+            setattr(self, name, new)
+
+    def state_of(self, tag_id: int | None) -> int:
+        if tag_id is None or tag_id >= len(self.state):
+            return 0
+        return int(self.state[tag_id])
+
+    def set_known(self, tag_ids: np.ndarray, rows: KnownRows | None) -> None:
+        """These tags' windows know ``rows`` (columns sorted by tag id), instead of what they knew."""
+        self._unref(tag_ids)
+        if rows is None or not len(tag_ids):
+            return
+        self.known_sets.append(rows)
+        self.known_refs.append(len(tag_ids))
+        self.known[tag_ids] = len(self.known_sets) - 1
+
+    def _unref(self, tag_ids: np.ndarray) -> None:
+        old = self.known[tag_ids]
+        old = old[old >= 0]
+        if len(old):
+            for index, count in zip(*np.unique(old, return_counts=True), strict=True):
+                self.known_refs[index] -= int(count)
+                if not self.known_refs[index]:
+                    self.known_sets[index] = None
+        self.known[tag_ids] = -1
+
+    def clear(self, tag_ids: np.ndarray) -> None:
+        """These tags' windows are gone (or taken as objects)."""
+        states = self.state[tag_ids]
+        self.awaiting -= int((states == self.AWAITING).sum())
+        self.closed -= int((states == self.CLOSED).sum())
+        self.state[tag_ids] = 0
+        self._unref(tag_ids)
+
+
 @dataclass
 class FilterStats:
     repeats_dropped: int = 0
@@ -208,7 +274,8 @@ class EventFilter:
     # only the marked tags it needs (``sync_recent(ids)``), not every tag's.
     _unsynced: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))
     _prune_at: int = 1 << 16
-    _awaiting_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))  # ``_awaiting`` by tag id
+    _awaiting_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.bool_))  # awaiting, by tag id
+    _compact: _CompactWindows = field(default_factory=_CompactWindows)
 
     def copy(self) -> EventFilter:
         """Floors and recent events only (no windows): the flusher starts from the committed state. Rows
@@ -351,12 +418,30 @@ class EventFilter:
             return
         ids = np.fromiter(map(floors.tags.ids.__getitem__, waiting), np.int64, len(waiting))
         rows = self._pending_known(ids) if self._pending else None
-        counts = rows.rows_of(ids)[1].tolist() if rows is not None else [0] * len(waiting)
-        for webid, count in zip(waiting, counts, strict=True):
-            window = _Window(floors[webid] - self.lookback_us, _keys(self.recent.get(webid, ())))
-            if count:
+        counts = rows.rows_of(ids)[1] if rows is not None else np.zeros(len(waiting), np.int64)
+        starts = self.floors.array()[ids] - self.lookback_us
+        compact = self._compact
+        compact.grow(len(self.floors.tags))  # again below: taking a window may have let go of the arrays
+        # Tags with recent events as keys, or with windows as objects already: as objects (rare)
+        plain = np.fromiter((bool(self.recent.get(webid)) or webid in self._windows or webid in self._awaiting
+                             for webid in waiting), np.bool_, len(waiting))
+        plain |= compact.state[ids] == _CompactWindows.CLOSED
+        for i in np.flatnonzero(plain).tolist():
+            webid = waiting[i]
+            self._take_compact(webid)
+            window = _Window(int(starts[i]), _keys(self.recent.get(webid, ())))
+            if counts[i]:
                 window.known_rows = rows
             self._awaiting[webid] = window
+        chosen = ~plain
+        if chosen.any():
+            tag_ids = ids[chosen]
+            compact.grow(len(self.floors.tags))
+            compact.clear(tag_ids)  # an awaiting window of an earlier connect is replaced
+            compact.state[tag_ids] = _CompactWindows.AWAITING
+            compact.start_us[tag_ids] = starts[chosen]
+            compact.set_known(ids[chosen & (counts > 0)], rows)
+            compact.awaiting += len(tag_ids)
         self._awaiting_ids = _marked(self._awaiting_ids, ids)
 
     def _pending_known(self, ids: np.ndarray) -> KnownRows | None:
@@ -385,6 +470,7 @@ class EventFilter:
         by_rows: dict[int, tuple[list[_Window], list[int]]] = {}
         tag_ids = self.floors.tags.ids
         for webid in webids:
+            self._take_compact(webid)
             for window in self._windows_of(webid):
                 if window.known_rows is not None:
                     windows, ids = by_rows.setdefault(id(window.known_rows), ([], []))
@@ -401,6 +487,7 @@ class EventFilter:
 
     def first_live(self, webid: str, keys: list[EventKey]) -> GapRequest | None:
         """The first live values of a waiting tag close its gap window; returns what to read back."""
+        self._take_compact(webid)
         window = self._awaiting.pop(webid, None)
         if window is None or not keys:
             return None
@@ -417,47 +504,102 @@ class EventFilter:
     def first_values(self, firsts: KnownRows) -> GapRequests:
         """The first live values of awaiting tags, taken in bulk (one row per tag, sorted by tag id, each
         newer than its floor): each closes its tag's window at its time, as ``first_live`` does, and joins
-        the window's known events as columns (it is in the buffer), instead of being remembered as a key."""
+        the window's known events as columns (it is in the buffer), instead of being remembered as a key.
+        Compact windows stay compact."""
         webids = self.floors.tags.webids
+        compact = self._compact
         self._awaiting_ids[firsts.ids] = False
-        requests = GapRequests()
+        in_compact = np.zeros(len(firsts.ids), np.bool_)
+        inside = firsts.ids < len(compact.state)
+        in_compact[inside] = compact.state[firsts.ids[inside]] == _CompactWindows.AWAITING
         closing: list[tuple[int, _Window]] = []
-        for row, (tag_id, end_us) in enumerate(zip(firsts.ids.tolist(), firsts.ts.tolist(), strict=True)):
-            webid = webids[tag_id]
+        for row in np.flatnonzero(~in_compact).tolist():  # windows as objects (rare)
+            webid = webids[int(firsts.ids[row])]
             window = self._awaiting.pop(webid)
-            window.end_us = end_us
-            if end_us < window.start_us:
+            window.end_us = int(firsts.ts[row])
+            if window.end_us < window.start_us:
                 self._forget_seen(webid)
                 continue
             closing.append((row, window))
             self._add_window(webid, window)
+        rows = np.flatnonzero(in_compact)
+        tag_ids = firsts.ids[rows]
+        empty = firsts.ts[rows] < compact.start_us[tag_ids]  # the first value is older than the window
+        if empty.any():
+            compact.clear(tag_ids[empty])
+            for tag_id in tag_ids[empty].tolist():
+                self._forget_seen(webids[tag_id])
+            rows, tag_ids = rows[~empty], tag_ids[~empty]
+        if len(rows):
+            compact.state[tag_ids] = _CompactWindows.CLOSED
+            compact.end_us[tag_ids] = firsts.ts[rows]
+            compact.awaiting -= len(rows)
+            compact.closed += len(rows)
+            self._open = None
+        if not closing and not len(rows):
+            return GapRequests()
+        # Each closing window's known columns so far, and its first value, in one KnownRows for all
+        olds: list[tuple[int, KnownRows]] = [(row, w.known_rows) for row, w in closing if w.known_rows is not None]
+        old_sets = compact.known[tag_ids]
+        for row, index in zip(rows.tolist(), old_sets.tolist(), strict=True):
+            known_set = compact.known_sets[index] if index >= 0 else None
+            if known_set is not None:
+                olds.append((row, known_set))
+        chosen = np.sort(np.concatenate([np.array([row for row, _ in closing], np.int64), rows]))
+        known = self._joined_known(olds, firsts, chosen)
+        for _, window in closing:
+            window.known_rows = known
+        if len(rows):
+            compact.set_known(tag_ids, known)
+        requests = GapRequests()
+        for row in chosen.tolist():
+            tag_id = int(firsts.ids[row])
+            webid = webids[tag_id]
+            start = int(compact.start_us[tag_id]) if compact.state_of(tag_id) == _CompactWindows.CLOSED else None
+            if start is None:
+                start = self._windows_of(webid)[-1].start_us
             requests.webids.append(webid)
-            requests.start_us.append(window.start_us)
-            requests.end_us.append(end_us)
-        if closing:
-            self._add_known(closing, firsts)
+            requests.start_us.append(start)
+            requests.end_us.append(int(firsts.ts[row]))
         return requests
 
     @staticmethod
-    def _add_known(closing: list[tuple[int, _Window]], firsts: KnownRows) -> None:
-        """Give each closing window (with its row in ``firsts``) new known columns: its own known rows so
-        far and that row, in one ``KnownRows`` for all of them."""
+    def _joined_known(olds: list[tuple[int, KnownRows]], firsts: KnownRows, chosen: np.ndarray) -> KnownRows:
+        """The known rows so far of each closing window (with its row in ``firsts``) and rows ``chosen`` of
+        ``firsts``, in one ``KnownRows`` sorted by tag id."""
         parts: list[tuple[np.ndarray, np.ndarray, pa.Table]] = []
         by_rows: dict[int, tuple[KnownRows, list[int]]] = {}
-        for row, window in closing:
-            if window.known_rows is not None:
-                by_rows.setdefault(id(window.known_rows), (window.known_rows, []))[1].append(row)
+        for row, known_rows in olds:
+            by_rows.setdefault(id(known_rows), (known_rows, []))[1].append(row)
         for rows, firsts_rows in by_rows.values():
             taken = rows.rows_of(firsts.ids[np.array(firsts_rows)])[0]
             parts.append((rows.ids[taken], rows.ts[taken], rows.data.take(pa.array(taken))))
-        chosen = np.array([row for row, _ in closing])
         parts.append((firsts.ids[chosen], firsts.ts[chosen], firsts.data.take(pa.array(chosen))))
         ids = np.concatenate([p[0] for p in parts])
         order = np.argsort(ids, kind="stable")
-        known = KnownRows(ids[order], np.concatenate([p[1] for p in parts])[order],
-                          pa.concat_tables([p[2] for p in parts]).take(pa.array(order)))
-        for _, window in closing:
-            window.known_rows = known
+        return KnownRows(ids[order], np.concatenate([p[1] for p in parts])[order],
+                         pa.concat_tables([p[2] for p in parts]).take(pa.array(order)))
+
+    def _take_compact(self, webid: str) -> None:
+        """The tag's compact window, if any, as a ``_Window`` in the dicts (before anything looks at it)."""
+        compact = self._compact
+        if not len(compact):
+            return
+        tag_id = self.floors.tags.ids.get(webid)
+        state = compact.state_of(tag_id)
+        if not state:
+            return
+        assert tag_id is not None
+        index = int(compact.known[tag_id])
+        window = _Window(int(compact.start_us[tag_id]), (),
+                         known_rows=compact.known_sets[index] if index >= 0 else None)
+        if state == _CompactWindows.CLOSED:
+            window.end_us = int(compact.end_us[tag_id])
+        compact.clear(np.array([tag_id]))
+        if window.end_us is None:
+            self._awaiting[webid] = window
+        else:
+            self._add_window(webid, window)
 
     def _windows_of(self, webid: str) -> list[_Window] | tuple[_Window, ...]:
         found = self._windows.get(webid)
@@ -475,11 +617,14 @@ class EventFilter:
         else:
             found.append(window)
 
+    def _compact_state(self, webid: str) -> int:
+        return self._compact.state_of(self.floors.tags.ids.get(webid)) if len(self._compact) else 0
+
     def awaiting(self, webid: str) -> bool:
-        return webid in self._awaiting
+        return webid in self._awaiting or self._compact_state(webid) == _CompactWindows.AWAITING
 
     def awaiting_tags(self) -> int:
-        return len(self._awaiting)
+        return len(self._awaiting) + self._compact.awaiting
 
     def awaiting_rows(self, ids: np.ndarray) -> np.ndarray:
         """A mark per row of tag ids ``ids``: its tag awaits its first live value since a connect."""
@@ -496,19 +641,25 @@ class EventFilter:
         is being read back does not count: its floor is at or past the end of each of its windows (the
         first live value closed the window and was accepted, or was a known event at most the floor), so
         its live values newer than the floor are outside every window and need no window bookkeeping."""
-        return bool(self._awaiting) and not self._awaiting.keys().isdisjoint(webids)
+        if self._awaiting and not self._awaiting.keys().isdisjoint(webids):
+            return True
+        return bool(self._compact.awaiting) and any(self._compact_state(w) == _CompactWindows.AWAITING
+                                                    for w in webids)
 
     def any_window(self, webids: list[str]) -> bool:
         """Whether one of these tags waits for its first live value or has a gap being read back."""
-        return not (self._awaiting.keys().isdisjoint(webids) and self._windows.keys().isdisjoint(webids))
+        if not (self._awaiting.keys().isdisjoint(webids) and self._windows.keys().isdisjoint(webids)):
+            return True
+        return bool(len(self._compact)) and any(map(self._compact_state, webids))
 
     def in_gap(self, webid: str) -> bool:
         """Waiting for its first live value, or with a gap being read back: the careful path applies."""
-        return webid in self._awaiting or webid in self._windows
+        return webid in self._awaiting or webid in self._windows or bool(self._compact_state(webid))
 
     def accept_gap(self, webid: str, key: EventKey) -> bool:
         """A recorded value read back for a gap: inside its window and not an event known already."""
         ts = key[0]
+        self._take_compact(webid)
         for window in self._windows_of(webid):
             assert window.end_us is not None
             if not window.start_us <= ts <= window.end_us:
@@ -524,6 +675,7 @@ class EventFilter:
         return False
 
     def gap_done(self, request: GapRequest) -> None:
+        self._take_compact(request.webid)
         left = [w for w in self._windows_of(request.webid)
                 if (w.start_us, w.end_us) != (request.start_us, request.end_us)]
         if not left:
@@ -532,7 +684,7 @@ class EventFilter:
             self._windows[request.webid] = left[0] if len(left) == 1 else left
         self._open = None
         self._forget_seen(request.webid)
-        if not self._windows:
+        if not self._windows or not len(self._compact):
             self._let_go()
 
     def _let_go(self) -> None:
@@ -544,13 +696,15 @@ class EventFilter:
             self._awaiting = {}
         if not self._seen:
             self._seen = {}
+        if not len(self._compact) and len(self._compact.state):
+            self._compact = _CompactWindows()
 
     def _forget_seen(self, webid: str) -> None:
-        if webid not in self._windows and webid not in self._awaiting:
+        if webid not in self._windows and webid not in self._awaiting and not self._compact_state(webid):
             self._seen.pop(webid, None)
 
     def open_gaps(self) -> int:
-        return len(self._windows) + len(self._awaiting)
+        return len(self._windows) + len(self._awaiting) + len(self._compact)
 
     def open_windows(self) -> OpenGaps:
         """The gaps being read back now. Their tags' floors may be past them already (the live values
@@ -565,6 +719,11 @@ class EventFilter:
                               np.int32, len(rows))
             start = np.fromiter((w.start_us for w in rows), np.int64, len(rows))
             end = np.fromiter((w.end_us for w in rows), np.int64, len(rows))
+            compact = np.flatnonzero(self._compact.state == _CompactWindows.CLOSED)
+            if len(compact):
+                ids = np.concatenate([ids, compact.astype(np.int32)])
+                start = np.concatenate([start, self._compact.start_us[compact]])
+                end = np.concatenate([end, self._compact.end_us[compact]])
             self._open = OpenGaps.sorted(tags, ids, start, end)
         return self._open
 
@@ -572,6 +731,7 @@ class EventFilter:
         """A gap left open by an earlier run, to read again: ``known`` are the events the table holds in
         it already (its end, pages read before the stop), so the read adds only what is missing."""
         window = _Window(request.start_us, _keys(known), request.end_us)
+        self._take_compact(request.webid)
         self._add_window(request.webid, window)
 
     # -- live values ----------------------------------------------------------------------------------
@@ -619,6 +779,7 @@ class EventFilter:
         if ts >= floor - self.lookback_us:
             recent.append(key)
         # Events accepted while a window is open or awaiting its end may be read back by it again.
+        self._take_compact(webid)
         waiting = self._awaiting.get(webid)
         windows = self._windows_of(webid)
         if (waiting is not None and ts >= waiting.start_us) or any(
