@@ -320,25 +320,28 @@ class EventFilter:
         self._unsynced[:] = False
         self.recent.clear()
 
-    def recent_rows(self) -> pa.Table:
-        """Every tag's recent events as columns (EVENT_KEY, tag_webid as text), for the state file, without
-        a Python object per event: the rows accepted in bulk are pruned in columns, and the events already
-        in ``recent`` that fell out of the look-back are dropped on the way."""
+    def recent_parts(self) -> list[tuple[np.ndarray, pa.Table]]:
+        """Every tag's recent events as tag ids and columns (EVENT_KEY but tag_webid), for the state file,
+        without a Python object per event nor a text per event's tag (the state file refers to its tags by
+        position; at 100,000 tags the tags of ~500,000 recent events as text were ~25 MB for a moment at
+        each save): the rows accepted in bulk are pruned in columns, and the events already in ``recent``
+        that fell out of the look-back are dropped on the way."""
         self.forget_old_events()
         keys: list[EventKey] = []
-        webids: list[str] = []
+        ids: list[int] = []
+        tag_ids = self.floors.tags.ids  # looked up only: the writer's thread saves (-1: not registered)
         for webid, events in self.recent.items():
             keys.extend(events)
-            webids.extend([webid] * len(events))
+            ids.extend([tag_ids.get(webid, -1)] * len(events))
         columns: list[Any] = list(zip(*keys, strict=True)) if keys else [() for _ in EVENT_KEY[1:]]
         value = [float("nan") if v == "NaN" else v for v in columns[1]]
-        listed = pa.table([pa.array(webids, pa.string()), pa.array(columns[0], pa.int64()).cast(TIMESTAMP_US),
-                           pa.array(value, pa.float64()), *(pa.array(c, RECENT_SCHEMA.field(n).type)
-                                                            for n, c in zip(EVENT_KEY[3:], columns[2:], strict=True))],
-                          schema=RECENT_SCHEMA)
+        schema = pa.schema(list(RECENT_SCHEMA)[1:])
+        listed = pa.table([pa.array(columns[0], pa.int64()).cast(TIMESTAMP_US), pa.array(value, pa.float64()),
+                           *(pa.array(c, RECENT_SCHEMA.field(n).type)
+                             for n, c in zip(EVENT_KEY[3:], columns[2:], strict=True))], schema=schema)
         self.prune_pending()
-        parts = [listed] + [_table(rows.data).select(list(EVENT_KEY)).cast(RECENT_SCHEMA) for rows in self._pending]
-        return pa.concat_tables(parts)
+        return [(np.array(ids, np.int32), listed)] + [
+            (rows.ids, _table(rows.data).select(list(EVENT_KEY[1:])).cast(schema)) for rows in self._pending]
 
     def forget_old_events(self) -> None:
         """Drop the recent events that fell out of the look-back, and the tags left with none. Events reach

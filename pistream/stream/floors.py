@@ -93,12 +93,13 @@ class Floors(MutableMapping[str, int]):
             raise KeyError(webid)
         self._values[tag_id] = NO_FLOOR
 
-    def _present(self) -> np.ndarray:
+    def present(self) -> np.ndarray:
+        """The ids of the tags with a floor, ascending (the order of ``columns``)."""
         return np.flatnonzero(self.array() != NO_FLOOR)
 
     def __iter__(self) -> Iterator[str]:
         webids = self.tags.webids
-        return iter([webids[i] for i in self._present().tolist()])
+        return iter([webids[i] for i in self.present().tolist()])
 
     def __len__(self) -> int:
         return int(np.count_nonzero(self.array() != NO_FLOOR))
@@ -108,7 +109,7 @@ class Floors(MutableMapping[str, int]):
 
     def columns(self) -> tuple[list[str], np.ndarray]:
         """The tags with a floor and their floors, for the state file."""
-        present = self._present()
+        present = self.present()
         webids = self.tags.webids
         return [webids[i] for i in present.tolist()], self.array()[present]
 

@@ -102,14 +102,23 @@ class StateStore:
              pa.DictionaryArray.from_arrays(pa.array(np.arange(len(webids), dtype=np.int32)), dictionary),
              *(pa.nulls(len(webids), f.type) for f in event_fields)], schema=schema)
         parts = [floors]
-        for events in committed.recent_rows().to_batches():  # one batch per part, the same dictionary: no copy
-            tags = pc.index_in(events.column("tag_webid"), value_set=dictionary)
-            known = pc.is_valid(tags)  # events of a tag without a floor: a load would leave them out
-            if not pc.all(known).as_py():
-                events, tags = events.filter(known), tags.filter(known)
-            parts.append(pa.RecordBatch.from_arrays(
-                [pa.nulls(len(events), pa.int64()), pa.DictionaryArray.from_arrays(tags.cast(pa.int32()), dictionary),
-                 *(events.column(f.name) for f in event_fields)], schema=schema))
+        # Each event's tag as its floor's position (the dictionary's order): by tag id, no text per event
+        position = np.full(len(committed.floors.tags), -1, np.int32)
+        position[committed.floors.present()] = np.arange(len(webids), dtype=np.int32)
+        for ids, table in committed.recent_parts():
+            tags = np.full(len(ids), -1, np.int32)
+            inside = (ids >= 0) & (ids < len(position))
+            tags[inside] = position[ids[inside]]
+            known = tags >= 0  # events of a tag without a floor: a load would leave them out
+            if not known.all():
+                table, tags = table.filter(pa.array(known)), tags[known]
+            offset = 0
+            for events in table.to_batches():  # one batch per part, the same dictionary: no copy
+                part_tags = pa.array(tags[offset:offset + len(events)])
+                offset += len(events)
+                parts.append(pa.RecordBatch.from_arrays(
+                    [pa.nulls(len(events), pa.int64()), pa.DictionaryArray.from_arrays(part_tags, dictionary),
+                     *(events.column(f.name) for f in event_fields)], schema=schema))
         _write_atomically(self.path, schema, parts)
 
     def save_gaps(self, gaps: OpenGaps | Collection[GapRequest]) -> None:
