@@ -133,7 +133,7 @@ class StateStore:
     def load_gaps(self) -> list[GapRequest]:
         """The gaps an earlier run left open, to read again; none if there is no usable file."""
         try:
-            with pa.ipc.open_file(pa.BufferReader(self.gaps_path.read_bytes())) as reader:
+            with pa.OSFile(str(self.gaps_path)) as file, pa.ipc.open_file(file) as reader:
                 data = reader.read_all()
         except FileNotFoundError:
             return []
@@ -155,7 +155,7 @@ class StateStore:
     def saved_version(self) -> int:
         """The transaction version the state file holds (its metadata only), 0 without a usable file."""
         try:
-            with pa.ipc.open_file(pa.BufferReader(self.path.read_bytes())) as reader:
+            with pa.OSFile(str(self.path)) as file, pa.ipc.open_file(file) as reader:
                 meta = {k.decode(): v.decode() for k, v in (reader.schema.metadata or {}).items()}
         except (OSError, pa.ArrowInvalid):
             return 0
@@ -168,7 +168,7 @@ class StateStore:
         if not self.path.exists() and self.legacy_path.exists():
             return self._load_legacy(lookback_us)
         try:
-            with pa.ipc.open_file(pa.BufferReader(self.path.read_bytes())) as reader:
+            with pa.OSFile(str(self.path)) as file, pa.ipc.open_file(file) as reader:
                 data = reader.read_all()
         except FileNotFoundError:
             return None
