@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote
 
+import numpy as np
 import structlog
 import trio
 
@@ -76,7 +77,10 @@ def group_rows(requests: GapRequests, max_streams: int, max_url_length: int,
     size = base_url_length + 200
     starts, webids = requests.start_us, requests.webids
     first_start = 0
-    for row in sorted(range(len(requests)), key=starts.__getitem__):
+    # The rows by start time as one array: sorted() over 100,000 rows (after a restart) made a key and an
+    # index object each, ~8 MB at the moment the flood of first live values peaks
+    order = np.argsort(np.frombuffer(starts, np.int64), kind="stable") if len(starts) else np.zeros(0, np.int64)
+    for row in order.tolist():
         start = starts[row]
         cost = len("&webId=") + len(quote(webids[row]))
         if current and (len(current) >= max_streams or size + cost > max_url_length
