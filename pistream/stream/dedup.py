@@ -177,8 +177,9 @@ class _CompactWindows:
     """At most one window per tag as arrays by tag id: the windows a connect opens and the bulk path's first
     values close, for tags with no recent events as keys. After a restart at 100,000 tags that is every
     tag, and a ``_Window`` object per tag (with its times and dict entries) was ~25 MB until each gap was
-    read; here 17 bytes a tag. A tag's window becomes a ``_Window`` in the filter's dicts (``take``) as
-    soon as anything but the bulk path looks at it: a page of its gap, a value by value step."""
+    read; here 21 bytes a tag. A tag's window becomes a ``_Window`` in the filter's dicts
+    (``EventFilter._take_compact``) as soon as anything but the bulk path looks at it: a page of its gap, a
+    value by value step."""
 
     AWAITING, CLOSED = 1, 2
 
@@ -424,7 +425,7 @@ class EventFilter:
         counts = rows.rows_of(ids)[1] if rows is not None else np.zeros(len(waiting), np.int64)
         starts = self.floors.array()[ids] - self.lookback_us
         compact = self._compact
-        compact.grow(len(self.floors.tags))  # again below: taking a window may have let go of the arrays
+        compact.grow(len(self.floors.tags))
         # Tags with recent events as keys, or with windows as objects already: as objects (rare)
         plain = np.fromiter((bool(self.recent.get(webid)) or webid in self._windows or webid in self._awaiting
                              for webid in waiting), np.bool_, len(waiting))
@@ -439,7 +440,6 @@ class EventFilter:
         chosen = ~plain
         if chosen.any():
             tag_ids = ids[chosen]
-            compact.grow(len(self.floors.tags))
             compact.clear(tag_ids)  # an awaiting window of an earlier connect is replaced
             compact.state[tag_ids] = _CompactWindows.AWAITING
             compact.start_us[tag_ids] = starts[chosen]
@@ -715,13 +715,9 @@ class EventFilter:
         value need not: their floors have not moved."""
         if self._open is None:
             tags = self.floors.tags
-            rows = [window for windows in self._windows.values()
-                    for window in ((windows,) if isinstance(windows, _Window) else windows)]
-            ids = np.fromiter((tags.add(webid) for webid, windows in self._windows.items()
-                               for _ in ((windows,) if isinstance(windows, _Window) else windows)),
-                              np.int32, len(rows))
-            start = np.fromiter((w.start_us for w in rows), np.int64, len(rows))
-            end = np.fromiter((w.end_us for w in rows), np.int64, len(rows))
+            rows = [(tags.add(webid), w.start_us, w.end_us) for webid in self._windows for w in self._windows_of(webid)]
+            table = np.array(rows, np.int64).reshape(-1, 3)
+            ids, start, end = table[:, 0].astype(np.int32), table[:, 1], table[:, 2]
             compact = np.flatnonzero(self._compact.state == _CompactWindows.CLOSED)
             if len(compact):
                 ids = np.concatenate([ids, compact.astype(np.int32)])
