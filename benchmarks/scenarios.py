@@ -806,8 +806,7 @@ def history(quick: bool) -> dict[str, Any]:
     from pistream.pi.history import HistoryPage, HistoryReader, TagProgress, TagRange
     from pistream.pi.piwebapi import PiWebApi
     from pistream.pi.webid import path_webid
-    from pistream.stream.columns import TagIndex
-    from pistream.stream.historyflush import page_decoder
+    from pistream.stream.columns import TagIndex, page_decoder
     from pistream.timeutil import format_iso
 
     p = size("history", quick)

@@ -48,9 +48,10 @@ from .pipeline import (
 )
 from .progressview import ProgressView, Snapshot
 from .stream.buffer import ColumnBuffer, Flush, Spill
+from .stream.columns import page_decoder
 from .stream.dedup import EventFilter
 from .stream.heap import use_returning_arrow_pool
-from .stream.historyflush import HistoryFlusher, page_decoder
+from .stream.historyflush import HistoryFlusher
 from .stream.progress import Plan, ProgressStore, progress_path
 from .timeutil import format_iso, parse_pi_time
 

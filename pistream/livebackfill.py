@@ -31,9 +31,10 @@ from .lake.writer import CommitWriter
 from .pi.history import HistoryPage, HistoryReader, TagRange
 from .pi.piwebapi import PiWebApi, ResolvedTags
 from .stream.buffer import ColumnBuffer, Flush, Spill
+from .stream.columns import page_decoder
 from .stream.dedup import EventFilter
 from .stream.floors import Floors, TagIds
-from .stream.historyflush import HistoryFlusher, page_decoder
+from .stream.historyflush import HistoryFlusher
 from .stream.progress import UNPLANNED, Plan, ProgressStore
 from .timeutil import format_iso
 

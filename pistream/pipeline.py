@@ -45,7 +45,7 @@ from .pi.subscriptions import Subscriptions
 from .pi.tags import TagList, fleet_shard
 from .pi.tls import client_context
 from .stream.buffer import ColumnBuffer, Flush, Spill
-from .stream.columns import DECODER, FRAME_CODEC
+from .stream.columns import DECODER, FRAME_CODEC, page_decoder
 from .stream.dedup import EventFilter, EventKey, advance_from_rows, row_keys
 from .stream.flusher import Flusher
 from .stream.heap import use_returning_arrow_pool
@@ -528,7 +528,7 @@ async def run_pipeline(settings: Settings, stop: trio.Event | None = None, *, ha
                 writer = CommitWriter(sink, flush_recv, txn_version=ready.txn_version, committed=committed,
                                       state=store, open_gaps=ready.open_gaps.keys())
                 del buffer, ready  # the flusher and the filter's windows have them now
-                gap_filler = GapFiller(api, gap_queue, message_send.clone())
+                gap_filler = GapFiller(api, gap_queue, message_send.clone(), decode=page_decoder(flusher.buffer.index))
                 message_size = int(settings.max_message_mb * (1 << 20)) if settings.max_message_mb else None
 
                 def make_reader(name: str, shard: list[str], send: trio.MemorySendChannel[Incoming]) -> ChannelReader:

@@ -11,13 +11,15 @@ import trio
 
 import pistream.stream.buffer as buffer_module
 from pistream.lake.sink import DeltaSink
-from pistream.pi.flow import GapRequest, Live
+from pistream.pi.flow import GapRequest, GapValues, Live
 from pistream.pi.gapfill import GapFiller, GapQueue, after_cursor
 from pistream.pi.messages import StreamSetMessage, StreamValues, TimedValue
+from pistream.pi.pages import PageDecoder
 from pistream.pi.piwebapi import PiWebApi
 from pistream.sim.model import SimModel
 from pistream.sim.server import Simulator
 from pistream.stream.buffer import ColumnBuffer, StreamInfo
+from pistream.stream.columns import FRAME_CODEC, LiveColumns, TagIndex, page_decoder
 from pistream.stream.dedup import EventFilter, advance_from_rows, event_key
 from pistream.stream.state import StateStore
 from pistream.timeutil import format_iso
@@ -145,6 +147,33 @@ def tv(ts: int) -> TimedValue:
     return TimedValue(timestamp=format_iso(ts), value=1.0)
 
 
+def page_columns(model: SimModel, columns: bool) -> tuple[TagIndex, PageDecoder | None]:
+    """The simulator's tags in a tag index, and the codec's page decoder over it if ``columns``."""
+    index = TagIndex()
+    for tag in model.tags:
+        index.add(tag.webid, tag.path, None)
+    if columns and not FRAME_CODEC:
+        pytest.skip("the C frame codec is not built here")
+    return index, page_decoder(index) if columns else None
+
+
+def gap_values(item: object, index: TagIndex) -> list[tuple[str, str, object]]:
+    """(webid, timestamp, value) of each value a gap filler sent, decoded by msgspec or in columns."""
+    if not isinstance(item, GapValues):
+        return []
+    found = [(s.web_id or "", t.timestamp or "", t.value) for s in item.streams for t in s.items or ()]
+    if item.columns is not None:
+        assert isinstance(item.columns, LiveColumns)
+        c = item.columns
+        names = ("value_text", "state_code", "system_state")
+        states = zip(*(c.batch.column(n).to_pylist() for n in names), strict=True)
+        values = [v if v is not None else {"Name": text, "Value": code, "IsSystem": system}
+                  for v, (text, code, system) in zip(c.batch.column("value").to_pylist(), states, strict=True)]
+        found += [(index.webids[i], format_iso(ts), v) for i, ts, v in zip(c.ids.tolist(), c.ts.tolist(), values,
+                                                                            strict=True)]
+    return found
+
+
 def test_paging_cursor_skips_the_events_already_read_at_the_cut_timestamp():
     # A page cut at maxCount=4 ended with two events at t=30; the next page starts at t=30 again.
     first, cursor = after_cursor([tv(10), tv(20), tv(30), tv(30)], 10, 0)
@@ -156,10 +185,12 @@ def test_paging_cursor_skips_the_events_already_read_at_the_cut_timestamp():
     assert len(third) == 2 and cursor == (40, 3)
 
 
-async def test_gap_fill_pages_through_the_archive_and_reads_each_event_once(tmp_path):
+@pytest.mark.parametrize("columns", [False, True], ids=["msgspec", "columns"])
+async def test_gap_fill_pages_through_the_archive_and_reads_each_event_once(tmp_path, columns):
     model = SimModel.from_paths(["\\\\SIMSRV\\FAST1", "\\\\SIMSRV\\FAST2"], rate=100)
     simulator = Simulator(model, poll_interval=0.1)
     tags = {t.webid: t for t in model.tags}
+    index, decode = page_columns(model, columns)
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             await nursery.start(simulator.run)
@@ -169,17 +200,21 @@ async def test_gap_fill_pages_through_the_archive_and_reads_each_event_once(tmp_
             send, receive = trio.open_memory_channel(1000)
             got: dict[str, list[str]] = {w: [] for w in tags}
 
+            kinds: set[bool] = set()
+
             async def take_in() -> None:  # as the flusher does: the filler waits for pages to be taken
                 async for item in receive:
-                    for stream in getattr(item, "streams", []):
-                        got[stream.web_id] += [t.timestamp for t in stream.items]
+                    if isinstance(item, GapValues):
+                        kinds.add(item.columns is not None)
+                    for webid, timestamp, _ in gap_values(item, index):
+                        got[webid].append(timestamp)
                     if getattr(item, "taken", None) is not None:
                         item.taken.set()
 
             nursery.start_soon(take_in)
             async with PiWebApi(simulator.url) as api:
                 # 7 items a page: many pages, each cut at exactly maxCount
-                filler = GapFiller(api, GapQueue(), send, items_per_page=14)
+                filler = GapFiller(api, GapQueue(), send, items_per_page=14, decode=decode)
                 group = [GapRequest(w, start, end) for w in tags]
                 await filler.fill(group)
             nursery.cancel_scope.cancel()
@@ -187,6 +222,7 @@ async def test_gap_fill_pages_through_the_archive_and_reads_each_event_once(tmp_
         expected = [format_iso(e.timestamp_us) for e in model.events(tag, start, end)]
         assert sorted(got[webid]) == sorted(expected) and len(got[webid]) == len(expected) > 50
     assert filler.stats.calls > 10 and filler.stats.lost_gaps == 0
+    assert kinds == {columns}  # every page through the path under test
 
 
 def test_commit_of_a_recorded_transaction_version_writes_nothing(tmp_path):
@@ -539,7 +575,8 @@ def test_a_first_value_at_its_floor_goes_value_by_value_and_is_a_repeat(as_frame
     assert taken_times(buffer, "A") == [100] and buffer.filter.open_gaps() == 2
 
 
-async def test_a_gap_with_more_events_at_one_time_than_a_page_holds_reads_every_one():
+@pytest.mark.parametrize("columns", [False, True], ids=["msgspec", "columns"])
+async def test_a_gap_with_more_events_at_one_time_than_a_page_holds_reads_every_one(columns):
     """25 events at every timestamp, 7 values a stream a call: a page of events read already at a stream's
     cursor is not its end; it is read alone with bigger pages, and every event comes once."""
     from pistream.sim.model import SimTag
@@ -548,6 +585,7 @@ async def test_a_gap_with_more_events_at_one_time_than_a_page_holds_reads_every_
                       SimTag("CROWD2", "SIMSRV", "float", 1, per_time=25)], rate=10)
     simulator = Simulator(model, poll_interval=0.1)
     tags = {t.webid: t for t in model.tags}
+    index, decode = page_columns(model, columns)
     got: dict[str, list[tuple[str, str]]] = {w: [] for w in tags}
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -559,14 +597,14 @@ async def test_a_gap_with_more_events_at_one_time_than_a_page_holds_reads_every_
 
             async def take_in() -> None:
                 async for item in receive:
-                    for stream in getattr(item, "streams", []):
-                        got[stream.web_id] += [(t.timestamp, repr(t.value)) for t in stream.items]
+                    for webid, timestamp, value in gap_values(item, index):
+                        got[webid].append((timestamp, repr(value)))
                     if getattr(item, "taken", None) is not None:
                         item.taken.set()
 
             nursery.start_soon(take_in)
             async with PiWebApi(simulator.url) as api:
-                filler = GapFiller(api, GapQueue(), send, items_per_page=14)
+                filler = GapFiller(api, GapQueue(), send, items_per_page=14, decode=decode)
                 await filler.fill([GapRequest(w, start, end) for w in tags])
             nursery.cancel_scope.cancel()
     for webid, tag in tags.items():

@@ -15,8 +15,7 @@ import trio
 from pistream.pi.history import HistoryPage, HistoryReader, TagProgress, TagRange
 from pistream.pi.messages import channel_decoder
 from pistream.pi.piwebapi import PiWebApi
-from pistream.stream.columns import FRAME_CODEC, LiveColumns, TagIndex
-from pistream.stream.historyflush import page_decoder
+from pistream.stream.columns import FRAME_CODEC, LiveColumns, TagIndex, page_decoder
 from pistream.timeutil import format_iso, to_us
 
 pytestmark = pytest.mark.skipif(not FRAME_CODEC, reason="the C frame codec is not built here")

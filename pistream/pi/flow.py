@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 
 import trio
@@ -100,12 +100,14 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class GapValues:
-    """Recorded values read back over REST for a gap. ``taken`` is set once the flusher has taken them in:
-    the gap filler keeps only a few pages ahead of it (a page is ~60,000 Python objects until then)."""
+    """Recorded values read back over REST for a gap: ``streams`` decoded by msgspec, or ``columns`` where
+    the codec read the page (``pages.PageColumns.take``: the stream side's columns). ``taken`` is set once
+    the flusher has taken them in: the gap filler keeps only a few pages ahead of it."""
 
     received_us: int
     streams: list[StreamValues]
     taken: trio.Event | None = None
+    columns: Sized | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ back into the queue at its new cursor, so tags of different densities drift apar
 instead of dragging each other's pages (a call starts at its earliest cursor; a tag joins one only if that
 makes it read again at most an eighth of its last page).
 
-Given a ``decode`` (``stream.historyflush.PageDecoder``: the C codec), a page is read straight into table
+Given a ``decode`` (``pages.PageDecoder``: the C codec), a page is read straight into table
 columns and each tag's cursor is moved with array operations on the rows' times; only pages it does not
 take (no codec, odd values, a tag's times out of order) go through msgspec and a Python object per value.
 """
@@ -21,9 +21,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections.abc import Callable, Sized
+from collections.abc import Sized
 from dataclasses import dataclass, field
-from typing import Protocol
 from urllib.parse import quote
 
 import numpy as np
@@ -32,8 +31,9 @@ import trio
 
 from ..errors import ConnectError, ServerError
 from ..timeutil import format_iso, to_us
-from .gapfill import MAX_ITEMS_PER_CALL, after_cursor, read_recorded
+from .gapfill import MAX_ITEMS_PER_CALL, after_cursor, moved_cursors, read_recorded, rows_after_cursors
 from .messages import StreamSetMessage, StreamValues, TimedValue, channel_decoder
+from .pages import PageColumns, PageDecoder
 from .piwebapi import PiWebApi
 
 log = structlog.get_logger(__name__)
@@ -55,22 +55,6 @@ class TagProgress:
     values: int = 0
     first_us: int | None = None
     last_us: int | None = None
-
-
-class PageColumns(Protocol):
-    """A call's answer read straight into table columns. The reader needs only each stream's webid and
-    number of values, in the answer's order, and each value's time (the streams' values one after another);
-    ``take`` gives the rows it keeps, as the stream side's columns (opaque here)."""
-
-    webids: list[str]
-    counts: np.ndarray
-    ts: np.ndarray
-    body: bytes  # the answer itself: for msgspec, where the columns cannot be used
-
-    def take(self, keep: np.ndarray) -> Sized: ...
-
-
-PageDecoder = Callable[[bytes], PageColumns | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,40 +214,25 @@ class HistoryReader:
         if len(set(page.webids)) != len(page.webids) or not all(w in by_webid for w in page.webids):
             return None
         ranges = [by_webid[w] for w in page.webids]
-        counts = page.counts.astype(np.int64)
         ts = page.ts
-        stream = np.repeat(np.arange(len(ranges)), counts)  # each row's stream
-        if len(ts) > 1 and bool(np.any((ts[1:] < ts[:-1]) & (stream[1:] == stream[:-1]))):
-            return None
         cursor = np.array([r.progress.cursor_us for r in ranges], np.int64)
         seen = np.array([r.progress.seen for r in ranges], np.int64)
+        found = rows_after_cursors(ts, page.counts, cursor, seen)
+        if found is None:
+            return None
+        stream, fresh = found
         ends = np.array([r.end_us for r in ranges], np.int64)
-        row_cursor = cursor[stream]
-        at = ts == row_cursor
-        # Events at the cursor come first in their stream (times in order): the first ``seen`` are read.
-        at_rank = np.cumsum(at) - 1
-        starts = np.cumsum(counts) - counts
-        at_before = np.concatenate([[0], np.cumsum(at)])[starts]
-        fresh = (ts > row_cursor) | (at & (at_rank - at_before[stream] >= seen[stream]))
         inside = ts <= ends[stream]
         keep = fresh & inside
-        n = len(ranges)
-        kept = np.bincount(stream[keep], minlength=n)
-        past_end = np.bincount(stream[fresh & ~inside], minlength=n) > 0
-        kept_rows = np.flatnonzero(keep)
-        kept_stream = stream[kept_rows]  # ascending: streams follow one another
-        with_rows = np.unique(kept_stream)
-        first = np.zeros(n, np.int64)
-        last = np.zeros(n, np.int64)
-        first[with_rows] = ts[kept_rows[np.searchsorted(kept_stream, with_rows, "left")]]
-        last[with_rows] = ts[kept_rows[np.searchsorted(kept_stream, with_rows, "right") - 1]]
-        at_last = np.bincount(stream[keep & (ts == last[stream])], minlength=n)
+        past_end = np.bincount(stream[fresh & ~inside], minlength=len(ranges)) > 0
+        kept, first, last, at_last = moved_cursors(ts, stream, keep, cursor, seen)
+        counts = page.counts
         progress: dict[str, TagProgress] = {}
         for i, r in enumerate(ranges):
             before = r.progress
             k = int(kept[i])
             if k:
-                new_cursor = (int(last[i]), int(at_last[i]) + (before.seen if last[i] == before.cursor_us else 0))
+                new_cursor = (int(last[i]), int(at_last[i]))
             else:
                 new_cursor = (before.cursor_us, before.seen)
             # as ``_advance``: past the end or a short page (every row has a time here)

@@ -435,6 +435,40 @@ class ColumnBuffer:
                 self._append(webid, row, uom, received_us)
         self._compact_if_many()
 
+    def add_gap_columns(self, columns: LiveColumns) -> None:
+        """A page of recorded values read back for gaps, in columns (the gap filler's pages the codec read):
+        the rows of tags whose window is compact are decided as arrays (``EventFilter.accept_gap_rows``) and
+        held as columns; a tag with windows as objects goes value by value, as ``add_gap``."""
+        if not len(columns):
+            return
+        filt = self.filter
+        ids, ts, batch = columns.ids, columns.ts, columns.batch
+        bulk = filt.compact_gap_rows(ids)
+        if bulk.any():
+            part = RecentRows(ids, ts, batch) if bulk.all() else RecentRows(ids, ts, batch).where(bulk)
+            keep = filt.accept_gap_rows(part.ids, part.ts, part.data)
+            if keep.any():
+                kept = part if keep.all() else part.where(keep)
+                floors = filt.floors.array()
+                np.maximum.at(floors, kept.ids, kept.ts)  # as ``advance``: gap values are at most the floor
+                recent = kept.ts >= floors[kept.ids] - filt.lookback_us
+                if recent.any():
+                    filt.add_recent(RecentRows(kept.ids[recent], kept.ts[recent],
+                                               kept.data.filter(pa.array(recent)).select(_KEY_COLUMNS)))
+                self._hold(kept)
+        if bulk.all():
+            return
+        rows = RecentRows(ids, ts, batch)
+        chosen = np.flatnonzero(~bulk)
+        filt.prepare_gaps({self.index.webids[i] for i in np.unique(ids[chosen]).tolist()})
+        uoms = batch.column("uom").to_pylist()
+        system = batch.column("system_state").to_pylist()
+        received = batch.column("received_timestamp").cast(pa.int64()).to_pylist()
+        for row, (webid, key) in zip(chosen.tolist(), event_keys_of(rows, chosen), strict=True):
+            if filt.accept_gap(webid, key):
+                self._append(webid, _Row(key, uoms[row], system[row]), None, received[row])
+        self._compact_if_many()
+
     def _compact_if_many(self) -> None:
         """Rows taken value by value go into Arrow columns once there are COMPACT_ROWS of them: as Python
         lists they are ~4 objects a row, and a restart at 100,000 tags reads back over a million values

@@ -11,6 +11,7 @@ did not describe) never become rows, on any path: they are dropped by id, in bul
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import attrgetter, is_not, itemgetter
@@ -23,6 +24,7 @@ import pyarrow.compute as pc
 import structlog
 
 from ..pi.messages import StreamValues, classify_value, flag
+from ..pi.pages import PageDecoder
 from ..timeutil import TIMESTAMP_US, to_us
 from .floors import TagIds
 from .schema import BUFFER_SCHEMA
@@ -366,6 +368,38 @@ def extract_page(body: bytes, received_us: int, index: TagIndex) -> tuple[LiveCo
                            pa.RecordBatch.from_pylist([], schema=BUFFER_SCHEMA)), streams
     columns = _parsed_columns(parsed, index)
     return None if columns is None else (columns, streams)
+
+
+@dataclass(slots=True)
+class PageRows:
+    """A recorded-values page read by the C codec (``pi.pages.PageColumns``): its rows in the table's
+    columns, and per stream its webid and number of rows, for the reader's cursors."""
+
+    webids: list[str]
+    counts: np.ndarray
+    ts: np.ndarray
+    body: bytes
+    columns: LiveColumns
+
+    def take(self, keep: np.ndarray) -> LiveColumns:
+        if keep.all():
+            return self.columns
+        c = self.columns
+        return LiveColumns(c.ids[keep], c.ts[keep], c.batch.filter(pa.array(keep)))
+
+
+def page_decoder(index: TagIndex) -> PageDecoder:
+    """The recorded-values readers' ``decode`` (history, gap fills): pages straight into columns over the
+    buffer's tag ids (the tags must be described in it before their pages come); None where the codec
+    leaves a page to msgspec."""
+    def decode(body: bytes) -> PageRows | None:
+        page = extract_page(body, time.time_ns() // 1000, index)
+        if page is None:
+            return None
+        columns, streams = page
+        return PageRows([index.webids[i] for i in streams[:, 0].tolist()], streams[:, 1], columns.ts, body, columns)
+
+    return decode
 
 
 def _parsed_columns(parsed: tuple[Any, ...], index: TagIndex) -> LiveColumns | None:

@@ -173,6 +173,63 @@ def event_keys_of(rows: RecentRows, keep: np.ndarray) -> Iterator[tuple[str, Eve
         yield webid, tuple(key)
 
 
+def same_events(a: pa.Table, b: pa.Table) -> np.ndarray:
+    """Row by row, whether ``a``'s and ``b``'s events (EVENT_KEY[2:] columns) are equal as event keys: nulls
+    equal nulls, NaN equals NaN."""
+    same = np.ones(a.num_rows, np.bool_)
+    for name in EVENT_KEY[2:]:
+        x, y = a.column(name), b.column(name)
+        equal = pc.or_(pc.fill_null(pc.equal(x, y), False), pc.and_(pc.is_null(x), pc.is_null(y)))
+        if pa.types.is_floating(x.type):
+            equal = pc.or_(equal, pc.fill_null(pc.and_(pc.is_nan(x), pc.is_nan(y)), False))
+        same &= equal.to_numpy(zero_copy_only=False)
+    return same
+
+
+def _known_events(known: KnownRows, ids: np.ndarray, ts: np.ndarray, events: pa.Table) -> np.ndarray:
+    """A mark per row (tag ids ``ids``, times ``ts``, ``events`` in KNOWN_SCHEMA): it is one of its tag's
+    events in ``known``. Rows meet their tag's known rows at the same time by a join; only those pairs are
+    compared whole."""
+    found = np.zeros(len(ids), np.bool_)
+    taken, _ = known.rows_of(np.unique(ids).astype(np.int64))
+    if not len(taken) or not len(ids):
+        return found
+    left = pa.table({"id": ids.astype(np.int64), "ts": ts, "row": np.arange(len(ids))})
+    right = pa.table({"id": known.ids[taken].astype(np.int64), "ts": known.ts[taken], "known": taken})
+    pairs = left.join(right, ["id", "ts"], join_type="inner")
+    if pairs.num_rows:
+        rows, others = pairs.column("row").to_numpy(), pairs.column("known").to_numpy()
+        same = same_events(events.take(pa.array(rows)), known.data.take(pa.array(others)))
+        found[rows[same]] = True
+    return found
+
+
+def _repeated_rows(ids: np.ndarray, ts: np.ndarray, data: pa.RecordBatch | pa.Table, keep: np.ndarray
+                   ) -> np.ndarray:
+    """A mark per row: among the rows ``keep``, a repeat of an earlier one (same tag, same event). Only
+    rows sharing their tag and time with another become keys (events at one time are few)."""
+    repeated = np.zeros(len(ids), np.bool_)
+    kept = np.flatnonzero(keep)
+    if len(kept) < 2:
+        return repeated
+    order = kept[np.lexsort((ts[kept], ids[kept]))]  # by tag, then time; stable
+    same = (ids[order][1:] == ids[order][:-1]) & (ts[order][1:] == ts[order][:-1])
+    if not same.any():
+        return repeated
+    shared = np.zeros(len(order), np.bool_)
+    shared[1:] |= same
+    shared[:-1] |= same
+    rows = order[shared]
+    seen: set[tuple[int, EventKey]] = set()
+    for row, (_, event) in zip(rows.tolist(), event_keys_of(RecentRows(ids, ts, data), rows), strict=True):
+        identity = (int(ids[row]), event)
+        if identity in seen:
+            repeated[row] = True
+        else:
+            seen.add(identity)
+    return repeated
+
+
 class _CompactWindows:
     """At most one window per tag as arrays by tag id: the windows a connect opens and the bulk path's first
     values close, for tags with no recent events as keys. After a restart at 100,000 tags that is every
@@ -689,6 +746,67 @@ class EventFilter:
         self._forget_seen(request.webid)
         if not self._windows or not len(self._compact):
             self._let_go()
+
+    def gaps_done(self, requests: Iterable[GapRequest]) -> None:
+        """``gap_done`` for each; a compact window (``compact_gap_rows``) ends as arrays, never an object."""
+        compact = self._compact
+        ended: list[int] = []
+        tag_ids = self.floors.tags.ids
+        for request in requests:
+            tag_id = tag_ids.get(request.webid) if len(compact) else None
+            if (tag_id is not None and compact.state_of(tag_id) == _CompactWindows.CLOSED
+                    and compact.start_us[tag_id] == request.start_us and compact.end_us[tag_id] == request.end_us):
+                ended.append(tag_id)
+            else:
+                self.gap_done(request)
+        if ended:
+            compact.clear(np.array(ended, np.int64))
+            self._open = None
+            if self._seen:
+                webids = self.floors.tags.webids
+                for tag_id in ended:
+                    self._forget_seen(webids[tag_id])
+            self._let_go()
+
+    def compact_gap_rows(self, ids: np.ndarray) -> np.ndarray:
+        """A mark per row of tag ids ``ids``: its tag has one window, compact and being read back, with no
+        event remembered inside it: ``accept_gap_rows`` decides such rows."""
+        compact = self._compact
+        found = np.zeros(len(ids), np.bool_)
+        if not compact.closed:
+            return found
+        inside = ids < len(compact.state)
+        found[inside] = compact.state[ids[inside]] == _CompactWindows.CLOSED
+        if self._seen and found.any():  # a window as an object before, whose events are still remembered
+            webids = self.floors.tags.webids
+            remembered = [t for t in np.unique(ids[found]).tolist() if webids[t] in self._seen]
+            if remembered:
+                found &= ~np.isin(ids, remembered)
+        return found
+
+    def accept_gap_rows(self, ids: np.ndarray, ts: np.ndarray, data: pa.RecordBatch | pa.Table) -> np.ndarray:
+        """``accept_gap`` as arrays for rows of ``compact_gap_rows`` (tag ids, times, at least the EVENT_KEY
+        columns): a mark per row it lets in. Inside the window, not one of its known events (the connect's
+        recent events and the first live value), not an earlier row again. Nothing is remembered as a key:
+        the window is its tag's only one, its pages do not repeat an event (each stream's cursor), and the
+        caller adds the rows that may be recent events to the pending ones (which a later connect knows).
+        After a restart at 100,000 tags, gap values value by value were ~2.5 M key tuples and rows."""
+        compact = self._compact
+        inside = (ts >= compact.start_us[ids]) & (ts <= compact.end_us[ids])
+        self.stats.gap_outside_window += int(np.count_nonzero(~inside))
+        keep = inside.copy()
+        sets = compact.known[ids]
+        with_known = inside & (sets >= 0)
+        if with_known.any():
+            events = _table(data).select(list(EVENT_KEY[2:])).cast(KNOWN_SCHEMA)
+            for index in np.unique(sets[with_known]).tolist():
+                known = compact.known_sets[index]
+                assert known is not None
+                rows = np.flatnonzero(with_known & (sets == index))
+                keep[rows[_known_events(known, ids[rows], ts[rows], events.take(pa.array(rows)))]] = False
+        keep &= ~_repeated_rows(ids, ts, data, keep)
+        self.stats.repeats_dropped += int(np.count_nonzero(inside)) - int(np.count_nonzero(keep))
+        return keep
 
     def _let_go(self) -> None:
         """Fresh containers for the gap bookkeeping once no gap is open: a dict or set keeps the table of its

@@ -18,6 +18,7 @@ import trio
 from ..pi.flow import Connected, GapDone, GapRequests, GapValues, Incoming, Live, LiveBatch
 from ..pi.gapfill import GapQueue
 from .buffer import ColumnBuffer, Flush, Spill
+from .columns import LiveColumns
 
 log = structlog.get_logger(__name__)
 
@@ -193,14 +194,17 @@ class Flusher:
         if isinstance(item, GapValues):
             self.stats.values_received += sum(len(stream.timed_values()) for stream in item.streams)
             self.buffer.add_gaps(item.streams, item.received_us)
+            if item.columns is not None:
+                assert isinstance(item.columns, LiveColumns)
+                self.stats.values_received += len(item.columns)
+                self.buffer.add_gap_columns(item.columns)
             if item.taken is not None:
                 item.taken.set()
         elif isinstance(item, Connected):
             if self.gap_queue is not None:
                 self.buffer.connected(list(item.webids))
         elif isinstance(item, GapDone):
-            for request in item.requests:
-                self.buffer.filter.gap_done(request)
+            self.buffer.filter.gaps_done(item.requests)
 
     async def _spill(self) -> None:
         spill = self.buffer.spill()

@@ -7,54 +7,20 @@ batches spill to data files as they fill, and a batch is committed every ``max_r
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import trio
 
 from ..pi.flow import Live
-from ..pi.history import HistoryPage, PageDecoder, TagProgress
+from ..pi.history import HistoryPage, TagProgress
 from ..pi.messages import StreamSetMessage
 from .buffer import ColumnBuffer, Flush, Spill
-from .columns import LiveColumns, TagIndex, extract_page
+from .columns import LiveColumns
 from .dedup import EventFilter
 from .flusher import SPILL_ROWS, FlushStats
 from .opengaps import OpenGaps
 from .progress import HistoryFlush
 from .schema import BUFFER_SCHEMA
-
-
-@dataclass(slots=True)
-class PageRows:
-    """A recorded-values page read by the C codec (``pi.history.PageColumns``): its rows in the table's
-    columns, and per stream its webid and number of rows, for the reader's cursors."""
-
-    webids: list[str]
-    counts: np.ndarray
-    ts: np.ndarray
-    body: bytes
-    columns: LiveColumns
-
-    def take(self, keep: np.ndarray) -> LiveColumns:
-        if keep.all():
-            return self.columns
-        c = self.columns
-        return LiveColumns(c.ids[keep], c.ts[keep], c.batch.filter(pa.array(keep)))
-
-
-def page_decoder(index: TagIndex) -> PageDecoder:
-    """The history reader's ``decode``: pages straight into columns over the buffer's tag ids (the tags
-    must be described in it before their pages come); None where the codec leaves a page to msgspec."""
-    def decode(body: bytes) -> PageRows | None:
-        page = extract_page(body, time.time_ns() // 1000, index)
-        if page is None:
-            return None
-        columns, streams = page
-        return PageRows([index.webids[i] for i in streams[:, 0].tolist()], streams[:, 1], columns.ts, body, columns)
-
-    return decode
 
 
 class HistoryFlusher:
