@@ -716,8 +716,11 @@ def restart(quick: bool) -> dict[str, Any]:
 
 def backfill(quick: bool) -> dict[str, Any]:
     """Recorded values over REST into a table, on pistream's gap-fill path: ``GapFiller`` (paged
-    ``streamsets/recorded``) -> ``Flusher``/``ColumnBuffer.add_gap`` (exactly-once windows) ->
-    ``CommitWriter``/``DeltaSink``. One gap window per tag covers the whole range."""
+    ``streamsets/recorded``, pages into columns by the codec where it is built) -> ``Flusher``/
+    ``ColumnBuffer.add_gap_columns`` (exactly-once windows) -> ``CommitWriter``/``DeltaSink``. One gap window
+    per tag covers the whole range, closed as the bulk path closes it after a reconnect."""
+    import numpy as np
+    import pyarrow as pa
     import trio
 
     from pistream.lake.sink import DeltaSink
@@ -727,7 +730,8 @@ def backfill(quick: bool) -> dict[str, Any]:
     from pistream.pi.piwebapi import PiWebApi
     from pistream.pi.webid import path_webid
     from pistream.stream.buffer import ColumnBuffer, Flush, Spill, StreamInfo
-    from pistream.stream.dedup import EventFilter
+    from pistream.stream.columns import page_decoder
+    from pistream.stream.dedup import KNOWN_SCHEMA, EventFilter, KnownRows
     from pistream.stream.flusher import Flusher
 
     p = size("backfill", quick)
@@ -747,18 +751,22 @@ def backfill(quick: bool) -> dict[str, Any]:
             for w in webids:  # a floor at the start, then a reconnect: each tag waits for its gap's end
                 event_filter.floors[w] = start_us
             event_filter.connected(webids)
-            requests = [event_filter.first_live(w, [(end_us, None, None, None, False, False, False, False)])
-                        for w in webids]
+            # Each gap's end, as the bulk path closes windows after a reconnect (one first value per tag)
+            tag_ids = np.array(sorted(event_filter.floors.tags.ids[w] for w in webids), np.int64)
+            firsts = pa.Table.from_pylist([{"value": None, "value_text": None, "state_code": None, "good": False,
+                                            "questionable": False, "substituted": False, "annotated": False}]
+                                          * len(tag_ids), schema=KNOWN_SCHEMA)
+            requests = list(event_filter.first_values(KnownRows(tag_ids, np.full(len(tag_ids), end_us), firsts)))
             streams = {w: StreamInfo(x, w) for x, w in zip(paths, webids, strict=True)}
+            buffer = ColumnBuffer(streams, event_filter)
 
             async def main() -> tuple[Any, Any]:
                 message_send, message_recv = trio.open_memory_channel[Incoming](64)
                 flush_send, flush_recv = trio.open_memory_channel[Flush | Spill](1)
-                flusher = Flusher(ColumnBuffer(streams, event_filter), message_recv, flush_send,
-                                  max_rows=100_000, max_age=5.0)
+                flusher = Flusher(buffer, message_recv, flush_send, max_rows=100_000, max_age=5.0)
                 writer = CommitWriter(sink, flush_recv, txn_version=0, committed=EventFilter())
                 async with PiWebApi(blast.url) as api:
-                    filler = GapFiller(api, GapQueue(), message_send)
+                    filler = GapFiller(api, GapQueue(), message_send, decode=page_decoder(buffer.index))
                     with trio.fail_after(RUN_TIMEOUT):
                         async with trio.open_nursery() as nursery:
                             await nursery.start(writer.run)
