@@ -787,10 +787,13 @@ class EventFilter:
     def accept_gap_rows(self, ids: np.ndarray, ts: np.ndarray, data: pa.RecordBatch | pa.Table) -> np.ndarray:
         """``accept_gap`` as arrays for rows of ``compact_gap_rows`` (tag ids, times, at least the EVENT_KEY
         columns): a mark per row it lets in. Inside the window, not one of its known events (the connect's
-        recent events and the first live value), not an earlier row again. Nothing is remembered as a key:
-        the window is its tag's only one, its pages do not repeat an event (each stream's cursor), and the
-        caller adds the rows that may be recent events to the pending ones (which a later connect knows).
-        After a restart at 100,000 tags, gap values value by value were ~2.5 M key tuples and rows."""
+        recent events and the first live value), not an earlier row again. Nothing is remembered as a key
+        (``_seen``): the window is its tag's only one, its pages do not repeat an event (each stream's
+        cursor), and the caller adds the rows within the look-back to the pending ones, which a reconnect's
+        window knows (it starts at the floor's look-back, so older rows are outside it). What that gives up:
+        a late live value that repeats a gap event older than the look-back is written again, the module's
+        stated limit for any live value (value by value, ``_seen`` caught it while the gap was open, at the
+        price of a key per gap value held until the gap's end: ~1.25 M after a restart at 100,000 tags)."""
         compact = self._compact
         inside = (ts >= compact.start_us[ids]) & (ts <= compact.end_us[ids])
         self.stats.gap_outside_window += int(np.count_nonzero(~inside))
