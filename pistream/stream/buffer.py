@@ -12,6 +12,7 @@ describe (no channel of this process subscribed to them) are dropped on either p
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import compress, repeat
 from operator import attrgetter
@@ -230,13 +231,17 @@ class ColumnBuffer:
         one timestamp, say) value by value with ``add_live``'s decisions for such tags."""
         if not len(columns) or self._accept_bulk(columns):
             return
-        batch = columns.batch
+        self._add_by_value(RecentRows(columns.ids, columns.ts, columns.batch), np.arange(len(columns)),
+                           self.filter.accept_live)
+
+    def _add_by_value(self, rows: RecentRows, chosen: np.ndarray, accept: Callable[[str, EventKey], bool]) -> None:
+        """Rows ``chosen`` of a batch in table columns, value by value: each that ``accept`` lets in."""
+        batch = rows.data
         uoms = batch.column("uom").to_pylist()
         system = batch.column("system_state").to_pylist()
         received = batch.column("received_timestamp").cast(pa.int64()).to_pylist()
-        rows = RecentRows(columns.ids, columns.ts, batch)
-        for row, (webid, key) in enumerate(event_keys_of(rows, np.arange(len(columns)))):
-            if self.filter.accept_live(webid, key):
+        for row, (webid, key) in zip(chosen.tolist(), event_keys_of(rows, chosen), strict=True):
+            if accept(webid, key):
                 self._append(webid, _Row(key, uoms[row], system[row]), None, received[row])
         self._compact_if_many()
 
@@ -458,16 +463,9 @@ class ColumnBuffer:
                 self._hold(kept)
         if bulk.all():
             return
-        rows = RecentRows(ids, ts, batch)
         chosen = np.flatnonzero(~bulk)
         filt.prepare_gaps({self.index.webids[i] for i in np.unique(ids[chosen]).tolist()})
-        uoms = batch.column("uom").to_pylist()
-        system = batch.column("system_state").to_pylist()
-        received = batch.column("received_timestamp").cast(pa.int64()).to_pylist()
-        for row, (webid, key) in zip(chosen.tolist(), event_keys_of(rows, chosen), strict=True):
-            if filt.accept_gap(webid, key):
-                self._append(webid, _Row(key, uoms[row], system[row]), None, received[row])
-        self._compact_if_many()
+        self._add_by_value(RecentRows(ids, ts, batch), chosen, filt.accept_gap)
 
     def _compact_if_many(self) -> None:
         """Rows taken value by value go into Arrow columns once there are COMPACT_ROWS of them: as Python
